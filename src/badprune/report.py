@@ -1,0 +1,445 @@
+"""Writing a sweep's outputs: ``sweep.csv``, ``sweep.json``, ``results.md``, ``sweep.png`` and the pruned models.
+
+:func:`write_outputs` builds everything in a temporary sibling folder and renames it into place at the end, so a
+failed or interrupted run never leaves a half-written output folder. :func:`format_table`, :func:`summary_line`
+and :func:`results_markdown` give the same results as text (for the console and the README).
+
+Nothing here imports TensorFlow or matplotlib at import time: matplotlib is imported inside :func:`plot_sweep`,
+and Keras only runs when the pruned models are built and saved.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadpruneError
+from .sweep import COLUMNS, SweepResult
+
+#: columns that hold percentages (two decimals in text, four in the CSV)
+PERCENT_COLUMNS = ("valid_acc", "test_acc", "asr", "goodnet_test_acc", "goodnet_asr", "goodnet_detection",
+                   "goodnet_false_alarm")
+
+__all__ = ["write_outputs", "format_table", "summary_line", "results_markdown", "plot_sweep", "fmt_x",
+           "model_filename", "PERCENT_COLUMNS"]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def fmt_x(x) -> str:
+    """A threshold as text: integer-like values without decimals (``2``, ``10``), others as given (``2.5``)."""
+    x = float(x)
+    if math.isfinite(x) and x.is_integer():
+        return str(int(x))
+    return repr(x)
+
+
+def model_filename(x) -> str:
+    """The file name of B'_X: ``B_prime_X2.keras``, ``B_prime_X2.5.keras``."""
+    return f"B_prime_X{fmt_x(x)}.keras"
+
+
+def _missing(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return math.isnan(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _col(result: SweepResult, col: str) -> np.ndarray:
+    return np.asarray(result.table[col])
+
+
+def _val(result: SweepResult, col: str, step: int):
+    """``table[col][step]`` as a plain Python value (None when missing)."""
+    v = _col(result, col)[step]
+    v = v.item() if hasattr(v, "item") else v
+    return None if _missing(v) else v
+
+
+def _channel(result: SweepResult, step: int):
+    """The channel pruned at ``step`` (None for step 0, the unpruned model, or a missing/negative value)."""
+    v = _val(result, "channel", step)
+    if v is None or int(v) < 0:
+        return None
+    return int(v)
+
+
+def _n_steps(result: SweepResult) -> int:
+    return len(_col(result, "step"))
+
+
+def _fraction(result: SweepResult, step: int) -> float:
+    f = _val(result, "fraction_pruned", step)
+    if f is None:
+        f = step / result.n_channels if result.n_channels else 0.0
+    return float(f)
+
+
+def _pct(v, decimals: int = 2) -> str:
+    return "n/a" if _missing(v) else f"{float(v):.{decimals}f}%"
+
+
+def _x_unit(result: SweepResult) -> str:
+    return "% of the base validation accuracy" if result.relative else "percentage points of validation accuracy"
+
+
+def _jsonable(obj):
+    """Plain JSON types: numpy scalars/arrays converted, NaN/inf -> None, paths and other objects -> str."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.ndarray):
+        return [_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # other numpy-like scalars
+        try:
+            return _jsonable(obj.item())
+        except Exception:
+            pass
+    return str(obj)
+
+
+def _threshold_dict(result: SweepResult, t) -> dict:
+    return {
+        "x": float(t.x),
+        "reached": bool(t.reached),
+        "step": None if t.step is None else int(t.step),
+        "channels": [int(c) for c in t.channels] if t.reached else [],
+        "row": _row(result, t.step) if t.reached else None,
+    }
+
+
+def _row(result: SweepResult, step: int) -> dict:
+    row = {c: _val(result, c, step) for c in COLUMNS}
+    row["step"] = int(row["step"]) if row["step"] is not None else step
+    row["channel"] = _channel(result, step)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- the outputs
+def sweep_csv(result: SweepResult) -> str:
+    """The per-step table as CSV text (header = COLUMNS; step 0 has an empty channel; missing values empty)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for k in range(_n_steps(result)):
+        out = []
+        for c in COLUMNS:
+            if c == "step":
+                out.append(str(int(_val(result, c, k))))
+            elif c == "channel":
+                ch = _channel(result, k)
+                out.append("" if ch is None else str(ch))
+            else:
+                v = _val(result, c, k)
+                if v is None:
+                    out.append("")
+                elif c == "mean_activation":
+                    out.append(f"{float(v):.6g}")
+                elif c == "fraction_pruned":
+                    out.append(f"{float(v):.6f}")
+                else:
+                    out.append(f"{float(v):.4f}")
+        w.writerow(out)
+    return buf.getvalue()
+
+
+def sweep_dict(result: SweepResult) -> dict:
+    """Everything in ``sweep.json`` as plain JSON types."""
+    table = {}
+    for c in COLUMNS:
+        if c == "channel":
+            table[c] = [_channel(result, k) for k in range(_n_steps(result))]
+        else:
+            table[c] = _jsonable(_col(result, c))
+    d = {
+        "model_name": result.model_name,
+        "layer": result.layer,
+        "conv_layer": result.conv_layer,
+        "n_channels": int(result.n_channels),
+        "num_classes": int(result.num_classes),
+        "relative": bool(result.relative),
+        "columns": list(COLUMNS),
+        "table": table,
+        "ranking": [int(c) for c in np.asarray(result.ranking).tolist()],
+        "mean_activation": _jsonable(np.asarray(result.mean_activation, dtype=float)),
+        "thresholds": [_threshold_dict(result, t) for t in result.thresholds],
+        "config": result.config,
+        "timings": result.timings,
+        "versions": result.versions,
+    }
+    return _jsonable(d)
+
+
+def sweep_json(result: SweepResult) -> str:
+    return json.dumps(sweep_dict(result), indent=2, allow_nan=False) + "\n"
+
+
+def _data_lines(config: dict) -> list:
+    """``- valid: path (n images)`` lines from config keys valid/test/poisoned and sizes."""
+    sizes = config.get("sizes") or {}
+    lines = []
+    for key, label in (("valid", "validation (clean)"), ("test", "test (clean)"), ("poisoned", "test (poisoned)")):
+        path = config.get(key)
+        n = sizes.get(key) if isinstance(sizes, dict) else None
+        if path is None and n is None:
+            continue
+        s = f"- {label}: "
+        s += f"`{path}`" if path is not None else "(given)"
+        if n is not None:
+            s += f", {int(n)} images"
+        lines.append(s)
+    if isinstance(sizes, dict):  # any other sizes we do not know by name
+        for key, n in sizes.items():
+            if key not in ("valid", "test", "poisoned"):
+                lines.append(f"- {key}: {n}")
+    return lines
+
+
+def _md_table(header, rows) -> list:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return out
+
+
+def results_markdown(result: SweepResult) -> str:
+    """The lab's two tables (B'_X and the GoodNet G_X at each threshold X) as Markdown, with a short header."""
+    C = result.n_channels
+    lines = [f"# Pruning defense: {result.model_name}", ""]
+    lines.append(f"- model: `{result.model_name}`; pruned layer: `{result.layer}`"
+                 + (f" (zeroing `{result.conv_layer}`)" if result.conv_layer else "")
+                 + f", {C} channels pruned one at a time, lowest mean activation first")
+    lines.append(f"- N = {result.num_classes} (the GoodNet's \"backdoor detected\" label)")
+    lines.append(f"- X = drop in {_x_unit(result)}")
+    lines += _data_lines(result.config or {})
+    lines.append("")
+
+    lines += ["## Repaired network B'_X", ""]
+    rows = [["B (base)", 0, "0.0%", _pct(_val(result, "valid_acc", 0)), _pct(_val(result, "test_acc", 0)),
+             _pct(_val(result, "asr", 0))]]
+    for t in result.thresholds:
+        if t.reached:
+            s = t.step
+            rows.append([fmt_x(t.x), f"{s}/{C}", f"{100 * _fraction(result, s):.1f}%",
+                         _pct(_val(result, "valid_acc", s)), _pct(_val(result, "test_acc", s)),
+                         _pct(_val(result, "asr", s))])
+        else:
+            rows.append([fmt_x(t.x)] + ["not reached"] * 5)
+    lines += _md_table(["X", "channels pruned", "fraction pruned", "valid acc", "clean test acc",
+                        "attack success rate"], rows)
+    lines.append("")
+
+    lines += ["## GoodNet G_X (outputs N when B and B'_X disagree)", ""]
+    rows = []
+    for t in result.thresholds:
+        if t.reached:
+            s = t.step
+            rows.append([fmt_x(t.x), _pct(_val(result, "goodnet_test_acc", s)), _pct(_val(result, "goodnet_asr", s)),
+                         _pct(_val(result, "goodnet_detection", s)), _pct(_val(result, "goodnet_false_alarm", s))])
+        else:
+            rows.append([fmt_x(t.x)] + ["not reached"] * 4)
+    lines += _md_table(["X", "clean test acc", "attack success rate", "detection rate (poisoned -> N)",
+                        "false-alarm rate (clean -> N)"], rows)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sweep(result: SweepResult, path) -> None:
+    """``sweep.png``: clean test accuracy and ASR vs fraction pruned, B' solid and G dashed, thresholds marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, never a GUI backend
+
+    x = 100 * np.array([_fraction(result, k) for k in range(_n_steps(result))])
+    fig = Figure(figsize=(8, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    series = [("test_acc", "B' clean test accuracy", "tab:blue", "-"),
+              ("asr", "B' attack success rate", "tab:red", "-"),
+              ("goodnet_test_acc", "G clean test accuracy", "tab:blue", "--"),
+              ("goodnet_asr", "G attack success rate", "tab:red", "--")]
+    for col, label, color, ls in series:
+        y = np.asarray(_col(result, col), dtype=float)
+        if np.all(np.isnan(y)):
+            continue
+        ax.plot(x, y, ls, color=color, label=label, linewidth=1.6)
+    by_step = {}  # thresholds reached at the same step share one line and one label
+    for t in result.thresholds:
+        if t.reached:
+            by_step.setdefault(t.step, []).append(fmt_x(t.x))
+    for i, (step, xs) in enumerate(sorted(by_step.items())):
+        xv = 100 * _fraction(result, step)
+        ax.axvline(xv, color="0.4", linestyle=":", linewidth=1, label="threshold X reached" if i == 0 else None)
+        ax.annotate("X=" + ", ".join(xs), xy=(xv, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -6),
+                    textcoords="offset points", fontsize=8, color="0.2", rotation=90, va="top", ha="left",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+    ax.set_xlim(0, 100)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel(f"channels of {result.layer} pruned (%)")
+    ax.set_ylabel("rate (%)")
+    ax.set_title(f"Pruning defense: {result.model_name}, layer {result.layer} ({result.n_channels} channels)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
+# ---------------------------------------------------------------------------------------------- text output
+def format_table(result: SweepResult, thresholds_only: bool = False) -> str:
+    """A fixed-width console table of the steps (or only the base row and the threshold rows)."""
+    marks = {}
+    for t in result.thresholds:
+        if t.reached:
+            marks.setdefault(t.step, []).append(f"X={fmt_x(t.x)}")
+    steps = range(_n_steps(result))
+    if thresholds_only:
+        steps = [0] + sorted(marks)
+    header = ["step", "channel", "mean_act", "pruned", "valid", "test", "ASR", "G test", "G ASR", "G detect",
+              "G f.alarm", ""]
+    widths = [5, 7, 10, 7, 8, 8, 8, 8, 8, 9, 9, 0]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)).rstrip()]
+    for k in steps:
+        ch = _channel(result, k)
+        ma = _val(result, "mean_activation", k)
+        cells = [str(k), "-" if ch is None else str(ch), "-" if ma is None else f"{float(ma):.4g}",
+                 f"{100 * _fraction(result, k):.1f}%"]
+        cells += [_pct(_val(result, c, k)) for c in PERCENT_COLUMNS]
+        cells.append(("B " if k == 0 else "") + " ".join(marks.get(k, [])))
+        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip())
+    unreached = [f"X={fmt_x(t.x)}" for t in result.thresholds if not t.reached]
+    if unreached:
+        lines.append(f"not reached: {', '.join(unreached)}")
+    return "\n".join(lines)
+
+
+def _duration(timings: dict):
+    for key in ("sweep", "prune", "total"):
+        v = (timings or {}).get(key)
+        if v is not None and not _missing(v):
+            return float(v)
+    return None
+
+
+def summary_line(result: SweepResult) -> str:
+    """One line: what was pruned, in how long, and each threshold's B'_X and G_X numbers."""
+    s = f"pruned {result.n_channels} channels of {result.layer}"
+    d = _duration(result.timings)
+    if d is not None:
+        s += f" in {d:.2f} s"
+    parts = []
+    for t in result.thresholds:
+        if not t.reached:
+            parts.append(f"X={fmt_x(t.x)}: not reached")
+            continue
+        k = t.step
+        parts.append(f"X={fmt_x(t.x)}: step {k} valid {_pct(_val(result, 'valid_acc', k), 1)} "
+                     f"test {_pct(_val(result, 'test_acc', k), 1)} ASR {_pct(_val(result, 'asr', k), 1)} | "
+                     f"GoodNet test {_pct(_val(result, 'goodnet_test_acc', k), 1)} "
+                     f"ASR {_pct(_val(result, 'goodnet_asr', k), 1)}")
+    if parts:
+        s += "; " + "; ".join(parts)
+    return s
+
+
+# -------------------------------------------------------------------------------------------- write_outputs
+def _is_nonempty_dir(p: Path) -> bool:
+    try:
+        return any(p.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadpruneError("output path exists and is not a folder", out, "choose another --out")
+    if _is_nonempty_dir(out) and not force:
+        raise BadpruneError("output folder already exists", out, "pass --force to replace it or choose another --out")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models: bool = True) -> Path:
+    """Write ``sweep.csv``, ``sweep.json``, ``results.md``, ``sweep.png`` and ``models/B_prime_X<X>.keras``.
+
+    Everything is built in ``.<name>.tmp-<pid>`` next to ``out_dir`` and renamed into place at the end; on any
+    failure the temporary folder is removed and ``out_dir`` is left as it was. An existing non-empty ``out_dir``
+    is an error unless ``force`` (then it is replaced). Returns the output folder.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    _check_target(out, force)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadpruneError(f"cannot create the output folder's parent ({e.strerror or e})", parent,
+                            "choose another --out") from None
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    _remove(tmp)  # a leftover of an earlier run with the same pid
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", parent,
+                            "check its permissions or choose another --out") from None
+
+    old = None
+    try:
+        (tmp / "sweep.csv").write_text(sweep_csv(result), encoding="utf-8")
+        (tmp / "sweep.json").write_text(sweep_json(result), encoding="utf-8")
+        (tmp / "results.md").write_text(results_markdown(result), encoding="utf-8")
+        plot_sweep(result, tmp / "sweep.png")
+        if save_models and result.model is not None:
+            reached = [t for t in result.thresholds if t.reached]
+            if reached:
+                (tmp / "models").mkdir()
+            for t in reached:
+                result.pruned_model(t.x).save(str(tmp / "models" / model_filename(t.x)))
+
+        # move into place (re-check: the folder may have appeared while we worked)
+        _check_target(out, force)
+        if out.exists():
+            if _is_nonempty_dir(out):
+                old = parent / f".{out.name}.old-{os.getpid()}"
+                _remove(old)
+                os.rename(out, old)
+            else:
+                out.rmdir()
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None and not out.exists():
+                os.rename(old, out)  # put the previous output back
+                old = None
+            raise
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, OSError):
+            raise BadpruneError(f"cannot write the outputs ({e.strerror or e})", out,
+                                "check free space and permissions or choose another --out") from e
+        raise
+    if old is not None:
+        _remove(old)
+    return out

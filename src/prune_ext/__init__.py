@@ -1,0 +1,22 @@
+"""prune_ext: the C-accelerated kernels of badprune (Cython over numpy buffers and scipy's BLAS).
+
+Low-level layer, like h5py's ``h5d``: plain functions on C-contiguous float32 arrays, no TensorFlow, no policy.
+``badprune.head`` builds on it.
+"""
+from ._kernels import (  # noqa: F401
+    ACTIVATIONS,
+    activation,
+    affine_channels,
+    argmax_rows,
+    channel_activity,
+    channel_means,
+    conv2d,
+    conv_remove_channel,
+    dense,
+    dense_remove_channel,
+    gemm,
+    screen_final,
+    topk_refs,
+    pool2d,
+    top2,
+)

@@ -1,0 +1,452 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Low-level kernels of the pruning sweep: numpy buffers in, numpy buffers out, BLAS through scipy.
+
+Layout conventions (all C-contiguous, rows = samples):
+  feature maps  X[n, y, x, c]   (channels-last, like Keras)
+  matrices      A[m, k]         (row-major)
+
+Each ``cdef ... nogil`` core has a one-line formula docstring; the ``cpdef`` functions are the memoryview entry
+points that ``badprune.head`` calls. No TensorFlow here.
+
+Threads: the loops here are serial on purpose. The GEMMs, where the time goes, run on scipy's OpenBLAS threads;
+an OpenMP pool next to them made both spin against each other on 2 cores (measured: GEMM 100 -> 30 GFLOP/s).
+"""
+from libc.math cimport exp, expf, tanhf, erff, log1p, sqrt, INFINITY
+from libc.stdlib cimport malloc, free
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+ctypedef fused floating:
+    float
+    double
+
+# activation kinds (the names are the keys of ACTIVATIONS, used by badprune.head)
+cdef enum:
+    ACT_LINEAR = 0
+    ACT_RELU = 1
+    ACT_SIGMOID = 2
+    ACT_TANH = 3
+    ACT_ELU = 4
+    ACT_SOFTMAX = 5
+    ACT_RELU_GENERAL = 6
+    ACT_SILU = 7
+    ACT_GELU = 8
+    ACT_SOFTPLUS = 9
+    ACT_SELU = 10
+    ACT_GELU_TANH = 11
+    ACT_HARD_SIGMOID = 12
+
+ACTIVATIONS = {
+    "linear": ACT_LINEAR, "relu": ACT_RELU, "sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "elu": ACT_ELU,
+    "softmax": ACT_SOFTMAX, "relu_general": ACT_RELU_GENERAL, "silu": ACT_SILU, "swish": ACT_SILU,
+    "gelu": ACT_GELU, "softplus": ACT_SOFTPLUS, "selu": ACT_SELU, "gelu_tanh": ACT_GELU_TANH,
+    "hard_sigmoid": ACT_HARD_SIGMOID,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GEMM
+# --------------------------------------------------------------------------------------------------------------
+cdef void _gemm(int M, int N, int K, floating alpha, const floating* A, int lda, const floating* B, int ldb,
+                floating beta, floating* C, int ldc) noexcept nogil:
+    """C := alpha*A.B + beta*C  (row-major; A (M,K), B (K,N), C (M,N))"""
+    # row-major C = A.B is column-major C^T = B^T.A^T
+    cdef char n = b'N'
+    if M == 0 or N == 0:
+        return
+    if floating is float:
+        sgemm(&n, &n, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, C, &ldc)
+    else:
+        dgemm(&n, &n, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, C, &ldc)
+
+
+cpdef void gemm(const floating[:, ::1] A, const floating[:, ::1] B, floating[:, ::1] C, floating beta=0):
+    """C := A.B + beta*C"""
+    if A.shape[1] != B.shape[0] or C.shape[0] != A.shape[0] or C.shape[1] != B.shape[1]:
+        raise ValueError("gemm: shapes do not match")
+    with nogil:
+        _gemm(<int>A.shape[0], <int>B.shape[1], <int>A.shape[1], <floating>1, &A[0, 0] if A.shape[0] else NULL,
+              <int>A.shape[1], &B[0, 0], <int>B.shape[1], beta, &C[0, 0] if C.shape[0] else NULL,
+              <int>C.shape[1])
+
+
+cpdef void dense(const float[:, ::1] X, const float[:, ::1] W, const float[::1] b, float[:, ::1] Y):
+    """Y := X.W + b"""
+    cdef Py_ssize_t m, j, M = X.shape[0], N = W.shape[1]
+    if X.shape[1] != W.shape[0] or Y.shape[0] != M or Y.shape[1] != N or b.shape[0] != N:
+        raise ValueError("dense: shapes do not match")
+    if M == 0:
+        return
+    with nogil:
+        for m in range(M):
+            for j in range(N):
+                Y[m, j] = b[j]
+        _gemm(<int>M, <int>N, <int>X.shape[1], <float>1, &X[0, 0], <int>X.shape[1], &W[0, 0], <int>N,
+              <float>1, &Y[0, 0], <int>N)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Convolution (im2col + GEMM) and pooling, channels-last
+# --------------------------------------------------------------------------------------------------------------
+cdef void _im2col(const float* x, int H, int W, int C, int KH, int KW, int SH, int SW, int PT, int PL,
+                  int DH, int DW, int OH, int OW, float* col) noexcept nogil:
+    """col[(oy*OW+ox), (ky*KW+kx)*C + c] := x[oy*SH+ky*DH-PT, ox*SW+kx*DW-PL, c]  (0 outside the image)"""
+    cdef int oy, ox, ky, kx, c, iy, ix
+    cdef float* dst
+    cdef const float* src
+    for oy in range(OH):
+        for ox in range(OW):
+            dst = col + (oy * OW + ox) * (KH * KW * C)
+            for ky in range(KH):
+                iy = oy * SH + ky * DH - PT
+                for kx in range(KW):
+                    ix = ox * SW + kx * DW - PL
+                    if iy < 0 or iy >= H or ix < 0 or ix >= W:
+                        for c in range(C):
+                            dst[c] = 0
+                    else:
+                        src = x + (iy * W + ix) * C
+                        for c in range(C):
+                            dst[c] = src[c]
+                    dst += C
+
+
+cpdef void conv2d(const float[:, :, :, ::1] X, const float[:, :, :, ::1] K, const float[::1] b,
+                  int sh, int sw, int pt, int pl, int dh, int dw, float[:, :, :, ::1] Y):
+    """Y[n] := conv(X[n], K, stride (sh, sw), top/left padding (pt, pl), dilation (dh, dw)) + b"""
+    cdef int M = <int>X.shape[0], H = <int>X.shape[1], W = <int>X.shape[2], C = <int>X.shape[3]
+    cdef int KH = <int>K.shape[0], KW = <int>K.shape[1], CO = <int>K.shape[3]
+    cdef int OH = <int>Y.shape[1], OW = <int>Y.shape[2]
+    cdef int KK = KH * KW * C, P = OH * OW, block, lo, n, i, j
+    cdef float* col
+    if K.shape[2] != C or Y.shape[3] != CO or Y.shape[0] != M or b.shape[0] != CO:
+        raise ValueError("conv2d: shapes do not match")
+    if M == 0:
+        return
+    block = max(1, min(M, (1 << 22) // max(1, P * KK)))  # ~16 MB of columns per block
+    col = <float*>malloc(<size_t>block * P * KK * sizeof(float))
+    if col == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            lo = 0
+            while lo < M:
+                if lo + block > M:
+                    block = M - lo
+                for n in range(block):
+                    _im2col(&X[lo + n, 0, 0, 0], H, W, C, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW,
+                            col + <size_t>n * P * KK)
+                    for i in range(P):
+                        for j in range(CO):
+                            Y[lo + n, i // OW, i % OW, j] = b[j]
+                _gemm(block * P, CO, KK, <float>1, col, KK, &K[0, 0, 0, 0], CO, <float>1,
+                      &Y[lo, 0, 0, 0], CO)
+                lo += block
+    finally:
+        free(col)
+
+
+cpdef void pool2d(const float[:, :, :, ::1] X, int ph, int pw, int sh, int sw, int pt, int pl, bint average,
+                  float[:, :, :, ::1] Y):
+    """Y[n, oy, ox, c] := max (or mean) of X[n, window(oy, ox), c] over the in-image part of the window"""
+    cdef Py_ssize_t M = X.shape[0], H = X.shape[1], W = X.shape[2], C = X.shape[3]
+    cdef Py_ssize_t OH = Y.shape[1], OW = Y.shape[2], n, oy, ox, c, ky, kx, iy, ix, cnt
+    cdef float v, acc
+    if Y.shape[3] != C or Y.shape[0] != M:
+        raise ValueError("pool2d: shapes do not match")
+    with nogil:
+        for n in range(M):
+            for oy in range(OH):
+                for ox in range(OW):
+                    for c in range(C):
+                        acc = 0 if average else -INFINITY
+                        cnt = 0
+                        for ky in range(ph):
+                            iy = oy * sh + ky - pt
+                            if iy < 0 or iy >= H:
+                                continue
+                            for kx in range(pw):
+                                ix = ox * sw + kx - pl
+                                if ix < 0 or ix >= W:
+                                    continue
+                                v = X[n, iy, ix, c]
+                                cnt = cnt + 1
+                                if average:
+                                    acc = acc + v
+                                elif v > acc:
+                                    acc = v
+                        if average:
+                            Y[n, oy, ox, c] = acc / cnt if cnt > 0 else 0
+                        else:
+                            Y[n, oy, ox, c] = acc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Element-wise: activations, per-channel affine (BatchNormalization)
+# --------------------------------------------------------------------------------------------------------------
+cdef inline float _act(float x, int kind, float p0, float p1, float p2) noexcept nogil:
+    """y := f_kind(x)  (p0, p1, p2: negative slope, max value, threshold for the general ReLU; alpha for ELU)"""
+    cdef float y
+    if kind == ACT_RELU:
+        return x if x > 0 else 0
+    elif kind == ACT_SIGMOID:
+        return 1 / (1 + expf(-x))
+    elif kind == ACT_TANH:
+        return tanhf(x)
+    elif kind == ACT_ELU:
+        return x if x > 0 else p0 * (expf(x) - 1)
+    elif kind == ACT_RELU_GENERAL:
+        if x >= p1:
+            y = p1
+        elif x >= p2:
+            y = x
+        else:
+            y = p0 * (x - p2)
+        return y
+    elif kind == ACT_SILU:
+        return x / (1 + expf(-x))
+    elif kind == ACT_GELU:
+        return 0.5 * x * (1 + erff(x * 0.7071067811865476))
+    elif kind == ACT_GELU_TANH:
+        return 0.5 * x * (1 + tanhf(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif kind == ACT_SOFTPLUS:
+        return x + <float>log1p(exp(-x)) if x > 0 else <float>log1p(exp(x))
+    elif kind == ACT_SELU:
+        return 1.0507009873554805 * (x if x > 0 else 1.6732632423543772 * (expf(x) - 1))
+    elif kind == ACT_HARD_SIGMOID:
+        y = x / 6 + 0.5
+        return 0 if y < 0 else (1 if y > 1 else y)
+    return x
+
+
+cpdef void activation(float[:, ::1] X, int kind, float p0=0, float p1=INFINITY, float p2=0):
+    """X := f_kind(X) in place; softmax runs over the last axis (X viewed as (rows, classes))"""
+    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], m, j, i, T = M * N
+    cdef float mx, s
+    cdef float* p
+    if kind == ACT_LINEAR or M == 0 or N == 0:
+        return
+    p = &X[0, 0]
+    with nogil:
+        if kind == ACT_SOFTMAX:
+            for m in range(M):
+                mx = -INFINITY
+                for j in range(N):
+                    if X[m, j] > mx:
+                        mx = X[m, j]
+                s = 0
+                for j in range(N):
+                    X[m, j] = expf(X[m, j] - mx)
+                    s = s + X[m, j]
+                for j in range(N):
+                    X[m, j] = X[m, j] / s
+        elif kind == ACT_RELU:
+            for i in range(T):
+                p[i] = p[i] if p[i] > 0 else 0  # branch-free: the compiler vectorizes it
+        else:
+            for i in range(T):
+                p[i] = _act(p[i], kind, p0, p1, p2)
+
+
+cpdef void affine_channels(float[:, ::1] X, const float[::1] scale, const float[::1] shift):
+    """X[m, c] := X[m, c]*scale[c] + shift[c]  (X viewed as (positions, channels))"""
+    cdef Py_ssize_t M = X.shape[0], C = X.shape[1], m, c
+    if scale.shape[0] != C or shift.shape[0] != C:
+        raise ValueError("affine_channels: shapes do not match")
+    with nogil:
+        for m in range(M):
+            for c in range(C):
+                X[m, c] = X[m, c] * scale[c] + shift[c]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweep helpers: ranking statistics, activity, incremental updates of linear consumers, argmax
+# --------------------------------------------------------------------------------------------------------------
+cpdef cnp.ndarray channel_means(const floating[:, ::1] F):
+    """mean[c] := sum_m F[m, c] / M  (F viewed as (samples*positions, channels); float64 accumulation)"""
+    cdef Py_ssize_t M = F.shape[0], C = F.shape[1], m, c, t, T = 64
+    cdef cnp.ndarray[cnp.float64_t, ndim=2] part = np.zeros((T, C), np.float64)
+    cdef double[:, ::1] pv = part
+    cdef Py_ssize_t chunk = (M + T - 1) // T
+    with nogil:
+        for t in range(T):
+            for m in range(t * chunk, min(M, (t + 1) * chunk)):
+                for c in range(C):
+                    pv[t, c] += F[m, c]
+    return part.sum(axis=0) / max(M, 1)
+
+
+cpdef cnp.ndarray channel_activity(const float[:, :, ::1] F):
+    """active[n, c] := 1 if any F[n, p, c] != 0 else 0  (F viewed as (samples, positions, channels))"""
+    cdef Py_ssize_t N = F.shape[0], P = F.shape[1], C = F.shape[2], n, p, c
+    cdef cnp.ndarray[cnp.uint8_t, ndim=2] out = np.zeros((N, C), np.uint8)
+    cdef unsigned char[:, ::1] o = out
+    with nogil:
+        for n in range(N):
+            for p in range(P):
+                for c in range(C):
+                    if F[n, p, c] != 0:
+                        o[n, c] = 1
+    return out
+
+
+cpdef void dense_remove_channel(float[:, ::1] Z, const float[:, :, ::1] F, const cnp.int64_t[::1] rows,
+                                const float[:, ::1] W, int c):
+    """Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows  (Z: pre-activations of a Dense on flatten(F))"""
+    cdef Py_ssize_t R = rows.shape[0], P = F.shape[1], C = F.shape[2], N = W.shape[1], i, p, j, r
+    cdef float v
+    if W.shape[0] != P * C or Z.shape[1] != N or Z.shape[0] != F.shape[0]:
+        raise ValueError("dense_remove_channel: shapes do not match")
+    with nogil:
+        for i in range(R):
+            r = rows[i]
+            for p in range(P):
+                v = F[r, p, c]
+                if v != 0:
+                    for j in range(N):
+                        Z[r, j] -= v * W[p * C + c, j]
+
+
+cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] F, const cnp.int64_t[::1] rows,
+                               const float[:, :, :, ::1] K, int c, int sh, int sw, int pt, int pl, int dh, int dw):
+    """Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows"""
+    cdef Py_ssize_t R = rows.shape[0], H = F.shape[1], W = F.shape[2]
+    cdef Py_ssize_t OH = Z.shape[1], OW = Z.shape[2], CO = Z.shape[3], KH = K.shape[0], KW = K.shape[1]
+    cdef Py_ssize_t i, r, oy, ox, ky, kx, iy, ix, j
+    cdef float v
+    if K.shape[3] != CO or K.shape[2] != F.shape[3] or Z.shape[0] != F.shape[0]:
+        raise ValueError("conv_remove_channel: shapes do not match")
+    with nogil:
+        for i in range(R):
+            r = rows[i]
+            for oy in range(OH):
+                for ox in range(OW):
+                    for ky in range(KH):
+                        iy = oy * sh + ky * dh - pt
+                        if iy < 0 or iy >= H:
+                            continue
+                        for kx in range(KW):
+                            ix = ox * sw + kx * dw - pl
+                            if ix < 0 or ix >= W:
+                                continue
+                            v = F[r, iy, ix, c]
+                            if v != 0:
+                                for j in range(CO):
+                                    Z[r, oy, ox, j] -= v * K[ky, kx, c, j]
+
+
+cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
+    """out[m] := argmax_j X[m, j]  (first maximum, like numpy and TensorFlow)"""
+    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], m, j, best
+    cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(M, np.int64)
+    cdef cnp.int64_t[::1] o = out
+    cdef float bv
+    with nogil:
+        for m in range(M):
+            best = 0
+            bv = X[m, 0]
+            for j in range(1, N):
+                if X[m, j] > bv:
+                    bv = X[m, j]
+                    best = j
+            o[m] = best
+    return out
+
+
+cpdef void topk_refs(const float[:, ::1] X, cnp.int64_t[:, ::1] cand, float[::1] floor):
+    """cand[m] := the K largest classes of X[m] (descending);  floor[m] := the (K+1)-th largest value"""
+    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], K = cand.shape[1], m, j, q
+    cdef float v
+    cdef float* vals = <float*>malloc((K + 1) * sizeof(float))
+    cdef cnp.int64_t* ids = <cnp.int64_t*>malloc((K + 1) * sizeof(cnp.int64_t))
+    if vals == NULL or ids == NULL:
+        free(vals)
+        free(ids)
+        raise MemoryError()
+    if K >= N or cand.shape[0] != M or floor.shape[0] != M:
+        free(vals)
+        free(ids)
+        raise ValueError("topk_refs: need K < classes and matching rows")
+    with nogil:
+        for m in range(M):
+            for q in range(K + 1):
+                vals[q] = -INFINITY
+                ids[q] = -1
+            for j in range(N):
+                v = X[m, j]
+                if v > vals[K]:  # insert, keeping vals descending (ties: lower class first)
+                    q = K
+                    while q > 0 and vals[q - 1] < v:
+                        vals[q] = vals[q - 1]
+                        ids[q] = ids[q - 1]
+                        q -= 1
+                    vals[q] = v
+                    ids[q] = j
+            for q in range(K):
+                cand[m, q] = ids[q]
+            floor[m] = vals[K]
+    free(vals)
+    free(ids)
+
+
+cpdef cnp.ndarray screen_final(const float[:, ::1] H, const float[:, ::1] Href, const cnp.int64_t[::1] rows,
+                               const cnp.int64_t[:, ::1] cand, const float[::1] floor, const float[:, ::1] Wt,
+                               const float[::1] b, double wmax, double tol):
+    """label[i] := argmax over cand[r] of H[i].Wt[j] + b[j] when that max > floor[r] + ||H[i]-Href[r]||*wmax + tol,
+    else -1  (r = rows[i]; a class outside cand[r] had logit <= floor[r] at Href[r] and moved by <= ||dH||*wmax)"""
+    cdef Py_ssize_t R = rows.shape[0], D = H.shape[1], K = cand.shape[1], i, j, q, r, t, best
+    cdef double s, d, bv, dist
+    cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(R, np.int64)
+    cdef cnp.int64_t[::1] o = out
+    if H.shape[0] != R or Href.shape[1] != D or Wt.shape[1] != D:
+        raise ValueError("screen_final: shapes do not match")
+    with nogil:
+        for i in range(R):
+            r = rows[i]
+            s = 0
+            for j in range(D):
+                d = H[i, j] - Href[r, j]
+                s += d * d
+            dist = sqrt(s)
+            bv = -INFINITY
+            best = -1
+            for q in range(K):
+                j = cand[r, q]
+                s = b[j]
+                for t in range(D):
+                    s += H[i, t] * Wt[j, t]
+                if s > bv or (s == bv and j < best):
+                    bv = s
+                    best = j
+            o[i] = best if bv > floor[r] + dist * wmax + tol else -1
+    return out
+
+
+cpdef tuple top2(const float[:, ::1] X):
+    """label[m] := argmax_j X[m, j];  margin[m] := X[m, label] - max_{j != label} X[m, j]"""
+    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], m, j, best
+    cdef cnp.ndarray[cnp.int64_t, ndim=1] lab = np.empty(M, np.int64)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] mar = np.empty(M, np.float32)
+    cdef cnp.int64_t[::1] lv = lab
+    cdef float[::1] mv = mar
+    cdef float b1, b2, v
+    with nogil:
+        for m in range(M):
+            best = 0
+            b1 = X[m, 0]
+            b2 = -INFINITY
+            for j in range(1, N):
+                v = X[m, j]
+                if v > b1:
+                    b2 = b1
+                    b1 = v
+                    best = j
+                elif v > b2:
+                    b2 = v
+            lv[m] = best
+            mv[m] = b1 - b2
+    return lab, mar

@@ -1,0 +1,151 @@
+"""The compiled head and the sweep engine against TensorFlow running the actual pruned Keras models."""
+import numpy as np
+import pytest
+
+from badprune import _tf  # noqa: F401
+import keras
+
+from badprune.head import compile_head, masked_steps
+from badprune.models import prune_model
+
+L = keras.layers
+
+
+def _randomize(model, seed):
+    """Random weights with negative conv biases, so the prune layer has dormant and sparse channels."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        ws = layer.get_weights()
+        if not ws:
+            continue
+        new = []
+        for w in ws:
+            if isinstance(layer, L.BatchNormalization):
+                new.append(rng.uniform(0.5, 1.5, w.shape).astype(np.float32))
+            elif w.ndim == 1 and isinstance(layer, L.Conv2D):
+                new.append((rng.standard_normal(w.shape) * 0.3 - 0.2).astype(np.float32))
+            elif w.ndim == 1:
+                new.append((rng.standard_normal(w.shape) * 0.05).astype(np.float32))
+            else:
+                fan_in = int(np.prod(w.shape[:-1]))
+                new.append((rng.standard_normal(w.shape) * 2 / np.sqrt(fan_in)).astype(np.float32))
+        layer.set_weights(new)
+    return model
+
+
+def _trunk(x, channels=12):
+    h = L.Conv2D(8, 3, activation="relu", name="c1")(x)
+    h = L.MaxPooling2D(2, name="p1")(h)
+    h = L.Conv2D(channels, 3, activation="relu", name="conv_p")(h)
+    return L.MaxPooling2D(2, name="pool_p")(h)
+
+
+def model_deepid_like(seed=0, classes=15):
+    x = keras.Input((28, 24, 3))
+    p = _trunk(x)
+    a = L.Dense(20, name="fa")(L.Flatten()(p))
+    b = L.Dense(20, name="fb")(L.Flatten()(L.Conv2D(16, 2, activation="relu", name="c4")(p)))
+    h = L.Activation("relu")(L.Add()([a, b]))
+    y = L.Dense(classes, activation="softmax", name="out")(h)
+    return _randomize(keras.Model(x, y), seed)
+
+
+def model_beyond_deepid(seed=1, classes=12):
+    """Strided 'same' conv, BatchNormalization, Concatenate, average pooling, dropout, assorted activations."""
+    x = keras.Input((28, 24, 3))
+    p = _trunk(x, channels=10)
+    s = L.Conv2D(14, 3, strides=2, padding="same", activation="elu", name="strided")(p)
+    s = L.BatchNormalization(name="bn")(s)
+    s = L.GlobalAveragePooling2D()(s)
+    q = L.AveragePooling2D(2, strides=1, padding="same")(p)
+    q = L.Conv2D(6, 1, activation="tanh")(q)
+    q = L.Flatten()(L.Dropout(0.3)(q))
+    f = L.Flatten()(p)
+    cat = L.Concatenate(name="cat")([s, q, f])
+    h = L.Dense(24, activation="relu")(cat)
+    h = L.LeakyReLU(negative_slope=0.1)(L.Dense(18)(h))
+    y = L.Dense(classes, activation="softmax", name="out")(h)
+    return _randomize(keras.Model(x, y), seed)
+
+
+def model_unsupported(seed=2, classes=9):
+    """A head with a layer outside prune_ext's set (LayerNormalization): the TensorFlow fallback."""
+    x = keras.Input((28, 24, 3))
+    p = _trunk(x, channels=8)
+    h = L.LayerNormalization()(L.Dense(16, activation="relu")(L.Flatten()(p)))
+    y = L.Dense(classes, activation="softmax")(h)
+    return _randomize(keras.Model(x, y), seed)
+
+
+def _inputs(n, seed):
+    """Images with per-sample structure: a coarse random pattern upsampled, plus noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1, 1, (n, 4, 4, 3))
+    big = np.repeat(np.repeat(coarse, 7, axis=1), 6, axis=2)
+    return (big + 0.3 * rng.standard_normal(big.shape)).astype(np.float32)
+
+
+def _check_against_tf(model, layer, X, modes=("incremental", "full"), tie_tol=1e-5):
+    trunk = keras.Model(model.input, model.get_layer(layer).output)
+    F = trunk.predict(X, verbose=0)
+    head = compile_head(model, layer)
+    order = np.argsort(F.mean(axis=(0, 1, 2)), kind="stable")
+    results = {m: [lab.copy() for _, _, lab in masked_steps(head, F, order, mode=m, batch_size=97)] for m in modes}
+    changed = 0
+    for k in range(len(order) + 1):
+        pm = prune_model(model, layer, [int(c) for c in order[:k]])
+        probs = pm.predict(X, verbose=0)
+        ref = probs.argmax(1)
+        for m in modes:
+            lab = results[m][k]
+            diff = np.flatnonzero(lab != ref)
+            gaps = probs[diff, ref[diff]] - probs[diff, lab[diff]]
+            assert np.all(gaps <= tie_tol), f"step {k} ({m}): {len(diff)} labels differ from TF beyond near-ties"
+        changed += int((ref != results[modes[0]][0]).sum())
+    assert changed > 0, "the sweep never changed a label: the test would not see a wrong update"
+    return head
+
+
+def test_deepid_like_head_equals_tf_pruned_models():
+    m = model_deepid_like()
+    head = _check_against_tf(m, "pool_p", _inputs(300, 0))
+    assert head.backend == "prune_ext"
+    assert sorted(head.ops[i].name for i in head.linear) == ["c4", "fa"]
+
+
+def test_head_beyond_deepid_equals_tf_pruned_models():
+    m = model_beyond_deepid()
+    head = _check_against_tf(m, "pool_p", _inputs(300, 1))
+    assert head.backend == "prune_ext"
+    kinds = {o.kind for o in head.ops}
+    assert {"conv", "bn", "concat", "pool", "gpool", "dense", "act"} <= kinds
+
+
+def test_unsupported_layer_falls_back_to_tensorflow():
+    m = model_unsupported()
+    head = _check_against_tf(m, "pool_p", _inputs(200, 2), modes=("incremental",))
+    assert head.backend == "tensorflow" and "LayerNormalization" in head.fallback_reason
+
+
+def test_step0_logits_match_keras():
+    m = model_beyond_deepid(seed=5)
+    X = _inputs(64, 5)
+    F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
+    head = compile_head(m, "pool_p")
+    logits = head.forward(F)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, m.predict(X, verbose=0), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_that_does_not_separate_the_model_is_refused():
+    from badprune.errors import BadpruneError
+
+    x = keras.Input((12, 12, 3))
+    h = L.Conv2D(4, 3, activation="relu", name="a")(x)
+    p = L.MaxPooling2D(2, name="p")(h)
+    skip = L.GlobalAveragePooling2D()(h)  # bypasses p
+    y = L.Dense(3)(L.Concatenate()([L.Flatten()(p), skip]))
+    m = keras.Model(x, y)
+    with pytest.raises(BadpruneError, match="does not separate"):
+        compile_head(m, "p")

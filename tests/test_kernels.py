@@ -1,0 +1,169 @@
+"""prune_ext kernels against plain NumPy references."""
+import numpy as np
+import pytest
+
+import prune_ext
+
+rng = np.random.default_rng(1)
+
+
+def ref_conv(x, k, b, s, pad, d):
+    sh, sw = s
+    pt, pl, pb, pr = pad
+    dh, dw = d
+    x = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    KH, KW, C, O = k.shape
+    OH = (x.shape[1] - (KH - 1) * dh - 1) // sh + 1
+    OW = (x.shape[2] - (KW - 1) * dw - 1) // sw + 1
+    y = np.zeros((x.shape[0], OH, OW, O), np.float64) + b
+    for ky in range(KH):
+        for kx in range(KW):
+            patch = x[:, ky * dh: ky * dh + (OH - 1) * sh + 1: sh, kx * dw: kx * dw + (OW - 1) * sw + 1: sw, :]
+            y += patch.astype(np.float64) @ k[ky, kx].astype(np.float64)
+    return y
+
+
+def test_dense_matches_numpy():
+    X = rng.standard_normal((37, 23)).astype(np.float32)
+    W = rng.standard_normal((23, 11)).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    Y = np.empty((37, 11), np.float32)
+    prune_ext.dense(X, W, b, Y)
+    np.testing.assert_allclose(Y, X.astype(np.float64) @ W + b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        prune_ext.dense(X, W[:5], b, Y)
+
+
+def test_gemm_fused_types():
+    for dt in (np.float32, np.float64):
+        A = rng.standard_normal((5, 7)).astype(dt)
+        B = rng.standard_normal((7, 3)).astype(dt)
+        C = np.ones((5, 3), dt)
+        prune_ext.gemm(A, B, C, dt(1))
+        np.testing.assert_allclose(C, A @ B + 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("s,pad,d", [((1, 1), (0, 0, 0, 0), (1, 1)), ((2, 2), (0, 0, 0, 0), (1, 1)),
+                                     ((2, 1), (1, 1, 1, 2), (1, 1)), ((1, 1), (1, 1, 1, 1), (2, 2))])
+def test_conv2d_matches_reference(s, pad, d):
+    x = rng.standard_normal((9, 7, 6, 5)).astype(np.float32)
+    k = rng.standard_normal((3, 2, 5, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    ref = ref_conv(x, k, b, s, pad, d)
+    y = np.empty(ref.shape, np.float32)
+    prune_ext.conv2d(x, k, b, s[0], s[1], pad[0], pad[1], d[0], d[1], y)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pool2d_max_and_average_with_padding():
+    x = rng.standard_normal((4, 5, 5, 3)).astype(np.float32)
+    # 'same' 2x2 stride 2 on 5x5: output 3x3, padding only at bottom/right (pt = pl = 0)
+    ymax = np.empty((4, 3, 3, 3), np.float32)
+    yavg = np.empty((4, 3, 3, 3), np.float32)
+    prune_ext.pool2d(x, 2, 2, 2, 2, 0, 0, False, ymax)
+    prune_ext.pool2d(x, 2, 2, 2, 2, 0, 0, True, yavg)
+    for oy in range(3):
+        for ox in range(3):
+            win = x[:, 2 * oy:2 * oy + 2, 2 * ox:2 * ox + 2, :]
+            np.testing.assert_allclose(ymax[:, oy, ox], win.max(axis=(1, 2)))
+            np.testing.assert_allclose(yavg[:, oy, ox], win.mean(axis=(1, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("relu", lambda x: np.maximum(x, 0)),
+    ("sigmoid", lambda x: 1 / (1 + np.exp(-x))),
+    ("tanh", np.tanh),
+    ("silu", lambda x: x / (1 + np.exp(-x))),
+    ("softplus", lambda x: np.log1p(np.exp(x))),
+    ("selu", lambda x: 1.0507009873554805 * np.where(x > 0, x, 1.6732632423543772 * (np.exp(x) - 1))),
+])
+def test_activations(name, fn):
+    x = (rng.standard_normal((6, 50)) * 3).astype(np.float32)
+    y = x.copy()
+    prune_ext.activation(y, prune_ext.ACTIVATIONS[name])
+    np.testing.assert_allclose(y, fn(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_general_relu_and_softmax():
+    x = (rng.standard_normal((6, 50)) * 3).astype(np.float32)
+    y = x.copy()
+    prune_ext.activation(y, prune_ext.ACTIVATIONS["relu_general"], 0.1, 2.0, 0.5)
+    ref = np.where(x >= 2.0, 2.0, np.where(x >= 0.5, x, 0.1 * (x - 0.5)))
+    np.testing.assert_allclose(y, ref, rtol=1e-6)
+    y = x.copy()
+    prune_ext.activation(y, prune_ext.ACTIVATIONS["softmax"])
+    e = np.exp(x - x.max(1, keepdims=True))
+    np.testing.assert_allclose(y, e / e.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+def test_affine_channels():
+    x = rng.standard_normal((10, 4)).astype(np.float32)
+    sc, sh = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    y = x.copy()
+    prune_ext.affine_channels(y, sc, sh)
+    np.testing.assert_allclose(y, x * sc + sh, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_channel_means_and_activity(dt):
+    F = np.maximum(rng.standard_normal((300, 6, 7)), 0).astype(dt)
+    F[:, :, 3] = 0
+    F[5, 2, 3] = 1.0
+    np.testing.assert_allclose(prune_ext.channel_means(F.reshape(-1, 7)), F.reshape(-1, 7).mean(0, dtype=np.float64),
+                               rtol=1e-10)
+    act = prune_ext.channel_activity(np.ascontiguousarray(F, np.float32))
+    np.testing.assert_array_equal(act.astype(bool), (F != 0).any(axis=1))
+    assert act[:, 3].sum() == 1 and act[5, 3] == 1
+
+
+def test_remove_channel_updates_equal_recompute():
+    F = np.maximum(rng.standard_normal((20, 5, 4, 6)), 0).astype(np.float32)
+    rows = np.array([0, 3, 7, 19], np.int64)
+    c = 2
+    Fz = F.copy()
+    Fz[rows, :, :, c] = 0
+    W = rng.standard_normal((5 * 4 * 6, 9)).astype(np.float32)
+    Z = (F.reshape(20, -1) @ W).astype(np.float32)
+    prune_ext.dense_remove_channel(Z, F.reshape(20, 20, 6), rows, W, c)
+    np.testing.assert_allclose(Z, Fz.reshape(20, -1) @ W, rtol=1e-4, atol=1e-4)
+    K = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)
+    b = np.zeros(5, np.float32)
+    Zc = ref_conv(F, K, b, (1, 2), (1, 0, 0, 1), (1, 1)).astype(np.float32)
+    prune_ext.conv_remove_channel(Zc, F, rows, K, c, 1, 2, 1, 0, 1, 1)
+    np.testing.assert_allclose(Zc, ref_conv(Fz, K, b, (1, 2), (1, 0, 0, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_argmax_first_maximum_and_topk():
+    X = rng.standard_normal((50, 30)).astype(np.float32)
+    X[0, 4] = X[0, 9] = 100
+    lab = prune_ext.argmax_rows(X)
+    np.testing.assert_array_equal(lab, X.argmax(1))
+    assert lab[0] == 4
+    cand = np.empty((50, 5), np.int64)
+    floor = np.empty(50, np.float32)
+    prune_ext.topk_refs(X, cand, floor)
+    srt = np.sort(X, 1)[:, ::-1]
+    np.testing.assert_array_equal(np.take_along_axis(X, cand, 1), srt[:, :5])
+    np.testing.assert_array_equal(floor, srt[:, 5])
+
+
+def test_screen_final_is_sound():
+    """Whenever the screen answers a label, it is the true argmax of h.W + b."""
+    D, K, N = 12, 40, 400
+    W = rng.standard_normal((D, K)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    Href = rng.standard_normal((N, D)).astype(np.float32)
+    L = Href @ W + b
+    cand = np.empty((N, 6), np.int64)
+    floor = np.empty(N, np.float32)
+    prune_ext.topk_refs(np.ascontiguousarray(L, np.float32), cand, floor)
+    wmax = float(np.sqrt((W.astype(np.float64) ** 2).sum(0)).max())
+    answered = 0
+    for scale in (0.01, 0.1, 0.5, 2.0):
+        H = (Href + scale * rng.standard_normal((N, D))).astype(np.float32)
+        rows = np.arange(N, dtype=np.int64)
+        lab = prune_ext.screen_final(H, Href, rows, cand, floor, np.ascontiguousarray(W.T), b, wmax, 1e-4)
+        ok = lab >= 0
+        answered += ok.sum()
+        np.testing.assert_array_equal(lab[ok], (H @ W + b).argmax(1)[ok])
+    assert 0 < answered < 4 * N  # the screen both answers and declines
