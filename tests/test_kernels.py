@@ -150,19 +150,20 @@ def test_argmax_first_maximum_and_topk():
 def test_screen_final_is_sound():
     """Whenever the screen answers a label, it is the true argmax of h.W + b."""
     D, K, N = 12, 40, 400
-    W = rng.standard_normal((D, K)).astype(np.float32)
+    W = (rng.standard_normal((D, K)) + rng.standard_normal((D, 1))).astype(np.float32)  # a shared component
     b = rng.standard_normal(K).astype(np.float32)
     Href = rng.standard_normal((N, D)).astype(np.float32)
     L = Href @ W + b
     cand = np.empty((N, 6), np.int64)
     floor = np.empty(N, np.float32)
     prune_ext.topk_refs(np.ascontiguousarray(L, np.float32), cand, floor)
-    wmax = float(np.sqrt((W.astype(np.float64) ** 2).sum(0)).max())
+    mu = W.astype(np.float64).mean(axis=1)
+    rmax = float(np.sqrt(((W - mu[:, None]) ** 2).sum(0)).max())
     answered = 0
     for scale in (0.01, 0.1, 0.5, 2.0):
         H = (Href + scale * rng.standard_normal((N, D))).astype(np.float32)
         rows = np.arange(N, dtype=np.int64)
-        lab = prune_ext.screen_final(H, Href, rows, cand, floor, np.ascontiguousarray(W.T), b, wmax, 1e-4)
+        lab = prune_ext.screen_final(H, Href, rows, cand, floor, np.ascontiguousarray(W.T), b, mu, rmax, 1e-4)
         ok = lab >= 0
         answered += ok.sum()
         np.testing.assert_array_equal(lab[ok], (H @ W + b).argmax(1)[ok])

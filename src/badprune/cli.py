@@ -155,7 +155,7 @@ def cmd_demo(args):
     print(f"model:    {sc.model}")
     for k in ("valid", "test", "bd_valid", "bd_test"):
         print(f"{k + ':':9s} {getattr(sc, k)}")
-    print(f"BadNet: clean test accuracy {100 * sc.clean_acc:.2f}%, attack success rate {100 * sc.asr:.2f}%")
+    print(f"BadNet: clean test accuracy {sc.clean_acc:.2f}%, attack success rate {sc.asr:.2f}%")
     print("run the defense:")
     print(f"  badprune-fast sweep --model {sc.model} --valid {sc.valid} --test {sc.test} --poisoned {sc.bd_test}")
     return 0

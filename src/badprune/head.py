@@ -430,8 +430,8 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
     In incremental mode a head that ends in a Dense layer (logits = h.W + b) also screens that layer: when a
     sample's logits are computed exactly, its input h_ref, its top-K classes and the (K+1)-th logit (the floor)
     are kept. Later only the K candidates' logits are computed; a class outside them had a logit <= floor at h_ref
-    and can have gained at most ||h - h_ref|| * max_j ||W_j||, so when the best candidate beats that (plus a
-    rounding margin) it is the argmax. Otherwise the whole layer is recomputed for that sample.
+    and can have gained at most (h - h_ref).mu + ||h - h_ref|| * max_j ||W_j - mu|| (mu: the mean class vector), so
+    when the best candidate beats that (plus a rounding margin) it is the argmax. Otherwise the whole layer is recomputed for that sample.
     """
     if mode not in ("incremental", "full"):
         raise ValueError(f"mode must be 'incremental' or 'full', not {mode!r}")
@@ -458,7 +458,9 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
         cand = np.empty((N, K), np.int64)
         floor = np.empty(N, np.float32)
         Wt = np.ascontiguousarray(final.params["W"].T)
-        wmax = float(np.sqrt((final.params["W"].astype(np.float64) ** 2).sum(axis=0)).max()) * (1 + 1e-6)
+        Wd = final.params["W"].astype(np.float64)
+        mu = np.ascontiguousarray(Wd.mean(axis=1))
+        rmax = float(np.sqrt(((Wd - mu[:, None]) ** 2).sum(axis=0)).max()) * (1 + 1e-6)
         top_logit = 0.0
     for lo in range(0, N, batch_size):
         x = F[lo:lo + batch_size]
@@ -513,7 +515,7 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
                 labels[r] = prune_ext.argmax_rows(np.ascontiguousarray(logits, np.float32))
                 continue
             h = np.ascontiguousarray(head.forward(x, given=given, target=h_tid), np.float32)
-            lab = prune_ext.screen_final(h, h_ref, r, cand, floor, Wt, final.params["b"], wmax, tol) \
+            lab = prune_ext.screen_final(h, h_ref, r, cand, floor, Wt, final.params["b"], mu, rmax, tol) \
                 if K > 0 else np.full(len(r), -1, np.int64)
             redo = lab < 0
             labels[r[~redo]] = lab[~redo]

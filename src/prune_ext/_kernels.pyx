@@ -395,22 +395,29 @@ cpdef void topk_refs(const float[:, ::1] X, cnp.int64_t[:, ::1] cand, float[::1]
 
 cpdef cnp.ndarray screen_final(const float[:, ::1] H, const float[:, ::1] Href, const cnp.int64_t[::1] rows,
                                const cnp.int64_t[:, ::1] cand, const float[::1] floor, const float[:, ::1] Wt,
-                               const float[::1] b, double wmax, double tol):
-    """label[i] := argmax over cand[r] of H[i].Wt[j] + b[j] when that max > floor[r] + ||H[i]-Href[r]||*wmax + tol,
-    else -1  (r = rows[i]; a class outside cand[r] had logit <= floor[r] at Href[r] and moved by <= ||dH||*wmax)"""
+                               const float[::1] b, const double[::1] mu, double rmax, double tol):
+    """label[i] := argmax_{j in cand[r]} H[i].Wt[j] + b[j]  if that max > floor[r] + d.mu + ||d||*rmax + tol,
+    else -1   (r = rows[i], d = H[i] - Href[r])
+
+    Sound because a class j outside cand[r] had logit <= floor[r] at Href[r], and since then gained
+    d.Wt[j] = d.mu + d.(Wt[j] - mu) <= d.mu + ||d|| * rmax, with mu the mean class vector and
+    rmax = max_j ||Wt[j] - mu||.
+    """
     cdef Py_ssize_t R = rows.shape[0], D = H.shape[1], K = cand.shape[1], i, j, q, r, t, best
-    cdef double s, d, bv, dist
+    cdef double s, d, bv, dist, dmu
     cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(R, np.int64)
     cdef cnp.int64_t[::1] o = out
-    if H.shape[0] != R or Href.shape[1] != D or Wt.shape[1] != D:
+    if H.shape[0] != R or Href.shape[1] != D or Wt.shape[1] != D or mu.shape[0] != D:
         raise ValueError("screen_final: shapes do not match")
     with nogil:
         for i in range(R):
             r = rows[i]
             s = 0
+            dmu = 0
             for j in range(D):
                 d = H[i, j] - Href[r, j]
                 s += d * d
+                dmu += d * mu[j]
             dist = sqrt(s)
             bv = -INFINITY
             best = -1
@@ -422,7 +429,7 @@ cpdef cnp.ndarray screen_final(const float[:, ::1] H, const float[:, ::1] Href, 
                 if s > bv or (s == bv and j < best):
                     bv = s
                     best = j
-            o[i] = best if bv > floor[r] + dist * wmax + tol else -1
+            o[i] = best if bv > floor[r] + dmu + dist * rmax + tol else -1
     return out
 
 

@@ -1,0 +1,412 @@
+"""The trunk pass: a model's activations at the prune layer over a data set, computed once and cached on disk.
+
+The trunk (input -> prune layer) is the expensive part of the network; the pruning sweep only re-runs the head.
+:func:`extract` streams a :class:`badprune.data.Dataset` chunk by chunk through the trunk (a reader thread
+prefetches batches while two batches run in parallel) and writes one float32 (N, H, W, C) array.
+
+Engines (``engine=``):
+
+* ``tf`` (default): the trunk as a ``tf.function`` with a fixed input signature (oneDNN), two batches in flight
+  from two threads. Bit-identical to ``model.predict``.
+* ``tf-serial``: the same function, one batch at a time.
+* ``tf-xla``: ``tf.function(jit_compile=True)``, two batches in flight.
+* ``litert``: the trunk converted to LiteRT (XNNPACK), one single-threaded interpreter per worker thread.
+* ``predict``: ``keras.Model.predict`` per batch (the reference).
+
+Cache entries live in :func:`default_cache_dir` (or ``cache_dir``): ``<key>.npy`` plus a JSON completion marker
+``<key>.json`` written after it; an entry without a marker or whose marker or file size disagrees is rebuilt.
+"""
+from __future__ import annotations
+
+from . import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import keras
+import numpy as np
+
+from . import data as _data
+from .errors import BadpruneError
+from .models import model_digest
+
+#: bump when the cache layout or the meaning of its content changes
+FORMAT_VERSION = 1
+ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
+DEFAULT_ENGINE = "tf"
+DEFAULT_BATCH_SIZE = 512
+#: batches run at the same time by the parallel engines
+WORKERS = 2
+
+
+def default_cache_dir() -> str:
+    """$BADPRUNE_CACHE, else $XDG_CACHE_HOME/badprune, else ~/.cache/badprune."""
+    env = os.environ.get("BADPRUNE_CACHE")
+    if env:
+        return os.path.expanduser(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return os.path.join(os.path.expanduser(xdg), "badprune")
+    return os.path.join(os.path.expanduser("~"), ".cache", "badprune")
+
+
+def trunk(model, layer: str) -> keras.Model:
+    """A Keras model from the model's input to ``layer``'s output (sharing the model's weights)."""
+    if len(model.inputs) != 1:
+        raise BadpruneError(f"the model has {len(model.inputs)} inputs", fix="use a model with one image input")
+    try:
+        out = model.get_layer(layer).output
+    except ValueError:
+        raise BadpruneError(f"the model has no layer '{layer}'") from None
+    except AttributeError as e:
+        raise BadpruneError(f"layer '{layer}' has no single output ({e})", fix="pick another --layer") from None
+    return keras.Model(model.inputs, out, name=f"trunk_{layer}")
+
+
+def _scale_value(scale) -> float:
+    if isinstance(scale, str):
+        if scale not in _data.SCALES:
+            raise BadpruneError(f"unknown scale '{scale}'", fix=f"use one of: {', '.join(_data.SCALES)}")
+        return float(_data.SCALES[scale])
+    try:
+        v = float(scale)
+    except (TypeError, ValueError):
+        raise BadpruneError(f"bad scale {scale!r}", fix=f"use one of: {', '.join(_data.SCALES)}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise BadpruneError(f"bad scale {scale!r}", fix="use a positive number")
+    return v
+
+
+# --------------------------------------------------------------------------------------------------------------
+# engines: callables mapping a float32 NHWC batch to a float32 numpy array
+
+
+_QUIET_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silence C-level stdout/stderr (LiteRT's delegate banner, converter logs) for the duration."""
+    with _QUIET_LOCK:
+        with _quiet_fds_unlocked():
+            yield
+
+
+@contextlib.contextmanager
+def _quiet_fds_unlocked():
+    saved = []
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(null, fd)
+        os.close(null)
+    except OSError:  # no real fds (e.g. captured): do nothing
+        pass
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+class _Runner:
+    """Runs a Keras model (trunk or full model) batch by batch with one engine."""
+
+    def __init__(self, net: keras.Model, engine: str | None = None):
+        engine = engine or DEFAULT_ENGINE
+        if engine not in ENGINES:
+            raise BadpruneError(f"unknown engine '{engine}'", fix=f"use one of: {', '.join(ENGINES)}")
+        self.net = net
+        self.engine = engine
+        self.workers = 1 if engine in ("tf-serial", "predict") else WORKERS
+        shape = tuple(net.inputs[0].shape[1:])
+        if any(s is None for s in shape):
+            raise BadpruneError(f"the model input shape {shape} is not fixed", fix="use a model with a fixed input")
+        self.input_shape = tuple(int(s) for s in shape)
+        if engine.startswith("tf"):
+            import tensorflow as tf
+
+            fn = tf.function(lambda x: net(x, training=False), jit_compile=(engine == "tf-xla"),
+                             input_signature=[tf.TensorSpec((None,) + self.input_shape, tf.float32)])
+            self._fn = fn.get_concrete_function()
+            self._call = lambda x: self._fn(x).numpy()
+        elif engine == "litert":
+            self._blob = self._convert_litert(net)
+            self._pool: queue.Queue = queue.Queue()
+            for _ in range(self.workers):
+                self._pool.put(self._new_interpreter())
+            self._call = self._litert_call
+        else:
+            self._call = lambda x: np.asarray(net.predict(x, batch_size=len(x), verbose=0))
+
+    @staticmethod
+    def _convert_litert(net):
+        try:
+            import tensorflow as tf
+            from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+        except ImportError:
+            raise BadpruneError("the litert engine needs the ai-edge-litert package",
+                                fix="pip install ai-edge-litert, or use --engine tf") from None
+        try:
+            with _quiet_fds():
+                return tf.lite.TFLiteConverter.from_keras_model(net).convert()
+        except Exception as e:
+            raise BadpruneError(f"cannot convert the model to LiteRT ({type(e).__name__})",
+                                fix="use --engine tf") from None
+
+    def _new_interpreter(self):
+        from ai_edge_litert.interpreter import Interpreter
+
+        with _quiet_fds():
+            it = Interpreter(model_content=self._blob, num_threads=1)
+        return {"it": it, "inp": it.get_input_details()[0]["index"], "out": it.get_output_details()[0]["index"],
+                "n": None}
+
+    def _litert_call(self, x):
+        slot = self._pool.get()
+        try:
+            it = slot["it"]
+            if slot["n"] != len(x):
+                it.resize_tensor_input(slot["inp"], list(x.shape))
+                with _quiet_fds():
+                    it.allocate_tensors()
+                slot["n"] = len(x)
+            it.set_tensor(slot["inp"], x)
+            it.invoke()
+            return it.get_tensor(slot["out"]).copy()
+        finally:
+            self._pool.put(slot)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._call(np.ascontiguousarray(x, dtype=np.float32))
+
+    def run(self, dataset, batch_size, scale, out, start=0, stop=None, on_batch=None):
+        """Fill ``out[i - start]`` for images [start, stop) of ``dataset``; reading overlaps computing."""
+        stop = dataset.n if stop is None else min(stop, dataset.n)
+        q: queue.Queue = queue.Queue(maxsize=self.workers + 2)
+        done = object()
+        failure = []
+        halt = threading.Event()
+
+        def reader():
+            try:
+                for lo, x in dataset.batches(batch_size, scale, start, stop):
+                    if halt.is_set():
+                        break
+                    q.put((lo, x))
+            except BaseException as e:  # handed to the main thread
+                failure.append(e)
+            finally:
+                q.put(done)
+
+        th = threading.Thread(target=reader, daemon=True, name="badprune-reader")
+        th.start()
+
+        def compute(item):
+            lo, x = item
+            y = self(x)
+            out[lo - start: lo - start + len(x)] = y.reshape((len(x),) + out.shape[1:])
+            return len(x)
+
+        try:
+            if self.workers == 1:
+                while (item := q.get()) is not done:
+                    n = compute(item)
+                    if on_batch:
+                        on_batch(n)
+            else:
+                with ThreadPoolExecutor(self.workers, thread_name_prefix="badprune-engine") as ex:
+                    pending = []
+                    while (item := q.get()) is not done:
+                        pending.append(ex.submit(compute, item))
+                        while len(pending) >= self.workers:
+                            n = pending.pop(0).result()
+                            if on_batch:
+                                on_batch(n)
+                    for p in pending:
+                        n = p.result()
+                        if on_batch:
+                            on_batch(n)
+        finally:
+            # let the reader finish if we stopped early
+            halt.set()
+            while th.is_alive():
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            th.join()
+        if failure:
+            raise failure[0]
+        return out
+
+
+def _check_input(model, dataset):
+    shape = tuple(model.inputs[0].shape[1:])
+    if tuple(dataset.image_shape) != tuple(shape):
+        raise BadpruneError(f"images of shape {tuple(dataset.image_shape)} do not fit the model input {shape}",
+                            dataset.path, "use data made for this model")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cache
+
+
+def cache_key(model, layer, dataset, scale, engine=None, digest=None) -> str:
+    """sha256 of what determines the activations: model (weights + architecture), layer, data file, scale,
+    engine and cache format version."""
+    st = os.stat(dataset.path)
+    ident = dict(dataset.identity())
+    ident.update(ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+    payload = {"model": digest or model_digest(model), "layer": layer, "data": ident,
+               "scale": repr(_scale_value(scale)), "engine": engine or DEFAULT_ENGINE, "version": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _npy_size(shape, dtype=np.float32) -> int:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def _read_cache(npy, marker, key, shape):
+    try:
+        with open(marker) as f:
+            m = json.load(f)
+        if m.get("key") != key or tuple(m.get("shape", ())) != tuple(shape) or m.get("dtype") != "float32":
+            return None
+        size = os.path.getsize(npy)
+        if size != m.get("bytes") or size != _npy_size(shape):
+            return None
+        arr = np.load(npy, allow_pickle=False)
+        if arr.shape != tuple(shape) or arr.dtype != np.float32:
+            return None
+        return arr
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+
+
+def _write_cache(npy, marker, key, arr, meta):
+    tmp = f"{npy}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        if os.path.exists(marker):
+            os.remove(marker)
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, npy)
+        info = dict(meta, key=key, shape=list(arr.shape), dtype="float32", bytes=os.path.getsize(npy),
+                    version=FORMAT_VERSION, created=time.time())
+        mtmp = f"{marker}.tmp{os.getpid()}.{threading.get_ident()}"
+        with open(mtmp, "w") as f:
+            json.dump(info, f, indent=1, default=str)
+        os.replace(mtmp, marker)
+        return True
+    except OSError as e:
+        print(f"warning: cannot write the activation cache ({e.strerror or e}); continuing without it",
+              file=sys.stderr)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public
+
+
+def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int = DEFAULT_BATCH_SIZE,
+            progress: bool = True, desc: str | None = None, engine: str | None = None, return_info: bool = False):
+    """Activations of ``layer`` over every image of ``dataset`` (pixels times ``scale``), float32 (N, H, W, C).
+
+    ``scale`` is a name of :data:`badprune.data.SCALES` or a number. With ``cache_dir`` the result is cached on
+    disk. With ``return_info`` returns ``(array, {'cached', 'seconds', 'img_per_s', 'engine', 'path'})``.
+    """
+    t0 = time.perf_counter()
+    engine = engine or DEFAULT_ENGINE
+    if engine not in ENGINES:
+        raise BadpruneError(f"unknown engine '{engine}'", fix=f"use one of: {', '.join(ENGINES)}")
+    if int(batch_size) < 1:
+        raise BadpruneError(f"batch size must be positive, got {batch_size}")
+    sv = _scale_value(scale)
+    net = trunk(model, layer)
+    _check_input(model, dataset)
+    out_shape = (dataset.n,) + tuple(int(s) for s in net.outputs[0].shape[1:])
+    npy = marker = key = None
+    if cache_dir is not None:
+        key = cache_key(model, layer, dataset, sv, engine)
+        cache_dir = str(cache_dir)
+        npy = os.path.join(cache_dir, f"act-{key[:40]}.npy")
+        marker = os.path.join(cache_dir, f"act-{key[:40]}.json")
+        arr = _read_cache(npy, marker, key, out_shape)
+        if arr is not None:
+            dt = time.perf_counter() - t0
+            info = {"cached": True, "seconds": dt, "img_per_s": dataset.n / max(dt, 1e-9), "engine": engine,
+                    "path": npy}
+            return (arr, info) if return_info else arr
+
+    runner = _Runner(net, engine)
+    out = np.empty(out_shape, np.float32)
+    from tqdm.auto import tqdm
+
+    t1 = time.perf_counter()
+    with tqdm(total=dataset.n, unit="img", file=sys.stderr, disable=not progress, leave=False,
+              desc=desc or f"{dataset.name}: {layer}", dynamic_ncols=True) as bar:
+        runner.run(dataset, int(batch_size), sv, out, on_batch=bar.update)
+    compute_s = time.perf_counter() - t1
+    if npy is not None:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as e:
+            print(f"warning: cannot create the cache folder {cache_dir} ({e.strerror or e}); continuing without it",
+                  file=sys.stderr)
+        else:
+            _write_cache(npy, marker, key, out, {"layer": layer, "data": dataset.identity(), "scale": sv,
+                                                  "engine": engine})
+    dt = time.perf_counter() - t0
+    info = {"cached": False, "seconds": dt, "img_per_s": dataset.n / max(compute_s, 1e-9), "engine": engine,
+            "path": npy}
+    return (out, info) if return_info else out
+
+
+def predict(model, dataset, scale, batch_size: int = DEFAULT_BATCH_SIZE, start: int = 0, stop: int | None = None,
+            engine: str | None = None) -> np.ndarray:
+    """The full model's outputs over images [start, stop) of ``dataset`` (float32 (n, classes))."""
+    _check_input(model, dataset)
+    stop = dataset.n if stop is None else min(stop, dataset.n)
+    runner = _Runner(model, engine)
+    out = np.empty((max(stop - start, 0),) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
+    return runner.run(dataset, int(batch_size), _scale_value(scale), out, start, stop)
+
+
+def detect_scale(model, dataset, n: int = 1000, batch_size: int = DEFAULT_BATCH_SIZE, engine: str | None = None):
+    """Pick the pixel scale (``data.SCALES``) under which the model classifies the first ``n`` images best.
+
+    Returns ``(scale_name, {scale_name: accuracy})``; ties go to the first scale ('raw').
+    """
+    n = min(int(n), dataset.n)
+    if n < 1:
+        raise BadpruneError("no images to detect the pixel scale on", dataset.path)
+    labels = np.asarray(dataset.labels[:n])
+    _check_input(model, dataset)
+    runner = _Runner(model, engine)
+    accs = {}
+    for name, value in _data.SCALES.items():
+        out = np.empty((n,) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
+        runner.run(dataset, int(batch_size), float(value), out, 0, n)
+        accs[name] = float((out.reshape(n, -1).argmax(axis=1) == labels).mean())
+    best = max(accs, key=lambda k: (accs[k], -list(accs).index(k)))
+    return best, accs

@@ -1,0 +1,116 @@
+"""`badprune-fast` end to end on small lab-format h5 files written here."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from badprune import _tf  # noqa: F401
+import keras
+
+from badprune import cli
+from badprune.data import write_lab_h5
+
+
+@pytest.fixture(scope="module")
+def lab_files(tmp_path_factory):
+    """A small model (.keras) and channels-first valid/test/poisoned files stored as 0..255 pixels."""
+    d = tmp_path_factory.mktemp("lab")
+    L = keras.layers
+    x = keras.Input((16, 12, 3))
+    h = L.Conv2D(10, 3, activation="relu", name="conv_a")(x)
+    h = L.MaxPooling2D(2, name="pool_a")(h)
+    y = L.Dense(5, activation="softmax", name="out")(L.Flatten()(h))
+    m = keras.Model(x, y, name="tiny")
+    r = np.random.default_rng(0)
+    m.get_layer("conv_a").set_weights([r.standard_normal((3, 3, 3, 10)).astype(np.float32) * 0.4,
+                                       (r.standard_normal(10) * 0.3 - 0.1).astype(np.float32)])
+    m.get_layer("out").set_weights([r.standard_normal((350, 5)).astype(np.float32) * 0.3, np.zeros(5, np.float32)])
+    m.save(d / "tiny.keras")
+    files = {}
+    for name, n in (("valid", 150), ("test", 120), ("bd_test", 90)):
+        X = r.uniform(0, 1, (n, 16, 12, 3)).astype(np.float32)
+        y = m.predict(X, verbose=0).argmax(1)  # labels = what the model answers on /255 data ...
+        if name == "bd_test":
+            y[:] = 1
+        write_lab_h5(d / f"{name}.h5", X * 255.0, y, dtype=np.float64)  # ... stored as raw pixels
+        files[name] = str(d / f"{name}.h5")
+    files["model"] = str(d / "tiny.keras")
+    return files
+
+
+def _sweep_args(f, out, cache):
+    return ["sweep", "--model", f["model"], "--valid", f["valid"], "--test", f["test"], "--poisoned", f["bd_test"],
+            "--out", str(out), "--cache-dir", str(cache), "-q"]
+
+
+def test_cli_sweep_end_to_end_and_cache(lab_files, tmp_path, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert cli.main(_sweep_args(lab_files, out, cache)) == 0
+    printed = capsys.readouterr().out
+    assert "X=2" in printed and "outputs:" in printed
+    for name in ("sweep.csv", "sweep.json", "results.md", "sweep.png"):
+        assert (out / name).stat().st_size > 0
+    js = json.loads((out / "sweep.json").read_text())
+    assert js["config"]["scale"] == "unit"  # auto-detected: the data is stored 0..255, the model wants /255
+    assert js["config"]["cached"] == {"valid": False, "test": False, "poisoned": False}
+    assert js["table"]["valid_acc"][0] == pytest.approx(100.0)
+    rows = (out / "sweep.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 11 and rows[0].startswith("step,channel,mean_activation")
+    reached = [t for t in js["thresholds"] if t["reached"]]
+    assert reached and all((out / "models" / f"B_prime_X{int(t['x'])}.keras").exists() for t in reached)
+
+    # same inputs again: the activations come from the cache; same table
+    out2 = tmp_path / "run2"
+    assert cli.main(_sweep_args(lab_files, out2, cache)) == 0
+    js2 = json.loads((out2 / "sweep.json").read_text())
+    assert js2["config"]["cached"] == {"valid": True, "test": True, "poisoned": True}
+    assert js2["table"] == js["table"]
+
+    # a different scale is a different cache entry
+    out3 = tmp_path / "run3"
+    assert cli.main(_sweep_args(lab_files, out3, cache) + ["--scale", "raw"]) == 0
+    js3 = json.loads((out3 / "sweep.json").read_text())
+    assert js3["config"]["cached"] == {"valid": False, "test": False, "poisoned": False}
+
+
+def test_cli_refuses_existing_output_and_bad_input(lab_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(_sweep_args(lab_files, out, tmp_path / "c")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: output folder already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+    args = _sweep_args(lab_files, tmp_path / "r2", tmp_path / "c")
+    args[args.index("--valid") + 1] = str(tmp_path / "missing.h5")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0] and not (tmp_path / "r2").exists()
+
+    assert cli.main(["sweep", "--weights", lab_files["model"]]) == 2
+    assert "--arch" in capsys.readouterr().err
+
+
+def test_console_script_runs_without_traceback(lab_files, tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "badprune-fast")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "badprune.cli"]
+    p = subprocess.run(cmd + ["sweep", "--model", str(tmp_path / "nope.keras"), "--valid", lab_files["valid"]],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_bare_sweep_runs_the_demo(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("PIL")
+    monkeypatch.setenv("BADPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BADPRUNE_DEMO_SMALL", "1")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs:" in out
+    js = json.loads((tmp_path / "runs" / "demo" / "sweep.json").read_text())
+    assert js["config"]["sizes"]["valid"] > 0 and len(js["table"]["step"]) == js["n_channels"] + 1

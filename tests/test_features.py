@@ -1,0 +1,266 @@
+"""badprune.features: the trunk pass equals Keras, the activation cache hits and invalidates, detect_scale."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from badprune import data, features, models
+from badprune.errors import BadpruneError
+
+keras = pytest.importorskip("keras")
+L = keras.layers
+
+
+def random_deepid(num_classes=5, seed=0):
+    m = models.build_deepid(num_classes)
+    rng = np.random.default_rng(seed)
+    for layer in m.layers:
+        if layer.weights:
+            ws = [(rng.standard_normal(w.shape) / np.sqrt(np.prod(w.shape[:-1]) if w.ndim > 1 else 10))
+                  .astype(np.float32) for w in layer.get_weights()]
+            layer.set_weights(ws)
+    return m
+
+
+@pytest.fixture(scope="module")
+def net():
+    return random_deepid()
+
+
+@pytest.fixture
+def imgs():
+    rng = np.random.default_rng(7)
+    return (rng.random((50, 55, 47, 3)) * 255).astype(np.float32)
+
+
+@pytest.fixture
+def lab_file(tmp_path, imgs):
+    path = tmp_path / "set.h5"
+    data.write_lab_h5(path, imgs, np.arange(len(imgs)) % 5, dtype=np.float32)
+    return path
+
+
+def trunk_predict(model, layer, x):
+    return keras.Model(model.inputs, model.get_layer(layer).output).predict(x, verbose=0)
+
+
+# ------------------------------------------------------------------------------------------------ the trunk pass
+
+
+@pytest.mark.parametrize("engine", features.ENGINES)
+def test_extract_equals_keras_predict(net, lab_file, imgs, engine):
+    if engine == "litert":
+        pytest.importorskip("ai_edge_litert")
+    ds = data.open_dataset(lab_file)
+    # batch 16 over 50 images: several batches in flight and a short last one
+    got, info = features.extract(net, "pool_3", ds, "raw", batch_size=16, progress=False, engine=engine,
+                                 return_info=True)
+    want = trunk_predict(net, "pool_3", imgs)
+    assert got.dtype == np.float32 and got.shape == (50, 5, 4, 60)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert info["cached"] is False and info["engine"] == engine and info["img_per_s"] > 0
+    # scaled pixels
+    got_u = features.extract(net, "pool_2", ds, "unit", batch_size=16, progress=False, engine=engine)
+    want_u = trunk_predict(net, "pool_2", imgs / 255.0)
+    np.testing.assert_allclose(got_u, want_u, rtol=1e-4, atol=1e-4 * np.abs(want_u).max())
+
+
+def test_extract_reads_channels_first_float64_and_uint8(net, tmp_path, imgs):
+    want = trunk_predict(net, "pool_3", np.round(imgs))
+    for dt in (np.float64, np.uint8):
+        p = tmp_path / f"s_{np.dtype(dt).name}.h5"
+        data.write_lab_h5(p, np.round(imgs), np.zeros(len(imgs)), dtype=dt)
+        ds = data.open_dataset(p)
+        assert ds.layout == "nchw"
+        got = features.extract(net, "pool_3", ds, 1.0, batch_size=64, progress=False)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_progress_bar_goes_to_stderr(net, lab_file, capsys):
+    features.extract(net, "pool_3", data.open_dataset(lab_file), "raw", batch_size=25, progress=True,
+                     desc="trunk-test")
+    cap = capsys.readouterr()
+    assert "trunk-test" in cap.err and cap.out == ""
+
+
+def test_bad_arguments(net, lab_file, tmp_path):
+    ds = data.open_dataset(lab_file)
+    for kwargs in (dict(engine="gpu"), dict(scale="half"), dict(scale=-1.0), dict(layer="nope")):
+        args = dict(layer="pool_3", scale="raw")
+        args.update(kwargs)
+        with pytest.raises(BadpruneError):
+            features.extract(net, args.pop("layer"), ds, args.pop("scale"), progress=False, **args)
+    small = tmp_path / "small.h5"
+    data.write_lab_h5(small, np.zeros((3, 20, 20, 3), np.float32), np.zeros(3))
+    with pytest.raises(BadpruneError, match="do not fit"):
+        features.extract(net, "pool_3", data.open_dataset(small), "raw", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+
+
+class CountingRunner(features._Runner):
+    calls = 0
+
+    def __init__(self, *a, **k):
+        type(self).calls += 1
+        super().__init__(*a, **k)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    CountingRunner.calls = 0
+    monkeypatch.setattr(features, "_Runner", CountingRunner)
+    return CountingRunner
+
+
+def _extract(model, path, cache, layer="pool_3", scale="raw"):
+    return features.extract(model, layer, data.open_dataset(path), scale, cache_dir=cache, batch_size=16,
+                            progress=False, return_info=True)
+
+
+def test_cache_hit_does_not_run_the_trunk(net, lab_file, tmp_path, counting):
+    cache = tmp_path / "cache"
+    a, info = _extract(net, lab_file, cache)
+    assert info["cached"] is False and counting.calls == 1
+    files = sorted(os.listdir(cache))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npy")
+    marker = json.loads((cache / files[0]).read_text())
+    assert marker["shape"] == [50, 5, 4, 60] and re.fullmatch(r"[0-9a-f]{64}", marker["key"])
+
+    b, info = _extract(net, lab_file, cache)
+    assert info["cached"] is True and counting.calls == 1  # no trunk pass
+    np.testing.assert_array_equal(a, b)
+    # an equal model loaded anew (same weights) hits too
+    same = random_deepid()
+    assert _extract(same, lab_file, cache)[1]["cached"] is True and counting.calls == 1
+
+
+def test_cache_invalidation(net, lab_file, tmp_path, imgs, counting):
+    cache = tmp_path / "cache"
+    base, _ = _extract(net, lab_file, cache)
+
+    # the scale
+    u, info = _extract(net, lab_file, cache, scale="unit")
+    assert not info["cached"]
+    np.testing.assert_allclose(u, trunk_predict(net, "pool_3", imgs / 255), rtol=1e-4, atol=1e-5)
+    # the layer
+    p2, info = _extract(net, lab_file, cache, layer="pool_2")
+    assert not info["cached"] and p2.shape == (50, 12, 10, 40)
+    # the weights
+    other = random_deepid(seed=1)
+    w, info = _extract(other, lab_file, cache)
+    assert not info["cached"]
+    np.testing.assert_allclose(w, trunk_predict(other, "pool_3", imgs), rtol=1e-4, atol=1e-4)
+    # everything above is now cached separately; the original entry is still a hit
+    assert _extract(net, lab_file, cache)[1]["cached"]
+    calls = counting.calls
+
+    # the data file: rewritten with other images (same size, same name)
+    new = imgs[::-1].copy()
+    data.write_lab_h5(lab_file, new, np.arange(len(new)) % 5, dtype=np.float32)
+    d, info = _extract(net, lab_file, cache)
+    assert not info["cached"] and counting.calls == calls + 1
+    np.testing.assert_allclose(d, trunk_predict(net, "pool_3", new), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(d, base)
+
+
+def test_damaged_cache_entries_are_rebuilt(net, lab_file, tmp_path, counting):
+    cache = tmp_path / "cache"
+    good, _ = _extract(net, lab_file, cache)
+    npy = next(cache.glob("*.npy"))
+    marker = next(cache.glob("*.json"))
+
+    marker.unlink()  # interrupted before the marker was written
+    a, info = _extract(net, lab_file, cache)
+    assert not info["cached"] and marker.exists()
+    np.testing.assert_array_equal(a, good)
+
+    with open(npy, "r+b") as f:  # truncated array file behind a valid marker
+        f.truncate(npy.stat().st_size - 100)
+    a, info = _extract(net, lab_file, cache)
+    assert not info["cached"]
+    np.testing.assert_array_equal(a, good)
+    assert _extract(net, lab_file, cache)[1]["cached"]
+
+    marker.write_text("{not json")  # damaged marker
+    assert not _extract(net, lab_file, cache)[1]["cached"]
+
+    m = json.loads(marker.read_text())  # marker for another shape
+    m["shape"] = [49, 5, 4, 60]
+    marker.write_text(json.dumps(m))
+    assert not _extract(net, lab_file, cache)[1]["cached"]
+    assert not list(cache.glob("*.tmp*"))
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("BADPRUNE_CACHE", str(tmp_path / "bc"))
+    assert features.default_cache_dir() == str(tmp_path / "bc")
+    monkeypatch.delenv("BADPRUNE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert features.default_cache_dir() == os.path.join(str(tmp_path / "xdg"), "badprune")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert features.default_cache_dir() == os.path.join(str(tmp_path / "home"), ".cache", "badprune")
+
+
+# ------------------------------------------------------------------------------------------------ detect_scale
+
+
+def brightness_model(threshold):
+    """Class 1 when the mean pixel exceeds ``threshold``: a model 'trained' for one pixel scale."""
+    inp = keras.Input((55, 47, 3))
+    g = L.GlobalAveragePooling2D()(inp)
+    out = L.Dense(2, name="out")(g)
+    m = keras.Model(inp, out)
+    m.get_layer("out").set_weights([np.array([[0, 1 / 3]] * 3, np.float32), np.array([threshold, 0], np.float32)])
+    return m
+
+
+def test_detect_scale_synthetic(tmp_path):
+    rng = np.random.default_rng(3)
+    level = rng.random(40) * 255  # stored 0..255
+    x = np.clip(level[:, None, None, None] + rng.normal(0, 3, (40, 55, 47, 3)), 0, 255).astype(np.float32)
+    labels = (x.mean(axis=(1, 2, 3)) > 127.5).astype(int)
+    assert 5 < labels.sum() < 35
+    path = tmp_path / "b.h5"
+    data.write_lab_h5(path, x, labels)
+    ds = data.open_dataset(path)
+    name, accs = features.detect_scale(brightness_model(0.5), ds, n=40)  # made for pixels / 255
+    assert name == "unit" and accs["unit"] == 1.0 and accs["raw"] < 0.9
+    name, accs = features.detect_scale(brightness_model(127.5), ds, n=40)  # made for raw pixels
+    assert name == "raw" and accs["raw"] == 1.0 and accs["unit"] < 0.9
+    # n limits the images used
+    _, accs = features.detect_scale(brightness_model(0.5), ds, n=7)
+    assert accs["raw"] == pytest.approx(labels[:7].mean())
+
+
+def _labelled_lab_images(shared_dir):
+    from PIL import Image
+
+    xs, ys = [], []
+    for p in sorted((shared_dir / "lab" / "images").glob("*.png")):
+        mt = re.match(r"(cl|sun)_\d+_label=(\d+)\.png$", p.name)
+        if mt:
+            with Image.open(p) as im:
+                xs.append(np.asarray(im.convert("RGB"), np.float32))
+            ys.append(int(mt.group(2)))
+    return np.stack(xs), np.array(ys)
+
+
+def test_detect_scale_real_weights(shared_dir, tmp_path):
+    x, y = _labelled_lab_images(shared_dir)
+    raw = tmp_path / "raw.h5"
+    data.write_lab_h5(raw, x, y)
+    w = shared_dir / "lab" / "weights"
+    lab3 = models.load_model(weights=w / "lab3_bd_weights.h5")
+    name, accs = features.detect_scale(lab3, data.open_dataset(raw))  # lab3 wants raw pixels
+    assert name == "raw" and accs["raw"] == 1.0 and accs["unit"] < 0.5
+    # the same images for the HackML net, which wants pixels / 255
+    sun = models.load_model(weights=w / "sunglasses_bd_weights.h5")
+    name, accs = features.detect_scale(sun, data.open_dataset(raw))
+    assert name == "unit" and accs["unit"] > accs["raw"]
