@@ -560,7 +560,8 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sung
         "target": int(target), "trigger": data["trigger"].name, "poison_rate": float(poison_rate),
         "poisoned": int(data["train_poisoned"].sum()),
         "epochs": int(epochs if epochs is not None else variant["epochs"]),
-        "batch_size": variant["batch_size"], "learning_rate": variant["lr"], "lr_schedule": "cosine decay to 0", "input_scale": "raw 0..255",
+        "batch_size": variant["batch_size"], "learning_rate": variant["lr"],
+        "lr_schedule": "cosine decay to 0", "input_scale": "raw 0..255",
         "clean_acc": clean_acc, "asr": asr, "valid_acc": valid_acc, "bd_valid_asr": bd_valid_asr,
         "seconds": round(seconds, 2), "seconds_data": round(t_data, 2), "seconds_train": round(train_s, 2),
         "sizes": sizes, "split": {k: v.tolist() for k, v in data["split"].items()},
@@ -616,16 +617,16 @@ def _accuracy(model, x, y) -> float:
 
 def _save_model(model, path: str, num_classes: int):
     """Save the weights in a fresh, uncompiled DeepID (no optimizer state: a smaller file that loads cleanly)."""
-    from .models import build_deepid
-
     import warnings
 
+    from .models import build_deepid
+
     clean = build_deepid(num_classes=num_classes)
+    tmp = path[:-len(".keras")] + ".tmp.keras"
     with warnings.catch_warnings():  # keras' variable -> numpy conversion warns under numpy 2 (harmless)
         warnings.simplefilter("ignore", DeprecationWarning)
         clean.set_weights(model.get_weights())
-    tmp = path[:-len(".keras")] + ".tmp.keras"
-    clean.save(tmp)
+        clean.save(tmp)
     os.replace(tmp, path)
 
 
