@@ -106,7 +106,7 @@ def cmd_sweep(args):
         raise BadpruneError("--weights needs --arch", fix="add --arch deepid (the lab's architecture)")
     if arch and not weights:
         raise BadpruneError("--arch needs --weights", fix="add --weights bd_weights.h5")
-    out = args.out
+    out, name = args.out, None
     if not (model or weights) and not (valid or test or poisoned):
         from .demo import ensure_demo
 
@@ -114,7 +114,7 @@ def cmd_sweep(args):
         sc = ensure_demo(progress=not args.quiet)
         model, valid, test, poisoned = sc.model, sc.valid, sc.test, sc.bd_test
         _note(args, f"demo scenario: {os.path.dirname(sc.model)}")
-        out = out or os.path.join("runs", "demo")
+        out, name = out or os.path.join("runs", "demo"), "demo BadNet"
     elif not (model or weights):
         raise BadpruneError("no model given", fix="pass --model bd_net.h5, or --weights bd_weights.h5 --arch deepid")
     elif not valid:
@@ -132,7 +132,7 @@ def cmd_sweep(args):
                  layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
                  scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                  batch_size=args.batch_size, mode=args.mode, progress=not args.quiet, trust_model=args.trust_model,
-                 log=lambda m: _note(args, m))
+                 name=name, log=lambda m: _note(args, m))
     path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
     result.timings["command"] = time.perf_counter() - t0
     print(report.format_table(result, thresholds_only=not args.all_steps))

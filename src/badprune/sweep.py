@@ -139,13 +139,13 @@ class _Progress:
 
 def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=None, *, layer=None,
         thresholds=(2, 4, 10), relative=False, order="ascending", scale="auto", cache_dir=None, use_cache=True,
-        batch_size=1024, mode="incremental", progress=True, trust_model=False, log=None) -> SweepResult:
+        batch_size=1024, mode="incremental", progress=True, trust_model=False, name=None, log=None) -> SweepResult:
     """Run the pruning defense and return a :class:`SweepResult`.
 
     model: a Keras model object or a path (.keras / .h5 full model); or weights=PATH with arch='deepid'.
     valid / test / poisoned: lab-format h5 paths (test and poisoned may be None: their columns are NaN).
     scale: 'auto' | 'raw' | 'unit' or a number; cache_dir: where prune-layer activations are cached
-    (default: the user cache folder; use_cache=False to disable).
+    (default: the user cache folder; use_cache=False to disable); name: the model's name in the outputs.
     """
     from . import data as bd
     from . import features, models
@@ -165,10 +165,10 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     t = time.perf_counter()
     if hasattr(model, "predict"):
         B = model
-        name = getattr(B, "name", "model")
+        name = name or getattr(B, "name", "model")
     else:
         B = models.load_model(model=model, weights=weights, arch=arch, trust=trust_model)
-        name = models.model_name(model or weights)
+        name = name or models.model_name(model or weights)
     n_classes = models.num_classes(B)
     layer = models.find_prune_layer(B, layer)
     conv_layer = models.conv_producer(B, layer)
