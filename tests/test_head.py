@@ -149,3 +149,27 @@ def test_layer_that_does_not_separate_the_model_is_refused():
     m = keras.Model(x, y)
     with pytest.raises(BadpruneError, match="does not separate"):
         compile_head(m, "p")
+
+
+@pytest.mark.parametrize("min_share,retry", [(0.0, 8), (1.1, 3), (1.1, 1000)])
+def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, min_share, retry):
+    """Screen always on, switched off and retried, or off after the first step: same labels as mode='full'."""
+    import badprune.head as H
+
+    monkeypatch.setattr(H, "SCREEN_MIN_SHARE", min_share)
+    monkeypatch.setattr(H, "SCREEN_RETRY", retry)
+    m = model_deepid_like(seed=3)
+    X = _inputs(400, 3)
+    F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
+    head = compile_head(m, "pool_p")
+    order = np.argsort(F.mean(axis=(0, 1, 2)), kind="stable")
+    inc = [lab.copy() for _, _, lab in masked_steps(head, F, order, batch_size=64)]
+    stats = dict(H.masked_steps.last_stats)
+    full = [lab.copy() for _, _, lab in masked_steps(head, F, order, mode="full")]
+    for k, (a, b) in enumerate(zip(inc, full)):
+        assert (a == b).mean() >= 0.995, f"step {k}"
+    assert stats["screened"] > 0
+    if min_share == 0.0:
+        assert stats["screened"] == stats["rows"]
+    else:
+        assert stats["screened"] < stats["rows"]

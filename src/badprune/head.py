@@ -32,6 +32,10 @@ SUPPORTED = ("Dense", "Conv2D", "Flatten", "Reshape", "Dropout", "SpatialDropout
              "BatchNormalization")
 _IDENTITY = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
              "ActivityRegularization", "Identity"}
+#: the final-layer screen stays on while it answers for at least this share of the samples it tries ...
+SCREEN_MIN_SHARE = 0.2
+#: ... and is tried again this many steps after it was switched off
+SCREEN_RETRY = 8
 _MERGE = {"Add": np.add, "Subtract": np.subtract, "Multiply": np.multiply, "Maximum": np.maximum,
           "Minimum": np.minimum}
 
@@ -321,12 +325,13 @@ class Head:
         self._plans[key] = plan
         return plan
 
-    def forward(self, F=None, given=None, keep=(), target=None):
+    def forward(self, F=None, given=None, keep=(), target=None, given_owned=False):
         """Logits (pre-softmax when the model ends in softmax) for a batch.
 
         ``F``: float32 (M, H, W, C) prune-layer activations (already masked); ``given``: {tensor id: array} of
         tensors supplied instead of computed (e.g. updated pre-activations); ``keep``: tensor ids to return too;
-        ``target``: the tensor to return instead of the logits.
+        ``target``: the tensor to return instead of the logits; ``given_owned``: the ``given`` arrays are scratch
+        copies that may be overwritten (saves a copy before an activation).
         Returns logits, or (logits, {id: array}) when ``keep`` is given.
         """
         given = dict(given or {})
@@ -339,7 +344,7 @@ class Head:
         target = self.out_id if target is None else target
         plan = self._plan(frozenset(given), target)
         t = dict(given)
-        owned = set()
+        owned = set(given) if given_owned else set()
         keep = set(keep)
         for o in plan:
             x = [t[i] for i in o.inputs]
@@ -421,7 +426,7 @@ def compile_head(model, layer) -> Head:
     return Head(model, layer)
 
 
-def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", batch_size: int = 4096):
+def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", batch_size: int = 1024):
     """Yield ``(k, channel, labels)`` for k = 0..len(order): labels of all samples with ``order[:k]`` masked.
 
     ``labels`` is the same array each time (updated in place); copy it to keep a step. ``mode='full'`` re-evaluates
@@ -488,7 +493,8 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
     active = prune_ext.channel_activity(F3) if incremental else None
     needs_F = not native or any(0 in o.inputs for o in head._plan(frozenset(state), None if final is None else
                                                                    final.inputs[0]))
-    stats = {"rows": 0, "exact_final": 0}
+    stats = {"rows": 0, "exact_final": 0, "screened": 0}
+    screen_ok, last_try = True, 0
     for k, c in enumerate(order, 1):
         mask[c] = False
         if incremental:
@@ -503,32 +509,45 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
                 sh, sw, pt, pl, dh, dw = o.params["geom"]
                 prune_ext.conv_remove_channel(state[o.out], F, rows, o.params["K"], c, sh, sw, pt, pl, dh, dw)
         stats["rows"] += len(rows)
+        screening = final is not None and K > 0 and (screen_ok or k - last_try >= SCREEN_RETRY)
+        if screening:
+            last_try = k
+        tried = answered = 0
         for lo in range(0, len(rows), batch_size):
             r = rows[lo:lo + batch_size]
-            given = {tid: state[tid][r] for tid in state}
+            given = {tid: state[tid][r] for tid in state}  # fresh copies: the forward may overwrite them
             x = None
             if needs_F:
                 x = F[r]
                 x[..., ~mask] = 0
             if final is None:
-                logits = head.forward(x, given=given)
+                logits = head.forward(x, given=given, given_owned=True)
                 labels[r] = prune_ext.argmax_rows(np.ascontiguousarray(logits, np.float32))
                 continue
-            h = np.ascontiguousarray(head.forward(x, given=given, target=h_tid), np.float32)
-            lab = prune_ext.screen_final(h, h_ref, r, cand, floor, Wt, final.params["b"], mu, rmax, tol) \
-                if K > 0 else np.full(len(r), -1, np.int64)
-            redo = lab < 0
-            labels[r[~redo]] = lab[~redo]
-            if redo.any():
-                hr = np.ascontiguousarray(h[redo])
-                rr = r[redo]
+            h = np.ascontiguousarray(head.forward(x, given=given, target=h_tid, given_owned=True), np.float32)
+            if screening:
+                lab = prune_ext.screen_final(h, h_ref, r, cand, floor, Wt, final.params["b"], mu, rmax, tol)
+                redo = lab < 0
+                labels[r[~redo]] = lab[~redo]
+                tried += len(r)
+                answered += len(r) - int(redo.sum())
+                hr, rr = np.ascontiguousarray(h[redo]), r[redo]
+            else:
+                hr, rr = h, r
+            if len(rr):
                 logits = np.empty((len(hr), n_out), np.float32)
                 prune_ext.dense(hr, final.params["W"], final.params["b"], logits)
-                labels[rr] = prune_ext.argmax_rows(logits)
-                sub_cand = np.empty((len(rr), K), np.int64)
-                sub_floor = np.empty(len(rr), np.float32)
-                prune_ext.topk_refs(logits, sub_cand, sub_floor)
-                cand[rr], floor[rr], h_ref[rr] = sub_cand, sub_floor, hr
+                if screening:  # refresh the references; the top candidate is the argmax (ties: lower class)
+                    sub_cand = np.empty((len(rr), K), np.int64)
+                    sub_floor = np.empty(len(rr), np.float32)
+                    prune_ext.topk_refs(logits, sub_cand, sub_floor)
+                    labels[rr] = sub_cand[:, 0]
+                    cand[rr], floor[rr], h_ref[rr] = sub_cand, sub_floor, hr
+                else:
+                    labels[rr] = prune_ext.argmax_rows(logits)
                 stats["exact_final"] += len(rr)
+        if final is not None and screening and tried:
+            screen_ok = answered >= SCREEN_MIN_SHARE * tried
+            stats["screened"] += tried
         yield k, c, labels
     masked_steps.last_stats = stats

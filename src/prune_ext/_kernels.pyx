@@ -339,46 +339,62 @@ cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] 
                                     Z[r, oy, ox, j] -= v * K[ky, kx, c, j]
 
 
+cdef inline Py_ssize_t _argmax(const float* x, Py_ssize_t n) noexcept nogil:
+    """argmax_j x[j]  (first maximum)"""
+    cdef Py_ssize_t j, best = 0
+    cdef float bv = x[0], mx = x[0]
+    for j in range(1, n):  # branch-free max first (vectorizes), then find its first position
+        mx = x[j] if x[j] > mx else mx
+    if mx == bv:
+        return 0
+    for j in range(1, n):
+        if x[j] == mx:
+            return j
+    for j in range(1, n):  # NaN present: fall back to the plain scan
+        if x[j] > bv:
+            bv = x[j]
+            best = j
+    return best
+
+
 cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
     """out[m] := argmax_j X[m, j]  (first maximum, like numpy and TensorFlow)"""
-    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], m, j, best
+    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], m
     cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(M, np.int64)
     cdef cnp.int64_t[::1] o = out
-    cdef float bv
+    if M == 0:
+        return out
     with nogil:
         for m in range(M):
-            best = 0
-            bv = X[m, 0]
-            for j in range(1, N):
-                if X[m, j] > bv:
-                    bv = X[m, j]
-                    best = j
-            o[m] = best
+            o[m] = _argmax(&X[m, 0], N)
     return out
 
 
 cpdef void topk_refs(const float[:, ::1] X, cnp.int64_t[:, ::1] cand, float[::1] floor):
     """cand[m] := the K largest classes of X[m] (descending);  floor[m] := the (K+1)-th largest value"""
     cdef Py_ssize_t M = X.shape[0], N = X.shape[1], K = cand.shape[1], m, j, q
-    cdef float v
-    cdef float* vals = <float*>malloc((K + 1) * sizeof(float))
-    cdef cnp.int64_t* ids = <cnp.int64_t*>malloc((K + 1) * sizeof(cnp.int64_t))
+    cdef float v, low
+    cdef const float* x
+    cdef float* vals
+    cdef cnp.int64_t* ids
+    if K >= N or cand.shape[0] != M or floor.shape[0] != M:
+        raise ValueError("topk_refs: need K < classes and matching rows")
+    vals = <float*>malloc((K + 1) * sizeof(float))
+    ids = <cnp.int64_t*>malloc((K + 1) * sizeof(cnp.int64_t))
     if vals == NULL or ids == NULL:
         free(vals)
         free(ids)
         raise MemoryError()
-    if K >= N or cand.shape[0] != M or floor.shape[0] != M:
-        free(vals)
-        free(ids)
-        raise ValueError("topk_refs: need K < classes and matching rows")
     with nogil:
         for m in range(M):
+            x = &X[m, 0]
             for q in range(K + 1):
                 vals[q] = -INFINITY
                 ids[q] = -1
+            low = -INFINITY
             for j in range(N):
-                v = X[m, j]
-                if v > vals[K]:  # insert, keeping vals descending (ties: lower class first)
+                v = x[j]
+                if v > low:  # insert, keeping vals descending (ties: lower class first)
                     q = K
                     while q > 0 and vals[q - 1] < v:
                         vals[q] = vals[q - 1]
@@ -386,6 +402,7 @@ cpdef void topk_refs(const float[:, ::1] X, cnp.int64_t[:, ::1] cand, float[::1]
                         q -= 1
                     vals[q] = v
                     ids[q] = j
+                    low = vals[K]
             for q in range(K):
                 cand[m, q] = ids[q]
             floor[m] = vals[K]
@@ -405,6 +422,10 @@ cpdef cnp.ndarray screen_final(const float[:, ::1] H, const float[:, ::1] Href, 
     """
     cdef Py_ssize_t R = rows.shape[0], D = H.shape[1], K = cand.shape[1], i, j, q, r, t, best
     cdef double s, d, bv, dist, dmu
+    cdef float acc
+    cdef const float* h
+    cdef const float* hr
+    cdef const float* w
     cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(R, np.int64)
     cdef cnp.int64_t[::1] o = out
     if H.shape[0] != R or Href.shape[1] != D or Wt.shape[1] != D or mu.shape[0] != D:
@@ -412,22 +433,26 @@ cpdef cnp.ndarray screen_final(const float[:, ::1] H, const float[:, ::1] Href, 
     with nogil:
         for i in range(R):
             r = rows[i]
+            h = &H[i, 0]
+            hr = &Href[r, 0]
             s = 0
             dmu = 0
-            for j in range(D):
-                d = H[i, j] - Href[r, j]
+            for t in range(D):
+                d = h[t] - hr[t]
                 s += d * d
-                dmu += d * mu[j]
+                dmu += d * mu[t]
             dist = sqrt(s)
             bv = -INFINITY
             best = -1
             for q in range(K):
                 j = cand[r, q]
-                s = b[j]
+                w = &Wt[j, 0]
+                acc = 0
                 for t in range(D):
-                    s += H[i, t] * Wt[j, t]
-                if s > bv or (s == bv and j < best):
-                    bv = s
+                    acc = acc + h[t] * w[t]
+                acc = acc + b[j]
+                if acc > bv or (acc == bv and j < best):
+                    bv = acc
                     best = j
             o[i] = best if bv > floor[r] + dmu + dist * rmax + tol else -1
     return out
