@@ -187,7 +187,8 @@ def test_keras23_sequential_with_batch_input_shape(tmp_path):
             ws[3] = np.abs(ws[3]) + 0.5
         if ws:
             layer.set_weights(ws)
-    conv = {"class_name": "Conv2D", "config": {**keras23_layer_config(ref.layers[0]), "batch_input_shape": [None, 8, 8, 3]}}
+    conv = {"class_name": "Conv2D",
+            "config": {**keras23_layer_config(ref.layers[0]), "batch_input_shape": [None, 8, 8, 3]}}
     bn = {"class_name": "BatchNormalization", "config": {
         "name": "batch_normalization_1", "trainable": True, "dtype": "float32", "axis": [3], "momentum": 0.99,
         "epsilon": 0.001, "center": True, "scale": True, "beta_initializer": _ZEROS,

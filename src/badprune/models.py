@@ -600,8 +600,8 @@ def find_prune_layer(model, name: str | None = None) -> str:
     g = _Graph(model)
     if name is not None:
         if name not in g.layers:
-            raise BadpruneError(f"the model has no layer '{name}'",
-                                fix=f"pick one of: {', '.join(n for n in g.order if _is_channels_last_4d(g.layers[n]))}")
+            choices = ", ".join(n for n in g.order if _is_channels_last_4d(g.layers[n]))
+            raise BadpruneError(f"the model has no layer '{name}'", fix=f"pick one of: {choices}")
         layer = g.layers[name]
         shape = _output_shape(layer)
         if shape is None or len(shape) != 4:
