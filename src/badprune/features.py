@@ -342,11 +342,13 @@ def _write_cache(npy, marker, key, arr, meta):
 
 
 def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int = DEFAULT_BATCH_SIZE,
-            progress: bool = True, desc: str | None = None, engine: str | None = None, return_info: bool = False):
+            progress: bool = True, desc: str | None = None, engine: str | None = None, return_info: bool = False,
+            out: np.ndarray | None = None):
     """Activations of ``layer`` over every image of ``dataset`` (pixels times ``scale``), float32 (N, H, W, C).
 
     ``scale`` is a name of :data:`badprune.data.SCALES` or a number. With ``cache_dir`` the result is cached on
     disk. With ``return_info`` returns ``(array, {'cached', 'seconds', 'img_per_s', 'engine', 'path'})``.
+    ``out``: a C-contiguous float32 array of the result's shape to write into (e.g. a slice of a larger array).
     """
     t0 = time.perf_counter()
     engine = engine or DEFAULT_ENGINE
@@ -359,6 +361,8 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
     net = trunk(model, layer)
     _check_input(model, dataset)
     out_shape = (dataset.n,) + tuple(int(s) for s in net.outputs[0].shape[1:])
+    if out is not None and (out.shape != out_shape or out.dtype != np.float32 or not out.flags.c_contiguous):
+        raise ValueError(f"extract: out must be C-contiguous float32 {out_shape}, got {out.dtype} {out.shape}")
     npy = marker = key = None
     if cache_dir is not None:
         key = cache_key(model, layer, dataset, sv, engine)
@@ -367,13 +371,17 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         marker = os.path.join(cache_dir, f"act-{key[:40]}.json")
         arr = _read_cache(npy, marker, key, out_shape)
         if arr is not None:
+            if out is not None:
+                out[...] = arr
+                arr = out
             dt = time.perf_counter() - t0
             info = {"cached": True, "seconds": dt, "img_per_s": dataset.n / max(dt, 1e-9), "engine": engine,
                     "path": npy}
             return (arr, info) if return_info else arr
 
     runner = _Runner(net, engine)
-    out = np.empty(out_shape, np.float32)
+    if out is None:
+        out = np.empty(out_shape, np.float32)
     from tqdm.auto import tqdm
 
     t1 = time.perf_counter()

@@ -198,27 +198,27 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
     if use_cache and cache_dir is None:
         cache_dir = features.default_cache_dir()
-    feats, extract_info = {}, {}
-    for k, d in ds.items():
-        arr, info = features.extract(B, layer, d, scale_value, cache_dir=cache_dir if use_cache else None,
-                                     batch_size=batch_size, progress=progress, desc=f"features {k}",
-                                     return_info=True)
-        feats[k], extract_info[k] = arr, info
-        timings[f"extract_{k}"] = info.get("seconds", float("nan"))
-
-    t = time.perf_counter()
-    ranking, means = rank_channels(feats["valid"], order)
-    timings["rank"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    names = list(feats)
-    sizes = {k: len(feats[k]) for k in names}
-    F = feats[names[0]] if len(names) == 1 else np.concatenate([feats[k] for k in names])
-    del feats
+    # one array for all sets (the sweep evaluates them together), filled set by set: no concatenation copy
+    names = list(ds)
+    sizes = {k: ds[k].n for k in names}
     bounds, lo = {}, 0
     for k in names:
         bounds[k] = slice(lo, lo + sizes[k])
         lo += sizes[k]
+    F = np.empty((lo,) + tuple(head.input_shape), np.float32)
+    extract_info = {}
+    for k, d in ds.items():
+        _, info = features.extract(B, layer, d, scale_value, cache_dir=cache_dir if use_cache else None,
+                                   batch_size=batch_size, progress=progress, desc=f"features {k}",
+                                   return_info=True, out=F[bounds[k]])
+        extract_info[k] = info
+        timings[f"extract_{k}"] = info.get("seconds", float("nan"))
+
+    t = time.perf_counter()
+    ranking, means = rank_channels(F[bounds["valid"]], order)
+    timings["rank"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     y = {k: ds[k].labels for k in names}
     C = len(ranking)
     cols = {c: np.full(C + 1, np.nan) for c in COLUMNS}
