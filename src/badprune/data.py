@@ -18,33 +18,42 @@ from .errors import BadpruneError
 SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
 
 
-def _layout_of(shape4, input_shape=None, layout=None):
+def _layout_of(shape4, input_shape=None, layout=None, path=None):
     """Decide channels-first ('nchw') or channels-last ('nhwc') for a stored (N, a, b, c) array."""
-    _, a, b, c = shape4
-    if layout in ("nchw", "nhwc"):
-        return layout
+    _, a, b, c = (int(v) for v in shape4)
+    if min(a, b, c) < 1:
+        raise BadpruneError(f"images of shape {(a, b, c)} hold no pixels", path, "store (N,3,H,W) images")
+    if layout is not None and layout not in ("nchw", "nhwc"):
+        raise BadpruneError(f"unknown layout '{layout}'", fix="use nchw (channels-first) or nhwc (channels-last)")
     if input_shape is not None:
         h, w, ch = (int(v) for v in input_shape)
         last = (a, b, c) == (h, w, ch)
         first = (b, c, a) == (h, w, ch)
-        if last and first:
-            raise BadpruneError("ambiguous image layout: channels-first and channels-last both fit the model",
-                                fix="pass --layout nchw or --layout nhwc")
-        if last:
+        if layout == "nhwc" and last or layout == "nchw" and first:
+            return layout
+        if last and first and layout is None:
+            raise BadpruneError(f"ambiguous image layout: images of shape {(a, b, c)} fit the model input "
+                                f"{(h, w, ch)} both channels-first and channels-last", path,
+                                "store the images so that only one reading fits (the lab stores (N,3,H,W))")
+        if layout is None and last:
             return "nhwc"
-        if first:
+        if layout is None and first:
             return "nchw"
-        raise BadpruneError(f"images of shape {(a, b, c)} do not fit the model input {(h, w, ch)}",
-                            fix="use data made for this model (lab files hold (N,3,55,47) or (N,55,47,3))")
+        stored = f"{(a, b, c)}" + (f" read as {layout}" if layout else "")
+        raise BadpruneError(f"images of shape {stored} do not fit the model input (H, W, C) = {(h, w, ch)}", path,
+                            "use data made for this model (lab files hold (N,3,55,47) or (N,55,47,3))")
+    if layout is not None:
+        return layout
     first, last = a in (1, 3, 4), c in (1, 3, 4)
     if first and not last:
         return "nchw"
     if last and not first:
         return "nhwc"
     if last and first:
-        raise BadpruneError("ambiguous image layout", fix="pass --layout nchw or --layout nhwc")
-    raise BadpruneError(f"cannot tell the channel axis of images of shape {(a, b, c)}",
-                        fix="store (N,3,H,W) or (N,H,W,3) images")
+        raise BadpruneError(f"ambiguous image layout: images of shape {(a, b, c)}", path,
+                            "give the model's input shape (or the layout) to open the file")
+    raise BadpruneError(f"cannot tell the channel axis of images of shape {(a, b, c)}", path,
+                        "store (N,3,H,W) or (N,H,W,3) images")
 
 
 @dataclass
@@ -73,20 +82,46 @@ class Dataset:
     def batches(self, batch_size: int = 1024, scale: float = 1.0, start: int = 0, stop: int | None = None):
         """Yield (offset, float32 NHWC batch * scale) over images [start, stop), reading one chunk at a time."""
         stop = self.n if stop is None else min(stop, self.n)
-        with h5py.File(self.path, "r") as f:
-            ds = f[self.data_key]
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise BadpruneError(f"batch size must be positive, got {batch_size}")
+        try:
+            f = h5py.File(self.path, "r")
+        except Exception as e:
+            raise BadpruneError(f"cannot open the data file again ({_short(e)})", self.path,
+                                "the file changed or vanished while in use") from None
+        with f:
+            try:
+                ds = f[self.data_key]
+            except Exception as e:
+                raise BadpruneError(f"cannot read '{self.data_key}' ({_short(e)})", self.path,
+                                    "the file is damaged") from None
             for lo in range(start, stop, batch_size):
                 hi = min(lo + batch_size, stop)
-                x = np.asarray(ds[lo:hi])
+                try:
+                    x = np.asarray(ds[lo:hi])
+                except Exception as e:  # damaged chunks, failing filters, I/O errors
+                    raise BadpruneError(f"cannot read images {lo}..{hi - 1} ({_short(e)})", self.path,
+                                        "the file is damaged or incomplete: copy it again") from None
+                if x.shape[1:] != self._stored_shape():
+                    raise BadpruneError(f"images {lo}..{hi - 1} have shape {x.shape[1:]}, expected "
+                                        f"{self._stored_shape()}", self.path, "the file changed while in use")
                 if self.layout == "nchw":
                     x = x.transpose(0, 2, 3, 1)
-                x = np.ascontiguousarray(x, dtype=np.float32)
-                if scale != 1.0:
-                    x *= np.float32(scale)
-                if not np.isfinite(x).all():
-                    raise BadpruneError(f"NaN or infinite pixels in images {lo}..{hi - 1}", self.path,
-                                        "clean the data set")
+                with np.errstate(over="ignore", invalid="ignore"):
+                    x = np.ascontiguousarray(x, dtype=np.float32)
+                    if scale != 1.0:
+                        x *= np.float32(scale)
+                ok = np.isfinite(x)
+                if not ok.all():
+                    bad = lo + int(np.flatnonzero(~ok.reshape(len(x), -1).all(axis=1))[0])
+                    raise BadpruneError(f"NaN, infinite or out-of-range pixels (beyond float32), first in image "
+                                        f"{bad}", self.path, "clean the data set")
                 yield lo, x
+
+    def _stored_shape(self) -> tuple:
+        h, w, c = self.image_shape
+        return (c, h, w) if self.layout == "nchw" else (h, w, c)
 
     def read(self, scale: float = 1.0, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Read images [start, stop) as one float32 NHWC array (for small sets and samples)."""
@@ -96,56 +131,147 @@ class Dataset:
         return np.concatenate(parts)
 
 
+#: more images than this in one file is refused (a tiny hostile file can declare billions of unwritten rows)
+MAX_IMAGES = 50_000_000
+#: largest label value accepted when the class count is not known
+MAX_LABEL = 2 ** 31 - 1
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _check_dataset(f, key, what, path):
+    """The h5py Dataset ``key`` of ``f``, refusing links to other files and data stored outside the file."""
+    link = f.get(key, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise BadpruneError(f"'{key}' is a link to another file ({link.filename})", path,
+                            f"store the {what} in the file itself")
+    obj = f[key]
+    if obj.file.filename != f.filename:  # reached through a soft link to an external link
+        raise BadpruneError(f"'{key}' leads to another file ({obj.file.filename})", path,
+                            f"store the {what} in the file itself")
+    if not isinstance(obj, h5py.Dataset):
+        raise BadpruneError(f"'{key}' must be a dataset, not a {type(obj).__name__.lower()}", path,
+                            f"store the {what} as an array in '{key}'")
+    if obj.external:
+        raise BadpruneError(f"'{key}' is stored in external raw files, not in the h5 file", path,
+                            f"store the {what} in the file itself (h5repack)")
+    if obj.is_virtual:
+        raise BadpruneError(f"'{key}' is a virtual dataset that maps other files", path,
+                            f"store the {what} in the file itself (h5repack)")
+    return obj
+
+
+def _inspect(f, path, input_shape, layout):
+    """(n, layout, image shape, dtype, raw labels, data key, label key) of an open lab h5 file."""
+    keys = list(f.keys())
+    data_key = "data" if "data" in f else ("x" if "x" in f else None)
+    label_key = "label" if "label" in f else ("labels" if "labels" in f else ("y" if "y" in f else None))
+    if data_key is None or label_key is None:
+        shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
+        raise BadpruneError(f"h5 file needs datasets 'data' and 'label', found [{shown}]", path,
+                            "write images to 'data' (N,3,H,W) and labels to 'label' (N,)")
+    ds = _check_dataset(f, data_key, "images", path)
+    ls = _check_dataset(f, label_key, "labels", path)
+    if ds.ndim != 4:
+        raise BadpruneError(f"'{data_key}' must be 4-D (N,C,H,W) or (N,H,W,C), got shape {ds.shape}", path,
+                            "store images as (N,3,H,W)")
+    if ds.dtype.kind not in "fiu":
+        raise BadpruneError(f"'{data_key}' must hold numbers (float or integer pixels), got {ds.dtype}", path,
+                            "store pixels as float32, float64 or uint8")
+    n = int(ds.shape[0])
+    if n == 0:
+        raise BadpruneError("the data set is empty", path, "pass a file with at least one image")
+    if n > MAX_IMAGES:
+        raise BadpruneError(f"the file declares {n:,} images, more than badprune handles ({MAX_IMAGES:,})", path,
+                            "split the data set")
+    if ls.dtype.kind not in "fiub":
+        raise BadpruneError(f"labels must be numbers, got {ls.dtype}", path, "store class indices in 'label'")
+    if ls.size != n:
+        raise BadpruneError(f"'{data_key}' has {n} images but '{label_key}' has {ls.size} labels", path,
+                            "store one label per image")
+    for key, obj in ((data_key, ds), (label_key, ls)):
+        if obj.id.get_storage_size() == 0:
+            raise BadpruneError(f"'{key}' was declared but never written (no stored values)", path,
+                                "the file is incomplete: write it again")
+    lay = _layout_of(ds.shape, input_shape, layout, path)
+    try:
+        raw = np.asarray(ls[()]).reshape(-1)
+    except Exception as e:
+        raise BadpruneError(f"cannot read '{label_key}' ({_short(e)})", path, "the file is damaged") from None
+    shape = tuple(ds.shape[1:]) if lay == "nhwc" else (ds.shape[2], ds.shape[3], ds.shape[1])
+    return n, lay, shape, ds.dtype, raw, data_key, label_key
+
+
 def open_dataset(path, input_shape=None, layout=None, num_classes=None) -> Dataset:
-    """Open a lab h5 file, check its structure and labels, and decide the layout (against ``input_shape``)."""
+    """Open a lab h5 file, check its structure and labels, and decide the layout (against ``input_shape``).
+
+    Every problem raises :class:`BadpruneError`: missing, unreadable or damaged files, missing or malformed
+    ``data`` / ``label``, links to other files, counts that differ, images that do not fit ``input_shape``,
+    labels that are not class indices (< ``num_classes``). Pixels are checked (finite) as they are read.
+    """
     path = str(path)
     if not os.path.exists(path):
         raise BadpruneError("data file not found", path, "check the path")
     if os.path.isdir(path):
         raise BadpruneError("expected an h5 file, got a folder", path, "pass the .h5 file itself")
+    if not os.path.isfile(path):
+        raise BadpruneError("not a regular file", path, "pass a lab-format .h5 file")
     try:
         f = h5py.File(path, "r")
     except Exception as e:  # h5py raises OSError for non-HDF5 / truncated files
-        raise BadpruneError(f"not a readable HDF5 file ({type(e).__name__})", path,
-                            "pass a lab-format .h5 file with 'data' and 'label'") from None
-    with f:
-        keys = list(f.keys())
-        data_key = "data" if "data" in f else ("x" if "x" in f else None)
-        label_key = "label" if "label" in f else ("labels" if "labels" in f else ("y" if "y" in f else None))
-        if data_key is None or label_key is None:
-            raise BadpruneError(f"h5 file needs datasets 'data' and 'label', found {keys}", path,
-                                "write images to 'data' (N,3,H,W) and labels to 'label' (N,)")
-        ds, ls = f[data_key], f[label_key]
-        if not isinstance(ds, h5py.Dataset) or not isinstance(ls, h5py.Dataset):
-            raise BadpruneError("'data' and 'label' must be datasets, not groups", path)
-        if ds.ndim != 4:
-            raise BadpruneError(f"'data' must be 4-D (N,C,H,W) or (N,H,W,C), got shape {ds.shape}", path)
-        if ds.dtype.kind not in "fiu":
-            raise BadpruneError(f"'data' must be numeric, got {ds.dtype}", path)
-        n = ds.shape[0]
-        if n == 0:
-            raise BadpruneError("the data set is empty", path)
-        try:
-            raw = np.asarray(ls[()]).reshape(-1)
-        except Exception:
-            raise BadpruneError("cannot read 'label'", path) from None
-        if raw.shape[0] != n:
-            raise BadpruneError(f"'data' has {n} images but 'label' has {raw.shape[0]} labels", path)
-        lay = _layout_of(ds.shape, input_shape, layout)
-        shape = tuple(ds.shape[1:]) if lay == "nhwc" else (ds.shape[2], ds.shape[3], ds.shape[1])
-        dtype = ds.dtype
-    if raw.dtype.kind not in "fiub":
-        raise BadpruneError(f"labels must be numbers, got {raw.dtype}", path)
+        if not _has_hdf5_signature(path):
+            raise BadpruneError("not an HDF5 file", path, "pass a lab-format .h5 file with 'data' and 'label'") \
+                from None
+        raise BadpruneError(f"damaged or incomplete HDF5 file ({_short(e, 120)})", path,
+                            "copy the file again (a lab-format .h5 file with 'data' and 'label')") from None
+    try:
+        with f:
+            n, lay, shape, dtype, raw, data_key, label_key = _inspect(f, path, input_shape, layout)
+    except BadpruneError:
+        raise
+    except Exception as e:  # damaged metadata: h5py raises OSError, KeyError, RuntimeError, ValueError, ...
+        raise BadpruneError(f"cannot read the HDF5 file's structure ({_short(e)})", path,
+                            "the file is damaged or incomplete: copy it again") from None
     rawf = raw.astype(np.float64)
     if not np.isfinite(rawf).all() or (rawf != np.round(rawf)).any():
-        raise BadpruneError("labels must be whole numbers", path, "store class indices in 'label'")
+        i = int(np.flatnonzero(~np.isfinite(rawf) | (rawf != np.round(rawf)))[0])
+        raise BadpruneError(f"labels must be whole numbers (image {i} has label {rawf[i]:g})", path,
+                            "store class indices in 'label'")
     if (rawf < 0).any():
-        raise BadpruneError("negative labels", path, "store class indices 0..N-1 in 'label'")
-    labels = rawf.astype(np.int64)
-    if num_classes is not None and labels.max() >= num_classes:
-        raise BadpruneError(f"label {int(labels.max())} is not a class of this model (it has {num_classes})", path,
+        i = int(np.flatnonzero(rawf < 0)[0])
+        raise BadpruneError(f"negative label ({rawf[i]:g} for image {i})", path,
+                            "store class indices 0..N-1 in 'label'")
+    top = float(rawf.max())
+    if num_classes is not None and top >= num_classes:
+        i = int(np.argmax(rawf))
+        raise BadpruneError(f"label {top:g} (image {i}) is not a class of this model (it has {num_classes})", path,
                             "use data labelled for this model")
+    if top > MAX_LABEL:
+        raise BadpruneError(f"label {top:g} is too large to be a class index", path, "store class indices in 'label'")
+    labels = rawf.astype(np.int64)
     return Dataset(path, n, lay, tuple(int(v) for v in shape), dtype, labels, data_key, label_key)
+
+
+def _has_hdf5_signature(path) -> bool:
+    """True when the file carries the HDF5 signature at offset 0, 512, 1024, ... (where HDF5 looks for it)."""
+    sig = b"\x89HDF\r\n\x1a\n"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            off = 0
+            while off + 8 <= size:
+                fh.seek(off)
+                if fh.read(8) == sig:
+                    return True
+                off = 512 if off == 0 else off * 2
+    except OSError:
+        return False
+    return False
 
 
 def write_lab_h5(path, images_nhwc, labels, dtype=np.float32, chunk=1024):

@@ -1,5 +1,44 @@
-"""The one error type every user-facing failure raises (the CLI turns it into one line and exit 2)."""
+"""The one error type every user-facing failure raises (the CLI turns it into one line and exit 2), and warnings.
+
+Errors: :class:`BadpruneError` ``(what, file, fix)``. The CLI prints ``error: <what> (<file>): <how to fix>`` on
+one line and exits 2; any other exception is an internal fault (one line, exit 1; ``--debug`` shows the traceback).
+
+Warnings: something suspicious that does not stop the run and never changes its results (e.g. a base accuracy
+under 50 %, an attack success rate that would be meaningless) is reported with :func:`warn`, which issues a
+standard Python warning of category :class:`BadpruneWarning`. Library callers can record, filter or escalate
+them like any warning (``warnings.simplefilter("error", BadpruneWarning)``, ``pytest.warns``); the CLI shows each
+one as a single ``warning: <message>`` line on stderr through :func:`cli_warnings`.
+
+Every message is made printable on one line (:func:`printable`): model files and data files come from people the
+user should not trust, and a layer name or path holding newlines or terminal escape sequences must not be able to
+forge extra output lines or drive the terminal.
+"""
 from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import unicodedata
+import warnings
+
+#: ANSI colour/bold sequences (Keras puts bold markers in its messages): dropped; other escapes are shown escaped
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def printable(s) -> str:
+    """``s`` as one printable line: ANSI colour sequences dropped, line breaks and tabs as spaces, other control and
+    format characters (escape, bidi overrides, ...) shown escaped (``\\x1b``, ``\\u202e``)."""
+    s = _SGR.sub("", str(s))
+    out = []
+    for ch in s:
+        if ch in "\n\r\t\v\f":
+            out.append(" ")
+        elif unicodedata.category(ch)[0] == "C":
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else (f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 class BadpruneError(Exception):
@@ -18,9 +57,42 @@ class BadpruneError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        s = self.what
+        s = printable(self.what)
         if self.file:
-            s += f" ({self.file})"
+            s += f" ({printable(self.file)})"
         if self.fix:
-            s += f": {self.fix}"
+            s += f": {printable(self.fix)}"
         return s
+
+
+class BadpruneWarning(UserWarning):
+    """Something suspicious in the input that does not stop the run (see :func:`warn`)."""
+
+
+def warn(message: str, stacklevel: int = 2) -> str:
+    """Issue ``message`` as a :class:`BadpruneWarning` (one printable line). Returns the message as issued."""
+    message = printable(message)
+    warnings.warn(BadpruneWarning(message), stacklevel=stacklevel + 1)
+    return message
+
+
+def _show_one_line(message, category, filename, lineno, file=None, line=None):
+    stream = sys.stderr if file is None else file
+    try:
+        if issubclass(category, BadpruneWarning):
+            stream.write(f"warning: {printable(message)}\n")
+        else:
+            stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+        stream.flush()
+    except (OSError, ValueError, AttributeError):  # no usable stderr
+        pass
+
+
+@contextlib.contextmanager
+def cli_warnings():
+    """For the command line: every :class:`BadpruneWarning` is shown (each time) as one ``warning: ...`` line on
+    stderr while the block runs; other warnings keep Python's usual filters and format."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", BadpruneWarning)
+        warnings.showwarning = _show_one_line
+        yield

@@ -36,7 +36,7 @@ import keras
 import numpy as np
 
 from . import data as _data
-from .errors import BadpruneError
+from .errors import BadpruneError, warn
 from .models import model_digest
 
 #: bump when the cache layout or the meaning of its content changes
@@ -329,8 +329,7 @@ def _write_cache(npy, marker, key, arr, meta):
         os.replace(mtmp, marker)
         return True
     except OSError as e:
-        print(f"warning: cannot write the activation cache ({e.strerror or e}); continuing without it",
-              file=sys.stderr)
+        warn(f"cannot write the activation cache ({e.strerror or e}); continuing without it")
         return False
     finally:
         if os.path.exists(tmp):
@@ -393,8 +392,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         try:
             os.makedirs(cache_dir, exist_ok=True)
         except OSError as e:
-            print(f"warning: cannot create the cache folder {cache_dir} ({e.strerror or e}); continuing without it",
-                  file=sys.stderr)
+            warn(f"cannot create the cache folder {cache_dir} ({e.strerror or e}); continuing without it")
         else:
             _write_cache(npy, marker, key, out, {"layer": layer, "data": dataset.identity(), "scale": sv,
                                                   "engine": engine})

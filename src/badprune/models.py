@@ -27,7 +27,9 @@ from .errors import BadpruneError
 ARCHS = ("deepid",)
 
 #: layer classes refused even though Keras ships them: they run code or load files named in the config
-_UNSAFE_LAYERS = {"Lambda", "TFSMLayer", "TorchModuleWrapper", "JaxLayer", "FlaxLayer", "Layer", "Wrapper"}
+_UNSAFE_LAYERS = {"Lambda", "TFSMLayer", "TorchModuleWrapper", "JaxLayer", "FlaxLayer", "Layer", "Wrapper",
+                  # text lookups read a vocabulary file named in the config (no image classifier needs them)
+                  "TextVectorization", "StringLookup", "IntegerLookup"}
 #: model classes accepted (Keras 2 files say 'Model', Keras 3 'Functional')
 _MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 #: 2-D pooling layers that can be the prune layer by default
@@ -35,6 +37,9 @@ _POOL_2D = ("MaxPooling2D", "AveragePooling2D", "MaxPool2D", "AvgPool2D")
 #: activations f with f(0) == 0 exactly (zeroing a conv channel's kernel and bias zeroes its output)
 _ZERO_KEEPING_ACTIVATIONS = {"linear", "relu", "relu6", "elu", "selu", "tanh", "gelu", "silu", "swish",
                              "leaky_relu", "softsign", "mish", "hard_silu", "hard_swish", "celu"}
+
+#: a .keras file's config.json larger than this is refused before it is read (zip bombs)
+_MAX_CONFIG_BYTES = 64 << 20
 
 _TRUST_FIX = "pass --trust-model to run code from the model file (only for files you trust)"
 
@@ -105,6 +110,8 @@ def _check_file(path, what="model file"):
     if os.path.isdir(path):
         raise BadpruneError(f"expected a {what}, got a folder (TensorFlow SavedModel folders are not supported)",
                             path, "save the model as .keras or .h5")
+    if not os.path.isfile(path):
+        raise BadpruneError(f"the {what} is not a regular file", path, "pass a .keras or .h5 file")
     return path
 
 
@@ -166,10 +173,12 @@ def check_config(config, path=None, trust: bool = False) -> None:
             cls = obj.get("class_name")
             if cls and (obj.get("name") or (isinstance(obj.get("config"), dict) and obj["config"].get("name"))):
                 owner = _layer_label(obj)
-            if cls in ("Lambda", "__lambda__"):
-                who = _layer_label(obj) if cls == "Lambda" else f"in layer {owner}"
-                raise BadpruneError(f"the model has a Lambda layer {who}, which runs Python code stored in the file",
-                                    path, _TRUST_FIX)
+            if cls == "Lambda":
+                raise BadpruneError(f"the model has a Lambda layer {_layer_label(obj)}, which runs Python code "
+                                    "stored in the file", path, _TRUST_FIX)
+            if cls == "__lambda__":
+                raise BadpruneError(f"layer {owner} holds a Python lambda (Python code stored in the file)", path,
+                                    _TRUST_FIX)
             mod = obj.get("module")
             if isinstance(mod, str) and "class_name" in obj:
                 top = mod.split(".", 1)[0]
@@ -187,16 +196,26 @@ def check_config(config, path=None, trust: bool = False) -> None:
             for v in obj:
                 scan(v, owner)
 
-    scan(config, _layer_label(config))
+    try:
+        scan(config, _layer_label(config))
+    except RecursionError:
+        raise BadpruneError("the model config is nested too deeply to check", path,
+                            "save the model with model.save() from Keras") from None
 
     # 2. every layer must be a built-in Keras layer (or a plain Functional/Sequential model)
     for i, lc in enumerate(_iter_layers(config)):
         cls = lc.get("class_name")
         ok = cls in _MODEL_CLASSES or (i > 0 and cls in builtin)
-        if not ok:
-            kind = "model class" if i == 0 else "layer"
-            raise BadpruneError(f"the model has a {kind} {_layer_label(lc)} of class '{cls}', which is not a "
-                                "built-in Keras class (custom code)", path, _TRUST_FIX)
+        if ok:
+            continue
+        if i == 0:
+            raise BadpruneError(f"the model is of class '{cls}', not a built-in Keras model class (custom code)",
+                                path, _TRUST_FIX)
+        if cls in _UNSAFE_LAYERS:
+            raise BadpruneError(f"the model has a layer {_layer_label(lc)} of class '{cls}', which runs code or "
+                                "reads files named in the model file", path, _TRUST_FIX)
+        raise BadpruneError(f"the model has a layer {_layer_label(lc)} of class '{cls}', which is not a built-in "
+                            "Keras class (custom code)", path, _TRUST_FIX)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -263,6 +282,9 @@ def _read_model_config(path) -> tuple[str, dict]:
                 if "config.json" not in z.namelist():
                     raise BadpruneError("zip file without config.json: not a .keras model", path,
                                         "save the model with model.save('model.keras')")
+                if z.getinfo("config.json").file_size > _MAX_CONFIG_BYTES:
+                    raise BadpruneError(f"the .keras file's config.json is over {_MAX_CONFIG_BYTES >> 20} MB", path,
+                                        "re-save the model with model.save('model.keras')")
                 raw = z.read("config.json")
             return "keras", json.loads(raw)
         except BadpruneError:
@@ -271,15 +293,24 @@ def _read_model_config(path) -> tuple[str, dict]:
             raise BadpruneError(f"cannot read the .keras file ({_short(e)})", path,
                                 "re-save the model with model.save('model.keras')") from None
     if not h5py.is_hdf5(path):
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head == b"PK\x03\x04":
+            raise BadpruneError("damaged or incomplete .keras file (a zip without its directory)", path,
+                                "copy the file again, or re-save it with model.save('model.keras')")
         raise BadpruneError("not a Keras model file (neither .keras zip nor HDF5)", path,
                             "pass a .keras or .h5 model saved with model.save()")
     try:
         with h5py.File(path, "r") as f:
             raw = f.attrs.get("model_config")
             looks_weights = raw is None and ("layer_names" in f.attrs or "layers" in f)
+            keras3_weights = raw is None and _is_keras3_weights(f)
     except Exception as e:
         raise BadpruneError(f"cannot read the HDF5 file ({_short(e)})", path, "check the file is complete") from None
     if raw is None:
+        if keras3_weights:
+            raise BadpruneError("this file holds only Keras 3 weights, no architecture", path,
+                                "pass the .keras model file saved with model.save('model.keras')")
         if looks_weights:
             raise BadpruneError("this file holds only weights, no architecture", path,
                                 "pass it as --weights with --arch deepid")
@@ -329,6 +360,12 @@ def _load_full_model(path, trust: bool):
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _is_keras3_weights(g) -> bool:
+    """A Keras 3 ``.weights.h5`` file: groups ``layers/<name>/vars`` and no Keras 2 ``layer_names``."""
+    return "layer_names" not in g.attrs and isinstance(g.get("layers"), h5py.Group) \
+        and ("vars" in g or any(isinstance(v, h5py.Group) and "vars" in v for v in g["layers"].values()))
+
+
 def _decode(v):
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
@@ -348,7 +385,7 @@ def read_weight_file(path) -> dict:
             g = f["model_weights"] if "model_weights" in f and isinstance(f["model_weights"], h5py.Group) else f
             if "layer_names" in g.attrs:
                 names = [_decode(n) for n in g.attrs["layer_names"]]
-            elif "layers" in g and "vars" not in g:
+            elif _is_keras3_weights(g):
                 raise BadpruneError("this is a Keras 3 weights file (.weights.h5)", path,
                                     "load it with --model on a saved .keras model, or save Keras 2 style weights")
             else:
@@ -600,7 +637,8 @@ def find_prune_layer(model, name: str | None = None) -> str:
     g = _Graph(model)
     if name is not None:
         if name not in g.layers:
-            choices = ", ".join(n for n in g.order if _is_channels_last_4d(g.layers[n]))
+            choices = ", ".join(n for n in g.order if _is_channels_last_4d(g.layers[n]) and n not in g.inputs
+                                and type(g.layers[n]).__name__ != "InputLayer")
             raise BadpruneError(f"the model has no layer '{name}'", fix=f"pick one of: {choices}")
         layer = g.layers[name]
         shape = _output_shape(layer)
@@ -609,7 +647,9 @@ def find_prune_layer(model, name: str | None = None) -> str:
                                 fix="pick a convolution or pooling layer")
         if not _is_channels_last_4d(layer):
             raise BadpruneError(f"layer '{name}' is channels-first", fix="pick a channels-last layer")
-        if not g.feeds_output(name) or name in g.inputs:
+        if name in g.inputs or type(layer).__name__ == "InputLayer":
+            raise BadpruneError(f"layer '{name}' is the model's input", fix="pick a convolution or pooling layer")
+        if not g.feeds_output(name):
             raise BadpruneError(f"layer '{name}' does not feed the model output", fix="pick a layer on the path to "
                                 "the output")
         if not g.separates(name):

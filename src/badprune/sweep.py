@@ -15,7 +15,13 @@ import numpy as np
 
 import prune_ext
 
-from .errors import BadpruneError
+from .errors import BadpruneError, warn
+
+#: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
+LOW_BASE_ACC = 50.0
+#: when every poisoned label is one class t and B already answers t on at least this share (percent) of the clean
+#: inputs, :func:`run` warns that the attack success rate is meaningless
+ASR_BASELINE_WARN = 50.0
 
 #: columns of the per-step table, in output order (accuracies in percent)
 COLUMNS = ("step", "channel", "mean_activation", "fraction_pruned", "valid_acc", "test_acc", "asr",
@@ -107,6 +113,28 @@ def select_thresholds(valid_acc, thresholds, relative=False, ranking=None):
     return out
 
 
+def base_warnings(valid_acc, clean_pred, poisoned_labels, scale="", clean_name="test") -> list:
+    """Messages about the unpruned model B on the given data that make the sweep's numbers doubtful.
+
+    valid_acc: B's validation accuracy (percent); clean_pred: B's labels on the clean set ``clean_name`` (test,
+    else validation); poisoned_labels: the poisoned set's stored labels (None when there is none).
+    """
+    msgs = []
+    if np.isfinite(valid_acc) and valid_acc < LOW_BASE_ACC:
+        msgs.append(f"the unpruned model classifies only {valid_acc:.1f}% of the validation set correctly"
+                    f"{f' (pixel scale {scale})' if scale else ''}: wrong pixel scale or wrong data? The thresholds "
+                    "are drops from this base accuracy")
+    if poisoned_labels is not None and len(poisoned_labels) and clean_pred is not None and len(clean_pred):
+        t = int(poisoned_labels[0])
+        if (np.asarray(poisoned_labels) == t).all():
+            share = 100.0 * float(np.mean(np.asarray(clean_pred) == t))
+            if share >= ASR_BASELINE_WARN:
+                msgs.append(f"every poisoned label is class {t}, which the unpruned model already gives to "
+                            f"{share:.1f}% of the clean {clean_name} inputs: the attack success rate is "
+                            "meaningless (it measures that bias, not a backdoor)")
+    return msgs
+
+
 def _pct(a):
     return 100.0 * float(np.mean(a)) if len(a) else float("nan")
 
@@ -156,9 +184,14 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     t_all = time.perf_counter()
     if valid is None:
         raise BadpruneError("no validation data", fix="pass --valid valid.h5 (clean validation set)")
+    try:
+        thresholds = [float(x) for x in thresholds]
+    except (TypeError, ValueError):
+        raise BadpruneError(f"thresholds must be numbers, got {thresholds!r}", fix="thresholds are in (0, 100)") \
+            from None
     for x in thresholds:
-        if not 0 < float(x) < 100:
-            raise BadpruneError(f"threshold {float(x):g} is out of range", fix="thresholds are in (0, 100)")
+        if not 0 < x < 100:
+            raise BadpruneError(f"threshold {x:g} is out of range", fix="thresholds are in (0, 100)")
     if order not in ("ascending", "descending"):
         raise BadpruneError(f"unknown order '{order}'", fix="use ascending or descending")
 
@@ -205,7 +238,12 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     for k in names:
         bounds[k] = slice(lo, lo + sizes[k])
         lo += sizes[k]
-    F = np.empty((lo,) + tuple(head.input_shape), np.float32)
+    try:
+        F = np.empty((lo,) + tuple(head.input_shape), np.float32)
+    except MemoryError:
+        gb = lo * int(np.prod(head.input_shape)) * 4 / 1e9
+        raise BadpruneError(f"not enough memory for the activations of {lo:,} images at '{layer}' ({gb:.1f} GB)",
+                            fix="use smaller data sets or an earlier, smaller --layer") from None
     extract_info = {}
     for k, d in ds.items():
         _, info = features.extract(B, layer, d, scale_value, cache_dir=cache_dir if use_cache else None,
@@ -227,6 +265,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     cols["mean_activation"] = np.concatenate([[np.nan], means[ranking]])
     cols["fraction_pruned"] = np.arange(C + 1) / C
     base = None
+    warned = []
     bar = _Progress(progress).bar(C + 1, "pruning")
     for k, c, lab in masked_steps(head, F, ranking, mode=mode):
         if base is None:
@@ -243,6 +282,11 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
             g = np.where(p["poisoned"] == base[bounds["poisoned"]], p["poisoned"], n_classes)
             cols["goodnet_asr"][k] = _pct(g == y["poisoned"])
             cols["goodnet_detection"][k] = _pct(g == n_classes)
+        if k == 0:
+            clean = "test" if "test" in p else "valid"
+            issued = base_warnings(cols["valid_acc"][0], p[clean], y.get("poisoned"), scale_name,
+                                   "test" if clean == "test" else "validation")
+            warned.extend(warn(m) for m in issued)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -260,6 +304,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         "head_backend": head.backend, "sizes": sizes,
         "cached": {k: bool(v.get("cached")) for k, v in extract_info.items()},
         "extract_img_per_s": {k: v.get("img_per_s") for k, v in extract_info.items()},
+        "warnings": warned,
     }
     return SweepResult(model_name=name, layer=layer, conv_layer=conv_layer, n_channels=C, ranking=ranking,
                        mean_activation=means, table=cols, thresholds=ths, relative=relative,

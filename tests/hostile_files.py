@@ -1,0 +1,136 @@
+"""Small builders of honest and hostile inputs for tests/test_hostile.py and tests/test_fuzz.py."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import h5py
+import numpy as np
+
+from badprune import _tf  # noqa: F401  (quiet TensorFlow)
+import keras
+
+from badprune.data import write_lab_h5
+
+L = keras.layers
+SHAPE = (16, 12, 3)
+CLASSES = 5
+
+
+def tiny_model(shape=SHAPE, classes=CLASSES, pool=True, seed=0, name="tiny", bias=None):
+    """Input -> Conv2D(10) -> MaxPooling2D -> Flatten -> Dense softmax, with fixed random weights."""
+    x = keras.Input(shape, name="img")
+    h = L.Conv2D(10, 3, activation="relu", padding="same" if min(shape[:2]) < 4 else "valid", name="conv_a")(x)
+    if pool:
+        h = L.MaxPooling2D(2, name="pool_a")(h)
+    y = L.Dense(classes, activation="softmax", name="out")(L.Flatten(name="flat")(h))
+    m = keras.Model(x, y, name=name)
+    r = np.random.default_rng(seed)
+    m.get_layer("conv_a").set_weights([r.standard_normal((3, 3, shape[2], 10)).astype(np.float32) * 0.4,
+                                       (r.standard_normal(10) * 0.3 - 0.1).astype(np.float32)])
+    k = m.get_layer("out")
+    b = np.zeros(classes, np.float32) if bias is None else np.asarray(bias, np.float32)
+    k.set_weights([r.standard_normal(k.kernel.shape).astype(np.float32) * 0.3, b])
+    return m
+
+
+def bypass_model():
+    """A model whose pooling layer is bypassed by a second path (so it does not cut the model in two)."""
+    x = keras.Input(SHAPE)
+    h = L.Conv2D(6, 3, activation="relu", name="conv_a")(x)
+    p = L.MaxPooling2D(2, name="pool_a")(h)
+    a = L.Dense(CLASSES, name="d1")(L.Flatten(name="f1")(p))
+    g = L.Dense(CLASSES, name="d2")(L.GlobalAveragePooling2D(name="gap")(h))
+    y = L.Activation("softmax", name="soft")(L.Add(name="add")([a, g]))
+    return keras.Model(x, y, name="bypass")
+
+
+def write_sets(d, model, sizes=(("valid", 150), ("test", 120), ("bd_test", 90)), poison_label=None, seed=1):
+    """Lab-format sets for ``model``: uniform-noise images stored as raw 0..255 float64 (channels-first), labelled
+    with what the model answers on /255 pixels (so its accuracy is 100 %); the poisoned set gets one label."""
+    r = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in model.inputs[0].shape[1:])
+    files = {}
+    preds = {}
+    for name, n in sizes:
+        X = r.uniform(0, 1, (n,) + shape).astype(np.float32)
+        y = model.predict(X, verbose=0, batch_size=256).argmax(1)
+        preds[name] = y
+        if name.startswith("bd"):
+            if poison_label is None:  # the class the model gives least often to clean inputs
+                counts = np.bincount(preds.get("test", y), minlength=model.outputs[0].shape[-1])
+                poison_label = int(np.argmin(counts))
+            y = np.full(n, poison_label)
+        path = os.path.join(str(d), f"{name}.h5")
+        write_lab_h5(path, X * 255.0, y, dtype=np.float64)
+        files[name] = path
+    return files
+
+
+def raw_h5(path, **datasets):
+    """An h5 file holding exactly the given datasets (arrays) and nothing else."""
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f[k] = v
+    return str(path)
+
+
+def damage(src, dst, offset, length=256, seed=0):
+    """A copy of ``src`` with ``length`` bytes at ``offset`` (negative: from the middle) replaced by random bytes."""
+    b = bytearray(open(src, "rb").read())
+    if offset < 0:
+        offset = len(b) // 2
+    r = np.random.default_rng(seed)
+    b[offset:offset + length] = r.integers(0, 256, min(length, len(b) - offset), dtype=np.uint8).tobytes()
+    with open(dst, "wb") as f:
+        f.write(bytes(b))
+    return str(dst)
+
+
+def truncate(src, dst, fraction=0.5):
+    b = open(src, "rb").read()
+    with open(dst, "wb") as f:
+        f.write(b[: int(len(b) * fraction)])
+    return str(dst)
+
+
+def evil_lambda_model(marker_path, name="evil"):
+    """A model whose Lambda layer writes ``marker_path`` when it runs (the code is stored in the saved file)."""
+    fn = eval(f"lambda t: (open({str(marker_path)!r}, 'w').write('pwned'), t)[1]")  # noqa: S307 - test payload
+    x = keras.Input(SHAPE)
+    h = L.Conv2D(4, 3, activation="relu", name="conv_a")(x)
+    h = L.MaxPooling2D(2, name="pool_a")(h)
+    h = L.Lambda(fn, output_shape=(7, 5, 4), name=name)(h)
+    y = L.Dense(CLASSES, activation="softmax", name="out")(L.Flatten(name="flat")(h))
+    return keras.Model(x, y, name="evil")
+
+
+def rewrite_keras_config(src, dst, edit):
+    """A copy of the .keras zip ``src`` whose config.json is ``edit(config)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "config.json":
+                data = json.dumps(edit(json.loads(data))).encode()
+            zout.writestr(item, data)
+    return str(dst)
+
+
+def rewrite_h5_config(src, dst, edit):
+    """A copy of the legacy .h5 model ``src`` whose model_config attribute is ``edit(config)``."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fo.write(fi.read())
+    with h5py.File(dst, "r+") as f:
+        raw = f.attrs["model_config"]
+        cfg = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        f.attrs["model_config"] = json.dumps(edit(cfg)).encode()
+    return str(dst)
+
+
+def layer_cfg(cfg, name):
+    """The layer config named ``name`` in a model config (Keras 3 or legacy)."""
+    for lc in cfg["config"]["layers"]:
+        if lc.get("name") == name or lc.get("config", {}).get("name") == name:
+            return lc
+    raise KeyError(name)
