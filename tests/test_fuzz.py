@@ -269,9 +269,6 @@ def _loader_catches_pillow_errors():
 
 
 @pytest.mark.skipif(not _HAS_LOADER, reason="no image loader (badprune.runtime / Pillow)")
-@pytest.mark.xfail(_HAS_LOADER and not _loader_catches_pillow_errors(), strict=False,
-                   reason="runtime.load_images lets Pillow's DecompressionBombError, SyntaxError, ... through "
-                          "(diff in the issue 6 report)")
 @settings(max_examples=EXAMPLES or 800, **SETTINGS)
 @given(spec=image_specs())
 def test_fuzz_image_loader(spec):

@@ -543,8 +543,6 @@ def test_unparsable_flag_is_one_line(lab, tmp_path, capsys, extra):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and not out.exists()
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if len(lines) != 1 and not _argparse_one_line():
-        pytest.xfail("needs the one-line argparse errors in cli.py (see the issue 6 report)")
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     _record(f"flag: {' '.join(extra)}", lines[0])
 
@@ -592,8 +590,6 @@ def test_internal_fault_is_one_line_exit_1_and_debug_shows_traceback(lab, tmp_pa
     assert not (tmp_path / "run").exists()
     with pytest.raises(BadpruneError):
         cli.main(["--debug"] + sweep_args(lab, tmp_path / "run", valid=tmp_path / "missing.h5"))
-    if len(lines) != 1 and "printable" not in inspect.getsource(cli):
-        pytest.xfail("needs errors.printable for internal errors in cli.main (see the issue 6 report)")
     assert len(lines) == 1, err
     _record("internal fault (message with a newline)", lines[0])
 
@@ -634,9 +630,6 @@ def test_predict_on_a_decompression_bomb(lab, tmp_path, capsys, w, h):
     if "predict" not in sub.choices:
         pytest.skip("no predict subcommand yet")
     pytest.importorskip("PIL")
-    if not _image_loader_is_hardened():
-        pytest.xfail("runtime.load_images lets Pillow's DecompressionBombError through / decodes huge images "
-                     "(diff in the issue 6 report)")
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header_only(w, h))
     expect_error(capsys, f"predict: PNG declaring {w}x{h} pixels", ["predict", bomb, "--model", lab["model"], "-q"],
@@ -669,8 +662,6 @@ def test_low_base_accuracy_warns_and_changes_nothing(lab, tmp_path, capsys):
     assert rc == 0 and (out / "sweep.csv").exists()
     assert json.loads((out / "sweep.json").read_text())["config"]["warnings"]
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if not _cli_shows_warnings():
-        pytest.xfail("needs errors.cli_warnings in cli.main (see the issue 6 report)")
     assert len(lines) == 1 and lines[0].startswith("warning: the unpruned model classifies only 0.0%"), err
     _record("warning: base accuracy under 50 %", lines[0])
 
@@ -693,8 +684,6 @@ def test_meaningless_asr_warns(tmp_path, capsys):
                     "-q"])
     err = capsys.readouterr().err
     assert rc == 0 and (out / "sweep.csv").exists()
-    if not _cli_shows_warnings():
-        pytest.xfail("needs errors.cli_warnings in cli.main (see the issue 6 report)")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: every poisoned label is class 3"), err
     _record("warning: poisoned label = the model's usual answer", lines[0])
@@ -799,8 +788,6 @@ def test_sigint_mid_sweep_leaves_nothing_partial(slow, tmp_path, capsys):
 
 def test_sigterm_mid_sweep_leaves_nothing_partial(slow, tmp_path, capsys):
     rc, err, out, cache = _interrupt(slow, tmp_path, signal.SIGTERM)
-    if rc == -signal.SIGTERM and "SIGTERM" not in inspect.getsource(cli):
-        pytest.xfail("needs the cli SIGTERM handler (see the issue 6 report)")
     _check_interrupted_then_rerun(slow, tmp_path, capsys, rc, err, out, cache, 128 + signal.SIGTERM)
 
 

@@ -106,7 +106,8 @@ def test_folder_contents(written):
     names = sorted(p.name for p in written.iterdir())
     assert names == ["models", "results.md", "sweep.csv", "sweep.json", "sweep.png"]
     assert sorted(p.name for p in (written / "models").iterdir()) == [
-        "B_prime_X10.keras", "B_prime_X2.5.keras", "B_prime_X2.keras", "B_prime_X4.keras"]
+        "B_prime_X10.keras", "B_prime_X2.5.keras", "B_prime_X2.keras", "B_prime_X4.keras",
+        "goodnet_X10.keras", "goodnet_X2.5.keras", "goodnet_X2.keras", "goodnet_X4.keras"]
     assert _siblings(written) == []  # no temp folder left
 
 

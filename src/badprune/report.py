@@ -1,4 +1,5 @@
-"""Writing a sweep's outputs: ``sweep.csv``, ``sweep.json``, ``results.md``, ``sweep.png`` and the pruned models.
+"""Writing a sweep's outputs: ``sweep.csv``, ``sweep.json``, ``results.md``, ``sweep.png``, the pruned models B'_X
+and the GoodNets G_X.
 
 :func:`write_outputs` builds everything in a temporary sibling folder and renames it into place at the end, so a
 failed or interrupted run never leaves a half-written output folder. :func:`format_table`, :func:`summary_line`
@@ -15,6 +16,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,8 @@ from .sweep import COLUMNS, SweepResult
 PERCENT_COLUMNS = ("valid_acc", "test_acc", "asr", "goodnet_test_acc", "goodnet_asr", "goodnet_detection",
                    "goodnet_false_alarm")
 
-__all__ = ["write_outputs", "format_table", "summary_line", "results_markdown", "plot_sweep", "fmt_x",
-           "model_filename", "PERCENT_COLUMNS"]
+__all__ = ["write_outputs", "check_output", "format_table", "summary_line", "results_markdown", "plot_sweep",
+           "fmt_x", "model_filename", "PERCENT_COLUMNS"]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -295,7 +298,8 @@ def plot_sweep(result: SweepResult, path) -> None:
     ax.set_ylabel("rate (%)")
     ax.set_title(f"Pruning defense: {result.model_name}, layer {result.layer} ({result.n_channels} channels)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label with only --valid and no threshold reached
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(str(path), format="png")
 
@@ -372,6 +376,25 @@ def _check_target(out: Path, force: bool) -> None:
         raise BadpruneError("output folder already exists", out, "pass --force to replace it or choose another --out")
 
 
+def check_output(out_dir, force: bool = False) -> Path:
+    """Before the work: refuse an output folder that exists (unless ``force``) or could not be written (a part of
+    the path is a file, or the nearest existing folder is not writable). Creates nothing."""
+    out = Path(out_dir).expanduser().absolute()
+    _check_target(out, force)
+    anc = out.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise BadpruneError("a part of the output path is a file, not a folder", anc, "choose another --out")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=anc)
+    except OSError as e:
+        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", anc,
+                            "check its permissions or choose another --out") from None
+    os.rmdir(probe)
+    return out
+
+
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
@@ -382,8 +405,10 @@ def _remove(p: Path) -> None:
             pass
 
 
-def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models: bool = True) -> Path:
-    """Write ``sweep.csv``, ``sweep.json``, ``results.md``, ``sweep.png`` and ``models/B_prime_X<X>.keras``.
+def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models: bool = True,
+                  save_goodnets: bool = True) -> Path:
+    """Write ``sweep.csv``, ``sweep.json``, ``results.md``, ``sweep.png``, ``models/B_prime_X<X>.keras`` and (with
+    ``save_goodnets``) ``models/goodnet_X<X>.keras``, the one-graph GoodNet G_X (:mod:`badprune.goodnet`).
 
     Everything is built in ``.<name>.tmp-<pid>`` next to ``out_dir`` and renamed into place at the end; on any
     failure the temporary folder is removed and ``out_dir`` is left as it was. An existing non-empty ``out_dir``
@@ -417,6 +442,15 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
                 (tmp / "models").mkdir()
             for t in reached:
                 result.pruned_model(t.x).save(str(tmp / "models" / model_filename(t.x)))
+                if save_goodnets:
+                    from .goodnet import from_sweep, goodnet_filename
+
+                    try:
+                        g = from_sweep(result, t.x)
+                    except BadpruneError as e:  # B'_X is still useful without its one-graph GoodNet
+                        print(f"warning: no {goodnet_filename(t.x)}: {e.line()}", file=sys.stderr)
+                    else:
+                        g.save(str(tmp / "models" / goodnet_filename(t.x)))
 
         # move into place (re-check: the folder may have appeared while we worked)
         _check_target(out, force)
