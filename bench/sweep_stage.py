@@ -1,0 +1,91 @@
+"""badprune's sweep stage, as ``badprune.sweep.run`` runs it after extraction: ``head.masked_steps`` over the
+activations of all sets at once, and at every step the accuracies, ASR and GoodNet metrics; plus the FLOP counts
+of that work (for the floor analysis in RESULTS.md)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def run(head, F, ranking, bounds, labels, num_classes, mode="incremental"):
+    """The per-step table {valid_acc, test_acc, asr, goodnet_*} (percent, C+1 rows)."""
+    from badprune.head import masked_steps
+
+    C = len(ranking)
+    cols = {c: np.full(C + 1, np.nan) for c in ("valid_acc", "test_acc", "asr", "goodnet_test_acc",
+                                                  "goodnet_asr", "goodnet_detection", "goodnet_false_alarm")}
+    base = None
+    for k, c, lab in masked_steps(head, F, ranking, mode=mode):
+        if base is None:
+            base = lab.copy()
+        p = {n: lab[s] for n, s in bounds.items()}
+        cols["valid_acc"][k] = 100 * np.mean(p["valid"] == labels["valid"])
+        cols["test_acc"][k] = 100 * np.mean(p["test"] == labels["test"])
+        g = np.where(p["test"] == base[bounds["test"]], p["test"], num_classes)
+        cols["goodnet_test_acc"][k] = 100 * np.mean(g == labels["test"])
+        cols["goodnet_false_alarm"][k] = 100 * np.mean(g == num_classes)
+        cols["asr"][k] = 100 * np.mean(p["poisoned"] == labels["poisoned"])
+        g = np.where(p["poisoned"] == base[bounds["poisoned"]], p["poisoned"], num_classes)
+        cols["goodnet_asr"][k] = 100 * np.mean(g == labels["poisoned"])
+        cols["goodnet_detection"][k] = 100 * np.mean(g == num_classes)
+    cols["stats"] = dict(getattr(masked_steps, "last_stats", {}) or {})
+    return cols
+
+
+# ------------------------------------------------------------------------------------------------------ FLOPs
+def _op_flops(head, o) -> int:
+    """Multiply-adds x 2 of one head op for one sample."""
+    if o.kind == "dense":
+        return 2 * int(o.params["W"].shape[0]) * int(o.params["W"].shape[1])
+    if o.kind == "conv":
+        kh, kw, cin, _ = o.params["K"].shape
+        return 2 * int(np.prod(o.shape)) * int(kh * kw * cin)
+    return 0
+
+
+def head_flops(head) -> dict:
+    """Per-sample FLOPs of the head: 'full' (the whole head), and for the incremental sweep 'remove' (taking one
+    channel out of the linear consumers' pre-activations), 'rest' (from those to the final layer's input), 'final'
+    (the final Dense) and 'screen' (the final layer's 16 screened candidates)."""
+    out = {"full": sum(_op_flops(head, o) for o in head.ops), "remove": 0, "rest": 0, "final": 0, "screen": 0}
+    if head.tf_head is not None or not head.ops:
+        return out
+    H, W, C = head.input_shape
+    for i, kind in head.linear.items():
+        o = head.ops[i]
+        if kind == "dense":
+            out["remove"] += 2 * H * W * int(o.params["W"].shape[1])
+        else:
+            kh, kw, _, cout = o.params["K"].shape
+            out["remove"] += 2 * int(np.prod(o.shape[:2])) * int(kh * kw) * int(cout)
+    last = head.ops[-1]
+    if last.kind == "dense":
+        out["final"] = _op_flops(head, last)
+        out["screen"] = 2 * int(last.params["W"].shape[0]) * 16
+        given = frozenset(head.ops[i].out for i in head.linear)
+        plan = head._plan(given, last.inputs[0])
+        out["rest"] = sum(_op_flops(head, o) for o in plan)
+    return out
+
+
+def trunk_flops(model, layer) -> int:
+    """Per-image FLOPs of the trunk (Conv2D / Dense layers up to ``layer``)."""
+    total = 0
+    for lay in model.layers:
+        cls = type(lay).__name__
+        if cls in ("Conv2D", "Convolution2D"):
+            k = lay.get_weights()[0]
+            total += 2 * int(np.prod(lay.output.shape[1:])) * int(np.prod(k.shape[:3]))
+        elif cls == "Dense":
+            k = lay.get_weights()[0]
+            total += 2 * int(k.shape[0]) * int(k.shape[1])
+        if lay.name == layer:
+            break
+    return total
+
+
+def incremental_flops(head, n_samples, stats) -> float:
+    """FLOPs the incremental sweep did, from ``masked_steps.last_stats`` (rows re-evaluated, rows whose final
+    layer was computed exactly, rows screened) plus the first full pass."""
+    f = head_flops(head)
+    return float(n_samples * f["full"] + stats.get("rows", 0) * (f["remove"] + f["rest"])
+                 + stats.get("exact_final", 0) * f["final"] + stats.get("screened", 0) * f["screen"])
