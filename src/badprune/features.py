@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from . import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 
-import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +35,7 @@ import keras
 import numpy as np
 
 from . import data as _data
+from ._console import quiet_fds
 from .errors import BadpruneError, warn
 from .models import model_digest
 
@@ -97,39 +97,6 @@ def _scale_value(scale) -> float:
 # engines: callables mapping a float32 NHWC batch to a float32 numpy array
 
 
-_QUIET_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _quiet_fds():
-    """Silence C-level stdout/stderr (LiteRT's delegate banner, converter logs) for the duration."""
-    with _QUIET_LOCK:
-        with _quiet_fds_unlocked():
-            yield
-
-
-@contextlib.contextmanager
-def _quiet_fds_unlocked():
-    saved = []
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        null = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            saved.append((fd, os.dup(fd)))
-            os.dup2(null, fd)
-        os.close(null)
-    except OSError:  # no real fds (e.g. captured): do nothing
-        pass
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-
-
 class _Runner:
     """Runs a Keras model (trunk or full model) batch by batch with one engine."""
 
@@ -174,7 +141,7 @@ class _Runner:
             raise BadpruneError("the litert engine needs the ai-edge-litert package",
                                 fix="pip install ai-edge-litert, or use --engine tf") from None
         try:
-            with _quiet_fds():
+            with quiet_fds():
                 return tf.lite.TFLiteConverter.from_keras_model(net).convert()
         except Exception as e:
             raise BadpruneError(f"cannot convert the model to LiteRT ({type(e).__name__})",
@@ -183,7 +150,7 @@ class _Runner:
     def _new_interpreter(self):
         from ai_edge_litert.interpreter import Interpreter
 
-        with _quiet_fds():
+        with quiet_fds():
             it = Interpreter(model_content=self._blob, num_threads=1)
         return {"it": it, "inp": it.get_input_details()[0]["index"], "out": it.get_output_details()[0]["index"],
                 "n": None}
@@ -194,7 +161,7 @@ class _Runner:
             it = slot["it"]
             if slot["n"] != len(x):
                 it.resize_tensor_input(slot["inp"], list(x.shape))
-                with _quiet_fds():
+                with quiet_fds():
                     it.allocate_tensors()
                 slot["n"] = len(x)
             it.set_tensor(slot["inp"], x)

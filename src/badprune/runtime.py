@@ -21,16 +21,14 @@ Example (on a device with numpy, Pillow and ai-edge-litert only)::
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import struct
 import sys
-import threading
 import warnings
 
 import numpy as np
 
+from ._console import quiet_fds  # noqa: F401  (also part of this module's API: export.py uses it)
 from .errors import BadpruneError
 from .goodnet import Kind, kind_from_shapes
 
@@ -45,33 +43,6 @@ _LITERT_FIX = "pip install ai-edge-litert (or tflite-runtime)"
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-_QUIET_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def quiet_fds():
-    """Silence C-level stdout/stderr (LiteRT's 'Created TensorFlow Lite XNNPACK delegate' line, converter logs)."""
-    with _QUIET_LOCK:
-        saved = []
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            null = os.open(os.devnull, os.O_WRONLY)
-            for fd in (1, 2):
-                saved.append((fd, os.dup(fd)))
-                os.dup2(null, fd)
-            os.close(null)
-        except OSError:  # no real file descriptors (captured streams): nothing to silence
-            pass
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-        finally:
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
-
-
 def interpreter_class(prefer: str | None = None):
     """``(Interpreter class, backend name)``: ai_edge_litert, else tflite_runtime, else tf.lite.
 
