@@ -173,3 +173,21 @@ def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, min_
         assert stats["screened"] == stats["rows"]
     else:
         assert stats["screened"] < stats["rows"]
+
+
+def test_samples_with_no_input_left_tie_exactly_like_tensorflow():
+    """Zero biases: once every channel is masked all logits tie, and the label must be class 0 (first maximum),
+    as TensorFlow gives, not whatever the incremental subtractions' rounding leaves."""
+    m = model_deepid_like(seed=4)
+    for layer in m.layers:
+        ws = layer.get_weights()
+        if len(ws) == 2 and not isinstance(layer, L.Conv2D) or layer.name == "c4":
+            layer.set_weights([ws[0], np.zeros_like(ws[1])])
+    X = _inputs(200, 4)
+    F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
+    head = compile_head(m, "pool_p")
+    order = np.argsort(F.mean(axis=(0, 1, 2)), kind="stable")
+    steps = [lab.copy() for _, _, lab in masked_steps(head, F, order)]
+    ref = prune_model(m, "pool_p", [int(c) for c in order]).predict(X, verbose=0).argmax(1)
+    np.testing.assert_array_equal(ref, 0)
+    np.testing.assert_array_equal(steps[-1], ref)

@@ -491,6 +491,7 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
         tol = 1e-4 * max(1.0, top_logit)  # float32 rounding of the stored logits, with a wide safety factor
         h_tid = final.inputs[0]
     active = prune_ext.channel_activity(F3) if incremental else None
+    left = active.sum(axis=1, dtype=np.int64) if incremental else None  # unmasked active channels per sample
     needs_F = not native or any(0 in o.inputs for o in head._plan(frozenset(state), None if final is None else
                                                                    final.inputs[0]))
     stats = {"rows": 0, "exact_final": 0, "screened": 0}
@@ -501,6 +502,9 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
             rows = np.flatnonzero(active[:, c]).astype(np.int64)
         else:
             rows = np.arange(N, dtype=np.int64)
+        if linear:
+            left[rows] -= 1
+            empty = rows[left[rows] == 0]  # no unmasked active channel left: the input is exactly zero
         for i, kind in linear.items():
             o = head.ops[i]
             if kind == "dense":
@@ -508,6 +512,9 @@ def masked_steps(head: Head, F: np.ndarray, order, mode: str = "incremental", ba
             else:
                 sh, sw, pt, pl, dh, dw = o.params["geom"]
                 prune_ext.conv_remove_channel(state[o.out], F, rows, o.params["K"], c, sh, sw, pt, pl, dh, dw)
+            # reset to the exact pre-activation of a zero input (the bias), dropping the subtractions' rounding,
+            # so that samples whose input is gone tie exactly as in TensorFlow
+            state[o.out][empty] = o.params["b"]
         stats["rows"] += len(rows)
         screening = final is not None and K > 0 and (screen_ok or k - last_try >= SCREEN_RETRY)
         if screening:
