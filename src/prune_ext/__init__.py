@@ -18,5 +18,4 @@ from ._kernels import (  # noqa: F401
     screen_final,
     topk_refs,
     pool2d,
-    top2,
 )

@@ -456,29 +456,3 @@ cpdef cnp.ndarray screen_final(const float[:, ::1] H, const float[:, ::1] Href, 
                     best = j
             o[i] = best if bv > floor[r] + dmu + dist * rmax + tol else -1
     return out
-
-
-cpdef tuple top2(const float[:, ::1] X):
-    """label[m] := argmax_j X[m, j];  margin[m] := X[m, label] - max_{j != label} X[m, j]"""
-    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], m, j, best
-    cdef cnp.ndarray[cnp.int64_t, ndim=1] lab = np.empty(M, np.int64)
-    cdef cnp.ndarray[cnp.float32_t, ndim=1] mar = np.empty(M, np.float32)
-    cdef cnp.int64_t[::1] lv = lab
-    cdef float[::1] mv = mar
-    cdef float b1, b2, v
-    with nogil:
-        for m in range(M):
-            best = 0
-            b1 = X[m, 0]
-            b2 = -INFINITY
-            for j in range(1, N):
-                v = X[m, j]
-                if v > b1:
-                    b2 = b1
-                    b1 = v
-                    best = j
-                elif v > b2:
-                    b2 = v
-            lv[m] = best
-            mv[m] = b1 - b2
-    return lab, mar
