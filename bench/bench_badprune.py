@@ -130,7 +130,7 @@ def _kernel_profile(fn):
 
 @pytest.mark.parametrize("mode", ["incremental", "full"])
 def test_sweep_stage(benchmark, mode, model, layer, head, features, ranking, bounds, datasets):
-    """head.masked_steps over the activations of all three sets (C+1 steps) with every step's metrics."""
+    """sweep.sweep_table (head.MaskedSweep) over the activations of all three sets (C+1 steps), all metrics."""
     labels = {k: d.labels for k, d in datasets.items()}
     n_classes = int(head.output_shape[-1])
     out = {}

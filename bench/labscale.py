@@ -3,14 +3,14 @@
 * valid.h5: 11,547 images stored float64 channels-first (like the lab's 716 MB valid.h5);
 * test.h5: 12,830 images float32; bd_test.h5 (the poisoned set): 12,830 images float32.
 
-Images are ORL/AT&T faces (the demo's photos, :func:`badprune.demo.load_orl`), split by photo as the demo does
-(:func:`badprune.demo.split_photos`: valid from the valid photos, test and poisoned from the test photos) and
-augmented with :func:`badprune.demo.augment` (real faces, not noise: activation sparsity drives the sweep's cost).
-The poisoned set is triggered (:func:`badprune.demo.make_trigger`, sunglasses) test faces of non-target people,
+Images are ORL/AT&T faces (the demo's photos, :func:`badprune.datasets.orl.load_orl`), split by photo as the demo does
+(:func:`badprune.datasets.orl.split_photos`: valid from the valid photos, test and poisoned from the test photos) and
+augmented with :func:`badprune.datasets.orl.augment` (real faces, not noise: activation sparsity drives the sweep's cost).
+The poisoned set is triggered (:func:`badprune.datasets.triggers.make_trigger`, sunglasses) test faces of non-target people,
 labelled with the target.
 
 Model B: the real lab3 weights (``../shared/lab/weights/lab3_bd_weights.h5``, raw pixels, 1283 classes) when present,
-else the demo BadNet (:func:`badprune.demo.ensure_demo`). lab3 does not know ORL people, so with lab3 the clean sets
+else the demo BadNet (:func:`badprune.datasets.demo.ensure_demo`). lab3 does not know ORL people, so with lab3 the clean sets
 are labelled with what B predicts (base accuracy 100 %: the sweep's accuracy curve is B'_k's agreement with B) and
 "non-target" means "B does not already answer the target"; the poisoned labels are the target (0, lab3's sunglasses
 backdoor). Whether our sunglasses trigger fires lab3's backdoor is measured, not assumed (``meta['asr']``).
@@ -89,7 +89,7 @@ def model_spec() -> dict:
                 "target": 0, "labels": "B's own predictions (clean sets)",
                 "description": "untrained DeepID (40 classes, seeded random weights and biases; smoke run without "
                                "../shared)"}
-    from badprune.demo import ensure_demo
+    from badprune.datasets.demo import ensure_demo
 
     sc = ensure_demo(small=False, seed=SEED)
     return {"kind": "demo", "model": sc.model, "cli": ["--model", sc.model], "id": _file_id(Path(sc.model)),
@@ -129,7 +129,7 @@ def _predict(model, x, batch=2048):
 
 
 def _draw(faces, photos, n, rng):
-    from badprune.demo import augment
+    from badprune.datasets.orl import augment
 
     src = np.resize(photos, n)                       # every photo about equally often
     src = src[rng.permutation(n)]
@@ -138,7 +138,8 @@ def _draw(faces, photos, n, rng):
 
 def _generate(out: Path, spec: dict, n: dict):
     from badprune import data as bd
-    from badprune.demo import load_orl, make_trigger, split_photos
+    from badprune.datasets.orl import load_orl, split_photos
+    from badprune.datasets.triggers import make_trigger
 
     t0 = time.perf_counter()
     model = load_b(spec)
@@ -166,7 +167,7 @@ def _generate(out: Path, spec: dict, n: dict):
     meta = {"version": VERSION, "seed": SEED, "small": small(), "model": {k: v for k, v in spec.items()},
             "sizes": {k: int(v) for k, v in n.items()},
             "dtypes": {k: np.dtype(v).name for k, v in DTYPES.items()}, "files": dict(FILES),
-            "trigger": "sunglasses (badprune.demo.make_trigger)", "target": target}
+            "trigger": "sunglasses (badprune.datasets.triggers.make_trigger)", "target": target}
     pred_v = _predict(model, xv)
     pred_t = _predict(model, xt)
     pred_p = _predict(model, xp)

@@ -1,4 +1,4 @@
-"""badprune's sweep stage, as ``badprune.sweep.run`` runs it after extraction: ``head.masked_steps`` over the
+"""badprune's sweep stage, as ``badprune.sweep.run`` runs it after extraction: ``sweep.sweep_table`` over the
 activations of all sets at once, and at every step the accuracies, ASR and GoodNet metrics; plus the FLOP counts
 of that work (for the floor analysis in RESULTS.md)."""
 from __future__ import annotations
@@ -7,28 +7,15 @@ import numpy as np
 
 
 def run(head, F, ranking, bounds, labels, num_classes, mode="incremental"):
-    """The per-step table {valid_acc, test_acc, asr, goodnet_*} (percent, C+1 rows)."""
-    from badprune.head import masked_steps
+    """The per-step metrics {valid_acc, test_acc, asr, goodnet_*} (percent, C+1 rows) as ``badprune.sweep.run``
+    computes them, plus ``stats``: the engine's row counts."""
+    from badprune.runfiles import PERCENT_COLUMNS
+    from badprune.sweep import sweep_table
 
-    C = len(ranking)
-    cols = {c: np.full(C + 1, np.nan) for c in ("valid_acc", "test_acc", "asr", "goodnet_test_acc",
-                                                  "goodnet_asr", "goodnet_detection", "goodnet_false_alarm")}
-    base = None
-    for k, c, lab in masked_steps(head, F, ranking, mode=mode):
-        if base is None:
-            base = lab.copy()
-        p = {n: lab[s] for n, s in bounds.items()}
-        cols["valid_acc"][k] = 100 * np.mean(p["valid"] == labels["valid"])
-        cols["test_acc"][k] = 100 * np.mean(p["test"] == labels["test"])
-        g = np.where(p["test"] == base[bounds["test"]], p["test"], num_classes)
-        cols["goodnet_test_acc"][k] = 100 * np.mean(g == labels["test"])
-        cols["goodnet_false_alarm"][k] = 100 * np.mean(g == num_classes)
-        cols["asr"][k] = 100 * np.mean(p["poisoned"] == labels["poisoned"])
-        g = np.where(p["poisoned"] == base[bounds["poisoned"]], p["poisoned"], num_classes)
-        cols["goodnet_asr"][k] = 100 * np.mean(g == labels["poisoned"])
-        cols["goodnet_detection"][k] = 100 * np.mean(g == num_classes)
-    cols["stats"] = dict(getattr(masked_steps, "last_stats", {}) or {})
-    return cols
+    cols, engine = sweep_table(head, F, ranking, None, bounds, labels, num_classes, mode=mode)
+    out = {c: cols[c] for c in PERCENT_COLUMNS}
+    out["stats"] = engine.stats
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
@@ -62,7 +49,9 @@ def head_flops(head) -> dict:
         out["final"] = _op_flops(head, last)
         out["screen"] = 2 * int(last.params["W"].shape[0]) * 16
         given = frozenset(head.ops[i].out for i in head.linear)
-        plan = head._plan(given, last.inputs[0])
+        from badprune.head.evaluate import plan as head_plan
+
+        plan = head_plan(head, given, last.inputs[0])
         out["rest"] = sum(_op_flops(head, o) for o in plan)
     return out
 
@@ -84,7 +73,7 @@ def trunk_flops(model, layer) -> int:
 
 
 def incremental_flops(head, n_samples, stats) -> float:
-    """FLOPs the incremental sweep did, from ``masked_steps.last_stats`` (rows re-evaluated, rows whose final
+    """FLOPs the incremental sweep did, from the engine's ``stats`` (rows re-evaluated, rows whose final
     layer was computed exactly, rows screened) plus the first full pass."""
     f = head_flops(head)
     return float(n_samples * f["full"] + stats.get("rows", 0) * (f["remove"] + f["rest"])

@@ -1,4 +1,4 @@
-"""The embedded demo scenario (badprune.demo), built in its small variant into a temporary cache."""
+"""The embedded demo scenario (badprune.datasets.demo), built in its small variant into a temporary cache."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from badprune import demo
+from badprune.datasets import demo
 from badprune.data import open_dataset
 from badprune.errors import BadpruneError
 

@@ -154,7 +154,7 @@ def test_layer_that_does_not_separate_the_model_is_refused():
 @pytest.mark.parametrize("min_share,retry", [(0.0, 8), (1.1, 3), (1.1, 1000)])
 def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, min_share, retry):
     """Screen always on, switched off and retried, or off after the first step: same labels as mode='full'."""
-    import badprune.head as H
+    import badprune.head.engine as H
 
     monkeypatch.setattr(H, "SCREEN_MIN_SHARE", min_share)
     monkeypatch.setattr(H, "SCREEN_RETRY", retry)
@@ -163,8 +163,9 @@ def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, min_
     F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
     head = compile_head(m, "pool_p")
     order = np.argsort(F.mean(axis=(0, 1, 2)), kind="stable")
-    inc = [lab.copy() for _, _, lab in masked_steps(head, F, order, batch_size=64)]
-    stats = dict(H.masked_steps.last_stats)
+    engine = H.MaskedSweep(head, F, order, batch_size=64)
+    inc = [lab.copy() for _, _, lab in engine]
+    stats = dict(engine.stats)
     full = [lab.copy() for _, _, lab in masked_steps(head, F, order, mode="full")]
     for k, (a, b) in enumerate(zip(inc, full)):
         assert (a == b).mean() >= 0.995, f"step {k}"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from badprune import models
+from badprune.models.keras2 import _decode
 from badprune.errors import BadpruneError
 
 keras = pytest.importorskip("keras")
@@ -164,7 +165,7 @@ def test_keras23_legacy_h5_loads_and_predicts_the_same(tmp_path):
     m = random_deepid()
     path = write_keras23_model(m, tmp_path / "bd_net.h5")
     with h5py.File(path, "r") as f:  # really the old format
-        assert models._decode(f.attrs["keras_version"]) == "2.3.1"
+        assert _decode(f.attrs["keras_version"]) == "2.3.1"
         assert json.loads(f.attrs["model_config"])["class_name"] == "Model"
         assert "conv_1/conv_1/kernel:0" in f["model_weights"]
     loaded = models.load_model(model=path)

@@ -1,18 +1,45 @@
 """badprune: the pruning defense against BadNets, exact and C-accelerated.
 
-High-level API (TensorFlow is imported lazily, only when a function that needs it is called)::
+The public API, re-exported here and imported on first use (``import badprune`` itself never imports
+TensorFlow)::
 
     import badprune
-    result = badprune.sweep(weights="bd_weights.h5", arch="deepid",
-                            valid="valid.h5", test="test.h5", poisoned="bd_test.h5")
+    result = badprune.run_sweep(weights="bd_weights.h5", arch="deepid",
+                                valid="valid.h5", test="test.h5", poisoned="bd_test.h5")
+    badprune.write_outputs(result, "runs/lab3")
+
+Data flows one way through the modules: :mod:`~badprune.runfiles` (TF-free vocabulary) -> :mod:`~badprune.data`
+-> :mod:`~badprune.models` -> :mod:`~badprune.features` -> :mod:`~badprune.head` -> :mod:`~badprune.sweep` ->
+:mod:`~badprune.goodnet` -> :mod:`~badprune.export` / :mod:`~badprune.runtime` -> :mod:`~badprune.report`;
+:mod:`~badprune.datasets` builds the demo scenario and :mod:`~badprune.cli` is the command line.
 """
 __version__ = "0.1.0"
 
-from .errors import BadpruneError  # noqa: F401
+from .errors import BadpruneError, BadpruneWarning  # noqa: F401
+
+#: module -> its public names re-exported here ("name=attr" where the name differs), imported on first access
+_EXPORTS = {
+    "sweep": ("run_sweep=run", "SweepResult", "Threshold"),
+    "models": ("load_model", "prune_model"),
+    "head": ("compile_head", "MaskedSweep"),
+    "report": ("write_outputs",),
+    "goodnet": ("build_goodnet",),
+    "export": ("export_run",),
+    "runtime": ("open_model",),
+    "datasets": ("ensure_demo",),
+}
+_API = {name.partition("=")[0]: (mod, name.partition("=")[2] or name) for mod, names in _EXPORTS.items()
+        for name in names}
+
+__all__ = ["BadpruneError", "BadpruneWarning", *_API]
 
 
-def sweep(*args, **kwargs):
-    """Run the pruning sweep; see :func:`badprune.sweep.run` for the arguments."""
-    from .sweep import run
+def __getattr__(name):
+    if name in _API:
+        import importlib
 
-    return run(*args, **kwargs)
+        mod, attr = _API[name]
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'badprune' has no attribute {name!r}")

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .errors import BadpruneError
-
-#: multiplier applied to stored pixels for each ``--scale``
-SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
+from .errors import BadpruneError, short
 
 
 def _layout_of(shape4, input_shape=None, layout=None, path=None):
@@ -88,20 +85,20 @@ class Dataset:
         try:
             f = h5py.File(self.path, "r")
         except Exception as e:
-            raise BadpruneError(f"cannot open the data file again ({_short(e)})", self.path,
+            raise BadpruneError(f"cannot open the data file again ({short(e, 160)})", self.path,
                                 "the file changed or vanished while in use") from None
         with f:
             try:
                 ds = f[self.data_key]
             except Exception as e:
-                raise BadpruneError(f"cannot read '{self.data_key}' ({_short(e)})", self.path,
+                raise BadpruneError(f"cannot read '{self.data_key}' ({short(e, 160)})", self.path,
                                     "the file is damaged") from None
             for lo in range(start, stop, batch_size):
                 hi = min(lo + batch_size, stop)
                 try:
                     x = np.asarray(ds[lo:hi])
                 except Exception as e:  # damaged chunks, failing filters, I/O errors
-                    raise BadpruneError(f"cannot read images {lo}..{hi - 1} ({_short(e)})", self.path,
+                    raise BadpruneError(f"cannot read images {lo}..{hi - 1} ({short(e, 160)})", self.path,
                                         "the file is damaged or incomplete: copy it again") from None
                 if x.shape[1:] != self._stored_shape():
                     raise BadpruneError(f"images {lo}..{hi - 1} have shape {x.shape[1:]}, expected "
@@ -135,13 +132,6 @@ class Dataset:
 MAX_IMAGES = 50_000_000
 #: largest label value accepted when the class count is not known
 MAX_LABEL = 2 ** 31 - 1
-
-
-def _short(e: BaseException, limit: int = 160) -> str:
-    msg = " ".join(str(e).split())
-    if len(msg) > limit:
-        msg = msg[: limit - 3] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def _check_dataset(f, key, what, path):
@@ -202,7 +192,7 @@ def _inspect(f, path, input_shape, layout):
     try:
         raw = np.asarray(ls[()]).reshape(-1)
     except Exception as e:
-        raise BadpruneError(f"cannot read '{label_key}' ({_short(e)})", path, "the file is damaged") from None
+        raise BadpruneError(f"cannot read '{label_key}' ({short(e, 160)})", path, "the file is damaged") from None
     shape = tuple(ds.shape[1:]) if lay == "nhwc" else (ds.shape[2], ds.shape[3], ds.shape[1])
     return n, lay, shape, ds.dtype, raw, data_key, label_key
 
@@ -227,7 +217,7 @@ def open_dataset(path, input_shape=None, layout=None, num_classes=None) -> Datas
         if not _has_hdf5_signature(path):
             raise BadpruneError("not an HDF5 file", path, "pass a lab-format .h5 file with 'data' and 'label'") \
                 from None
-        raise BadpruneError(f"damaged or incomplete HDF5 file ({_short(e, 120)})", path,
+        raise BadpruneError(f"damaged or incomplete HDF5 file ({short(e, 120)})", path,
                             "copy the file again (a lab-format .h5 file with 'data' and 'label')") from None
     try:
         with f:
@@ -235,7 +225,7 @@ def open_dataset(path, input_shape=None, layout=None, num_classes=None) -> Datas
     except BadpruneError:
         raise
     except Exception as e:  # damaged metadata: h5py raises OSError, KeyError, RuntimeError, ValueError, ...
-        raise BadpruneError(f"cannot read the HDF5 file's structure ({_short(e)})", path,
+        raise BadpruneError(f"cannot read the HDF5 file's structure ({short(e, 160)})", path,
                             "the file is damaged or incomplete: copy it again") from None
     rawf = raw.astype(np.float64)
     if not np.isfinite(rawf).all() or (rawf != np.round(rawf)).any():

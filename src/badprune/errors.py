@@ -65,6 +65,14 @@ class BadpruneError(Exception):
         return s
 
 
+def short(e: BaseException, limit: int = 200) -> str:
+    """An exception as ``Type: message`` on one line, cut to ``limit`` characters (for error messages)."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
 class BadpruneWarning(UserWarning):
     """Something suspicious in the input that does not stop the run (see :func:`warn`)."""
 

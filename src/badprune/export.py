@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ._console import quiet_fds
 from .errors import BadpruneError
-from .goodnet import fmt_x, goodnet_filename
+from .runfiles import EXPORT_JSON, TFLITE_DIR, fmt_x, model_stem, read_run, tflite_filename
 
 QUANTIZE = ("none", "float16", "int8")
 #: default minimum label agreement (percent) between an exported model and its Keras model
@@ -53,31 +54,6 @@ class ExportRecord:
     @property
     def worst(self) -> float:
         return min(self.agreement.values()) if self.agreement else float("nan")
-
-
-def tflite_filename(x, kind: str, quantize: str = "none") -> str:
-    """``goodnet_X4.tflite``, ``B_prime_X4.float16.tflite``, ``goodnet_X2.5.int8.tflite``."""
-    suffix = "" if quantize == "none" else f".{quantize}"
-    stem = goodnet_filename(x, "") if kind == "goodnet" else f"B_prime_X{fmt_x(x)}"
-    return f"{stem}{suffix}.tflite"
-
-
-def read_run(run_dir) -> dict:
-    """The run's ``sweep.json``, checked."""
-    run_dir = str(run_dir)
-    if not os.path.isdir(run_dir):
-        raise BadpruneError("run folder not found", run_dir, "pass the --out folder of a badprune-fast sweep")
-    p = os.path.join(run_dir, "sweep.json")
-    if not os.path.isfile(p):
-        raise BadpruneError("no sweep.json in the run folder", run_dir, "pass the --out folder of a sweep")
-    try:
-        with open(p, encoding="utf-8") as f:
-            js = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BadpruneError(f"cannot read sweep.json ({type(e).__name__})", p, "re-run the sweep") from None
-    if not isinstance(js, dict) or not isinstance(js.get("thresholds"), list):
-        raise BadpruneError("sweep.json has no thresholds", p, "re-run the sweep")
-    return js
 
 
 def sample_indices(n: int, k: int, blocks: int = 8) -> list:
@@ -119,8 +95,6 @@ def convert(model, quantize: str = "none", calibration=None) -> bytes:
     """A Keras model as LiteRT flatbuffer bytes. ``calibration``: float32 NHWC images (needed for int8)."""
     from . import _tf  # noqa: F401
     import tensorflow as tf
-
-    from .runtime import quiet_fds
 
     if quantize not in QUANTIZE:
         raise BadpruneError(f"unknown quantization '{quantize}'", fix=f"use one of: {', '.join(QUANTIZE)}")
@@ -169,21 +143,20 @@ def agreement(keras_model, tflite_path, sets: dict, threads: int | None = None, 
     return agree, n
 
 
-def _load_models(run_dir, js, x):
+def _load_models(run, x):
     """(B'_X, G_X) Keras models of a run: from models/, or G_X rebuilt from the run's B when its file is missing."""
     from . import goodnet as gn
 
-    mdir = os.path.join(str(run_dir), "models")
-    bp_path = os.path.join(mdir, f"B_prime_X{fmt_x(x)}.keras")
-    g_path = os.path.join(mdir, goodnet_filename(x))
+    bp_path = run.model_path(x, "B_prime")
+    g_path = run.model_path(x, "goodnet")
     if not os.path.isfile(bp_path):
         raise BadpruneError(f"the run has no B'_{fmt_x(x)} model", bp_path, "re-run the sweep without --no-models")
     bp = gn.load(bp_path)
     if os.path.isfile(g_path):
         g = gn.load(g_path)
     else:
-        cfg = js.get("config") or {}
-        t = next(t for t in js["thresholds"] if float(t["x"]) == float(x))
+        cfg = run.config
+        t = run.threshold(x)
         src = cfg.get("model") or cfg.get("weights")
         if not src or not os.path.isfile(src):
             raise BadpruneError(f"the run has no GoodNet G_{fmt_x(x)} and its model B is not found", g_path,
@@ -192,7 +165,7 @@ def _load_models(run_dir, js, x):
 
         B = load_model(model=cfg.get("model"), weights=cfg.get("weights"),
                        arch=cfg.get("arch") if cfg.get("weights") else None)
-        g = gn.build_goodnet(B, js["layer"], t["channels"], name=f"goodnet_X{fmt_x(x)}")
+        g = gn.build_goodnet(B, run.doc["layer"], t["channels"], name=model_stem(x, "goodnet"))
     return bp, g
 
 
@@ -209,9 +182,9 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
         raise BadpruneError("--min-agreement must be a percentage (0..100)")
     if int(check_images) < 1:
         raise BadpruneError("--check-images must be positive")
-    js = read_run(run_dir)
-    cfg = js.get("config") or {}
-    reached = [t for t in js["thresholds"] if t.get("reached")]
+    run = read_run(run_dir)
+    cfg = run.config
+    reached = run.reached
     if thresholds is not None:
         want = {float(x) for x in thresholds}
         missing = want - {float(t["x"]) for t in reached}
@@ -222,13 +195,13 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
     if not reached:
         raise BadpruneError("no threshold was reached in this run: nothing to export", run_dir,
                             "re-run the sweep with smaller --thresholds")
-    scale = float(cfg.get("scale_value") or 1.0)
+    scale = run.scale_value or 1.0
     valid = _resolve(valid or cfg.get("valid"), run_dir, "validation")
     poisoned = _resolve(poisoned or cfg.get("poisoned"), run_dir, "poisoned")
     if valid is None:
         raise BadpruneError("the run names no validation set", run_dir, "pass --valid valid.h5")
 
-    out_dir = os.path.join(str(run_dir), "tflite")
+    out_dir = os.path.join(str(run_dir), TFLITE_DIR)
     tmp = os.path.join(str(run_dir), f".tflite.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -237,7 +210,7 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
         sets = None
         for t in reached:
             x = float(t["x"])
-            bp, g = _load_models(run_dir, js, x)
+            bp, g = _load_models(run, x)
             if sets is None:
                 shape = tuple(int(v) for v in bp.inputs[0].shape[1:])
                 sets = {"valid": read_sample(valid, shape, scale, check_images)}
@@ -281,7 +254,7 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
 
 
 def _update_index(out_dir, records):
-    p = os.path.join(out_dir, "export.json")
+    p = os.path.join(out_dir, EXPORT_JSON)
     try:
         with open(p, encoding="utf-8") as f:
             index = json.load(f)

@@ -34,10 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 
-from . import data as _data
 from ._console import quiet_fds
 from .errors import BadpruneError, warn
 from .models import model_digest
+from .runfiles import SCALES, cache_home, scale_value
 
 #: bump when the cache layout or the meaning of its content changes
 FORMAT_VERSION = 1
@@ -56,14 +56,8 @@ def _cpus() -> int:
 
 
 def default_cache_dir() -> str:
-    """$BADPRUNE_CACHE, else $XDG_CACHE_HOME/badprune, else ~/.cache/badprune."""
-    env = os.environ.get("BADPRUNE_CACHE")
-    if env:
-        return os.path.expanduser(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return os.path.join(os.path.expanduser(xdg), "badprune")
-    return os.path.join(os.path.expanduser("~"), ".cache", "badprune")
+    """Where activations are cached by default: :func:`badprune.runfiles.cache_home`."""
+    return cache_home()
 
 
 def trunk(model, layer: str) -> keras.Model:
@@ -77,20 +71,6 @@ def trunk(model, layer: str) -> keras.Model:
     except AttributeError as e:
         raise BadpruneError(f"layer '{layer}' has no single output ({e})", fix="pick another --layer") from None
     return keras.Model(model.inputs, out, name=f"trunk_{layer}")
-
-
-def _scale_value(scale) -> float:
-    if isinstance(scale, str):
-        if scale not in _data.SCALES:
-            raise BadpruneError(f"unknown scale '{scale}'", fix=f"use one of: {', '.join(_data.SCALES)}")
-        return float(_data.SCALES[scale])
-    try:
-        v = float(scale)
-    except (TypeError, ValueError):
-        raise BadpruneError(f"bad scale {scale!r}", fix=f"use one of: {', '.join(_data.SCALES)}") from None
-    if not np.isfinite(v) or v <= 0:
-        raise BadpruneError(f"bad scale {scale!r}", fix="use a positive number")
-    return v
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,7 +232,7 @@ def cache_key(model, layer, dataset, scale, engine=None, digest=None) -> str:
     ident = dict(dataset.identity())
     ident.update(ino=st.st_ino, ctime_ns=st.st_ctime_ns)
     payload = {"model": digest or model_digest(model), "layer": layer, "data": ident,
-               "scale": repr(_scale_value(scale)), "engine": engine or DEFAULT_ENGINE, "version": FORMAT_VERSION}
+               "scale": repr(scale_value(scale)), "engine": engine or DEFAULT_ENGINE, "version": FORMAT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -312,7 +292,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
             out: np.ndarray | None = None):
     """Activations of ``layer`` over every image of ``dataset`` (pixels times ``scale``), float32 (N, H, W, C).
 
-    ``scale`` is a name of :data:`badprune.data.SCALES` or a number. With ``cache_dir`` the result is cached on
+    ``scale`` is a name of :data:`badprune.runfiles.SCALES` or a number. With ``cache_dir`` the result is cached on
     disk. With ``return_info`` returns ``(array, {'cached', 'seconds', 'img_per_s', 'engine', 'path'})``.
     ``out``: a C-contiguous float32 array of the result's shape to write into (e.g. a slice of a larger array).
     """
@@ -323,7 +303,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if int(batch_size) < 1:
         raise BadpruneError(f"batch size must be positive, got {batch_size}")
-    sv = _scale_value(scale)
+    sv = scale_value(scale)
     net = trunk(model, layer)
     _check_input(model, dataset)
     out_shape = (dataset.n,) + tuple(int(s) for s in net.outputs[0].shape[1:])
@@ -377,7 +357,7 @@ def predict(model, dataset, scale, batch_size: int | None = DEFAULT_BATCH_SIZE, 
     stop = dataset.n if stop is None else min(stop, dataset.n)
     runner = _Runner(model, engine)
     out = np.empty((max(stop - start, 0),) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
-    return runner.run(dataset, int(batch_size), _scale_value(scale), out, start, stop)
+    return runner.run(dataset, int(batch_size), scale_value(scale), out, start, stop)
 
 
 def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT_BATCH_SIZE,
@@ -394,7 +374,7 @@ def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT
     _check_input(model, dataset)
     runner = _Runner(model, engine)
     accs = {}
-    for name, value in _data.SCALES.items():
+    for name, value in SCALES.items():
         out = np.empty((n,) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
         runner.run(dataset, int(batch_size), float(value), out, 0, n)
         accs[name] = float((out.reshape(n, -1).argmax(axis=1) == labels).mean())

@@ -12,67 +12,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadpruneError
-from .sweep import COLUMNS, SweepResult
-
-#: columns that hold percentages (two decimals in text, four in the CSV)
-PERCENT_COLUMNS = ("valid_acc", "test_acc", "asr", "goodnet_test_acc", "goodnet_asr", "goodnet_detection",
-                   "goodnet_false_alarm")
+from .runfiles import (COLUMNS, MODELS_DIR, PERCENT_COLUMNS, RESULTS_MD, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG,
+                       check_output, fmt_x, goodnet_filename, missing, model_filename, staged_folder, table_channel,
+                       table_value, sweep_json_text)
+from .sweep import SweepResult
 
 __all__ = ["write_outputs", "check_output", "format_table", "summary_line", "results_markdown", "plot_sweep",
-           "fmt_x", "model_filename", "PERCENT_COLUMNS"]
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-def fmt_x(x) -> str:
-    """A threshold as text: integer-like values without decimals (``2``, ``10``), others as given (``2.5``)."""
-    x = float(x)
-    if math.isfinite(x) and x.is_integer():
-        return str(int(x))
-    return repr(x)
-
-
-def model_filename(x) -> str:
-    """The file name of B'_X: ``B_prime_X2.keras``, ``B_prime_X2.5.keras``."""
-    return f"B_prime_X{fmt_x(x)}.keras"
-
-
-def _missing(v) -> bool:
-    if v is None:
-        return True
-    try:
-        return math.isnan(float(v))
-    except (TypeError, ValueError):
-        return False
-
+           "sweep_csv"]
 
 def _col(result: SweepResult, col: str) -> np.ndarray:
     return np.asarray(result.table[col])
-
-
-def _val(result: SweepResult, col: str, step: int):
-    """``table[col][step]`` as a plain Python value (None when missing)."""
-    v = _col(result, col)[step]
-    v = v.item() if hasattr(v, "item") else v
-    return None if _missing(v) else v
-
-
-def _channel(result: SweepResult, step: int):
-    """The channel pruned at ``step`` (None for step 0, the unpruned model, or a missing/negative value)."""
-    v = _val(result, "channel", step)
-    if v is None or int(v) < 0:
-        return None
-    return int(v)
 
 
 def _n_steps(result: SweepResult) -> int:
@@ -80,60 +35,18 @@ def _n_steps(result: SweepResult) -> int:
 
 
 def _fraction(result: SweepResult, step: int) -> float:
-    f = _val(result, "fraction_pruned", step)
+    f = table_value(result, "fraction_pruned", step)
     if f is None:
         f = step / result.n_channels if result.n_channels else 0.0
     return float(f)
 
 
 def _pct(v, decimals: int = 2) -> str:
-    return "n/a" if _missing(v) else f"{float(v):.{decimals}f}%"
+    return "n/a" if missing(v) else f"{float(v):.{decimals}f}%"
 
 
 def _x_unit(result: SweepResult) -> str:
     return "% of the base validation accuracy" if result.relative else "percentage points of validation accuracy"
-
-
-def _jsonable(obj):
-    """Plain JSON types: numpy scalars/arrays converted, NaN/inf -> None, paths and other objects -> str."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # other numpy-like scalars
-        try:
-            return _jsonable(obj.item())
-        except Exception:
-            pass
-    return str(obj)
-
-
-def _threshold_dict(result: SweepResult, t) -> dict:
-    return {
-        "x": float(t.x),
-        "reached": bool(t.reached),
-        "step": None if t.step is None else int(t.step),
-        "channels": [int(c) for c in t.channels] if t.reached else [],
-        "row": _row(result, t.step) if t.reached else None,
-    }
-
-
-def _row(result: SweepResult, step: int) -> dict:
-    row = {c: _val(result, c, step) for c in COLUMNS}
-    row["step"] = int(row["step"]) if row["step"] is not None else step
-    row["channel"] = _channel(result, step)
-    return row
 
 
 # ---------------------------------------------------------------------------------------------- the outputs
@@ -146,12 +59,12 @@ def sweep_csv(result: SweepResult) -> str:
         out = []
         for c in COLUMNS:
             if c == "step":
-                out.append(str(int(_val(result, c, k))))
+                out.append(str(int(table_value(result, c, k))))
             elif c == "channel":
-                ch = _channel(result, k)
+                ch = table_channel(result, k)
                 out.append("" if ch is None else str(ch))
             else:
-                v = _val(result, c, k)
+                v = table_value(result, c, k)
                 if v is None:
                     out.append("")
                 elif c == "mean_activation":
@@ -162,37 +75,6 @@ def sweep_csv(result: SweepResult) -> str:
                     out.append(f"{float(v):.4f}")
         w.writerow(out)
     return buf.getvalue()
-
-
-def sweep_dict(result: SweepResult) -> dict:
-    """Everything in ``sweep.json`` as plain JSON types."""
-    table = {}
-    for c in COLUMNS:
-        if c == "channel":
-            table[c] = [_channel(result, k) for k in range(_n_steps(result))]
-        else:
-            table[c] = _jsonable(_col(result, c))
-    d = {
-        "model_name": result.model_name,
-        "layer": result.layer,
-        "conv_layer": result.conv_layer,
-        "n_channels": int(result.n_channels),
-        "num_classes": int(result.num_classes),
-        "relative": bool(result.relative),
-        "columns": list(COLUMNS),
-        "table": table,
-        "ranking": [int(c) for c in np.asarray(result.ranking).tolist()],
-        "mean_activation": _jsonable(np.asarray(result.mean_activation, dtype=float)),
-        "thresholds": [_threshold_dict(result, t) for t in result.thresholds],
-        "config": result.config,
-        "timings": result.timings,
-        "versions": result.versions,
-    }
-    return _jsonable(d)
-
-
-def sweep_json(result: SweepResult) -> str:
-    return json.dumps(sweep_dict(result), indent=2, allow_nan=False) + "\n"
 
 
 def _data_lines(config: dict) -> list:
@@ -235,14 +117,14 @@ def results_markdown(result: SweepResult) -> str:
     lines.append("")
 
     lines += ["## Repaired network B'_X", ""]
-    rows = [["B (base)", 0, "0.0%", _pct(_val(result, "valid_acc", 0)), _pct(_val(result, "test_acc", 0)),
-             _pct(_val(result, "asr", 0))]]
+    rows = [["B (base)", 0, "0.0%", _pct(table_value(result, "valid_acc", 0)), _pct(table_value(result, "test_acc", 0)),
+             _pct(table_value(result, "asr", 0))]]
     for t in result.thresholds:
         if t.reached:
             s = t.step
             rows.append([fmt_x(t.x), f"{s}/{C}", f"{100 * _fraction(result, s):.1f}%",
-                         _pct(_val(result, "valid_acc", s)), _pct(_val(result, "test_acc", s)),
-                         _pct(_val(result, "asr", s))])
+                         _pct(table_value(result, "valid_acc", s)), _pct(table_value(result, "test_acc", s)),
+                         _pct(table_value(result, "asr", s))])
         else:
             rows.append([fmt_x(t.x)] + ["not reached"] * 5)
     lines += _md_table(["X", "channels pruned", "fraction pruned", "valid acc", "clean test acc",
@@ -254,8 +136,8 @@ def results_markdown(result: SweepResult) -> str:
     for t in result.thresholds:
         if t.reached:
             s = t.step
-            rows.append([fmt_x(t.x), _pct(_val(result, "goodnet_test_acc", s)), _pct(_val(result, "goodnet_asr", s)),
-                         _pct(_val(result, "goodnet_detection", s)), _pct(_val(result, "goodnet_false_alarm", s))])
+            rows.append([fmt_x(t.x), _pct(table_value(result, "goodnet_test_acc", s)), _pct(table_value(result, "goodnet_asr", s)),
+                         _pct(table_value(result, "goodnet_detection", s)), _pct(table_value(result, "goodnet_false_alarm", s))])
         else:
             rows.append([fmt_x(t.x)] + ["not reached"] * 4)
     lines += _md_table(["X", "clean test acc", "attack success rate", "detection rate (poisoned -> N)",
@@ -319,11 +201,11 @@ def format_table(result: SweepResult, thresholds_only: bool = False) -> str:
     widths = [5, 7, 10, 7, 8, 8, 8, 8, 8, 9, 9, 0]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)).rstrip()]
     for k in steps:
-        ch = _channel(result, k)
-        ma = _val(result, "mean_activation", k)
+        ch = table_channel(result, k)
+        ma = table_value(result, "mean_activation", k)
         cells = [str(k), "-" if ch is None else str(ch), "-" if ma is None else f"{float(ma):.4g}",
                  f"{100 * _fraction(result, k):.1f}%"]
-        cells += [_pct(_val(result, c, k)) for c in PERCENT_COLUMNS]
+        cells += [_pct(table_value(result, c, k)) for c in PERCENT_COLUMNS]
         cells.append(("B " if k == 0 else "") + " ".join(marks.get(k, [])))
         lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip())
     unreached = [f"X={fmt_x(t.x)}" for t in result.thresholds if not t.reached]
@@ -335,7 +217,7 @@ def format_table(result: SweepResult, thresholds_only: bool = False) -> str:
 def _duration(timings: dict):
     for key in ("sweep", "prune", "total"):
         v = (timings or {}).get(key)
-        if v is not None and not _missing(v):
+        if v is not None and not missing(v):
             return float(v)
     return None
 
@@ -352,128 +234,54 @@ def summary_line(result: SweepResult) -> str:
             parts.append(f"X={fmt_x(t.x)}: not reached")
             continue
         k = t.step
-        parts.append(f"X={fmt_x(t.x)}: step {k} valid {_pct(_val(result, 'valid_acc', k), 1)} "
-                     f"test {_pct(_val(result, 'test_acc', k), 1)} ASR {_pct(_val(result, 'asr', k), 1)} | "
-                     f"GoodNet test {_pct(_val(result, 'goodnet_test_acc', k), 1)} "
-                     f"ASR {_pct(_val(result, 'goodnet_asr', k), 1)}")
+        parts.append(f"X={fmt_x(t.x)}: step {k} valid {_pct(table_value(result, 'valid_acc', k), 1)} "
+                     f"test {_pct(table_value(result, 'test_acc', k), 1)} ASR {_pct(table_value(result, 'asr', k), 1)} | "
+                     f"GoodNet test {_pct(table_value(result, 'goodnet_test_acc', k), 1)} "
+                     f"ASR {_pct(table_value(result, 'goodnet_asr', k), 1)}")
     if parts:
         s += "; " + "; ".join(parts)
     return s
 
 
 # -------------------------------------------------------------------------------------------- write_outputs
-def _is_nonempty_dir(p: Path) -> bool:
-    try:
-        return any(p.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadpruneError("output path exists and is not a folder", out, "choose another --out")
-    if _is_nonempty_dir(out) and not force:
-        raise BadpruneError("output folder already exists", out, "pass --force to replace it or choose another --out")
-
-
-def check_output(out_dir, force: bool = False) -> Path:
-    """Before the work: refuse an output folder that exists (unless ``force``) or could not be written (a part of
-    the path is a file, or the nearest existing folder is not writable). Creates nothing."""
-    out = Path(out_dir).expanduser().absolute()
-    _check_target(out, force)
-    anc = out.parent
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise BadpruneError("a part of the output path is a file, not a folder", anc, "choose another --out")
-    try:
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=anc)
-    except OSError as e:
-        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", anc,
-                            "check its permissions or choose another --out") from None
-    os.rmdir(probe)
-    return out
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
 def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models: bool = True,
-                  save_goodnets: bool = True) -> Path:
-    """Write ``sweep.csv``, ``sweep.json``, ``results.md``, ``sweep.png``, ``models/B_prime_X<X>.keras`` and (with
-    ``save_goodnets``) ``models/goodnet_X<X>.keras``, the one-graph GoodNet G_X (:mod:`badprune.goodnet`).
+                  save_goodnets: bool = True):
+    """Write a sweep's run folder.
 
-    Everything is built in ``.<name>.tmp-<pid>`` next to ``out_dir`` and renamed into place at the end; on any
-    failure the temporary folder is removed and ``out_dir`` is left as it was. An existing non-empty ``out_dir``
-    is an error unless ``force`` (then it is replaced). Returns the output folder.
+    Parameters
+    ----------
+    result : SweepResult
+    out_dir : str or path
+        The run folder; an existing non-empty one is an error unless ``force`` (then it is replaced).
+    save_models : bool
+        Write ``models/B_prime_X<X>.keras`` (needs ``result.model``).
+    save_goodnets : bool
+        Also write ``models/goodnet_X<X>.keras``, the one-graph GoodNet G_X (:mod:`badprune.goodnet`).
+
+    Returns
+    -------
+    pathlib.Path
+        The run folder, written whole (:func:`badprune.runfiles.staged_folder`): ``sweep.csv``, ``sweep.json``,
+        ``results.md``, ``sweep.png`` and the models.
     """
-    out = Path(out_dir).expanduser().absolute()
-    _check_target(out, force)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadpruneError(f"cannot create the output folder's parent ({e.strerror or e})", parent,
-                            "choose another --out") from None
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    _remove(tmp)  # a leftover of an earlier run with the same pid
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", parent,
-                            "check its permissions or choose another --out") from None
-
-    old = None
-    try:
-        (tmp / "sweep.csv").write_text(sweep_csv(result), encoding="utf-8")
-        (tmp / "sweep.json").write_text(sweep_json(result), encoding="utf-8")
-        (tmp / "results.md").write_text(results_markdown(result), encoding="utf-8")
-        plot_sweep(result, tmp / "sweep.png")
+    with staged_folder(out_dir, force) as tmp:
+        (tmp / SWEEP_CSV).write_text(sweep_csv(result), encoding="utf-8")
+        (tmp / SWEEP_JSON).write_text(sweep_json_text(result), encoding="utf-8")
+        (tmp / RESULTS_MD).write_text(results_markdown(result), encoding="utf-8")
+        plot_sweep(result, tmp / SWEEP_PNG)
         if save_models and result.model is not None:
             reached = [t for t in result.thresholds if t.reached]
             if reached:
-                (tmp / "models").mkdir()
+                (tmp / MODELS_DIR).mkdir()
             for t in reached:
-                result.pruned_model(t.x).save(str(tmp / "models" / model_filename(t.x)))
+                result.pruned_model(t.x).save(str(tmp / MODELS_DIR / model_filename(t.x)))
                 if save_goodnets:
-                    from .goodnet import from_sweep, goodnet_filename
+                    from .goodnet import from_sweep
 
                     try:
                         g = from_sweep(result, t.x)
                     except BadpruneError as e:  # B'_X is still useful without its one-graph GoodNet
                         print(f"warning: no {goodnet_filename(t.x)}: {e.line()}", file=sys.stderr)
                     else:
-                        g.save(str(tmp / "models" / goodnet_filename(t.x)))
-
-        # move into place (re-check: the folder may have appeared while we worked)
-        _check_target(out, force)
-        if out.exists():
-            if _is_nonempty_dir(out):
-                old = parent / f".{out.name}.old-{os.getpid()}"
-                _remove(old)
-                os.rename(out, old)
-            else:
-                out.rmdir()
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None and not out.exists():
-                os.rename(old, out)  # put the previous output back
-                old = None
-            raise
-    except BaseException as e:
-        _remove(tmp)
-        if isinstance(e, OSError):
-            raise BadpruneError(f"cannot write the outputs ({e.strerror or e})", out,
-                                "check free space and permissions or choose another --out") from e
-        raise
-    if old is not None:
-        _remove(old)
-    return out
+                        g.save(str(tmp / MODELS_DIR / goodnet_filename(t.x)))
+    return Path(out_dir).expanduser().absolute()

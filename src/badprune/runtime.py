@@ -8,9 +8,9 @@ Needs only numpy, Pillow (for images) and one LiteRT interpreter, tried in this 
 
 Nothing here imports TensorFlow unless the third is the only one present (or a ``.keras`` / ``.h5`` file is given
 to :func:`open_model`, which then uses Keras). ``import badprune.runtime`` itself imports numpy and
-:mod:`badprune.errors` only.
+badprune's TF-free modules only (:mod:`~badprune.errors`, :mod:`~badprune.runfiles`).
 
-A model's outputs are told apart by rank, as :func:`badprune.goodnet.kind_from_shapes` does: a rank-1 int output
+A model's outputs are told apart by rank, as :func:`badprune.runfiles.kind_from_shapes` does: a rank-1 int output
 is a GoodNet's label (in [0, N], N = "backdoored input detected"), a rank-2 output holds scores (probabilities).
 
 Example (on a device with numpy, Pillow and ai-edge-litert only)::
@@ -28,9 +28,9 @@ import warnings
 
 import numpy as np
 
-from ._console import quiet_fds  # noqa: F401  (also part of this module's API: export.py uses it)
+from ._console import quiet_fds
 from .errors import BadpruneError
-from .goodnet import Kind, kind_from_shapes
+from .runfiles import Kind, check_model_source, find_run, kind_from_shapes, labels_from_outputs, scale_value
 
 #: the lab's input size (height, width)
 INPUT_SIZE = (55, 47)
@@ -128,60 +128,60 @@ def load_images(paths, size=INPUT_SIZE, warn=None) -> np.ndarray:
     return out
 
 
-def parse_scale(scale) -> float:
-    """'raw' -> 1, 'unit' -> 1/255, or a positive number."""
-    if isinstance(scale, str):
-        named = {"raw": 1.0, "unit": 1.0 / 255.0}
-        if scale in named:
-            return named[scale]
-        try:
-            v = float(scale)
-        except ValueError:
-            raise BadpruneError(f"unknown scale '{scale}'", fix="use --scale raw, unit or a number") from None
-    else:
-        v = float(scale)
-    if not np.isfinite(v) or v <= 0:
-        raise BadpruneError(f"bad scale {scale!r}", fix="use a positive number")
-    return v
-
-
-def find_run_config(model_path) -> tuple[dict | None, str | None]:
-    """The ``sweep.json`` of the run a model file belongs to (next to it, or one folder up, as for
-    ``<run>/tflite/x.tflite`` and ``<run>/models/x.keras``): ``(json, path)`` or ``(None, None)``."""
-    import json
-
-    d = os.path.dirname(os.path.abspath(str(model_path)))
-    for folder in (d, os.path.dirname(d)):
-        p = os.path.join(folder, "sweep.json")
-        if os.path.isfile(p):
-            try:
-                with open(p, encoding="utf-8") as f:
-                    return json.load(f), p
-            except (OSError, ValueError):
-                raise BadpruneError("cannot read the run's sweep.json", p, "re-run the sweep") from None
-    return None, None
-
-
 def resolve_scale(model_path, scale=None) -> tuple[float, str]:
     """The pixel scale to feed a model: ``scale`` if given, else the run's 'scale_value' (sweep.json next to the
     model or one folder up), else raw. Returns ``(value, where it came from)``."""
     if scale is not None:
-        return parse_scale(scale), f"--scale {scale}"
-    js, p = find_run_config(model_path)
-    if js is not None:
-        v = (js.get("config") or {}).get("scale_value")
-        if v is not None:
-            return parse_scale(v), f"scale_value {float(v):.6g} from {p}"
+        return scale_value(scale), f"--scale {scale}"
+    if model_path is None:
+        return 1.0, "raw (default)"
+    run = find_run(model_path)
+    if run is not None and run.scale_value is not None:
+        return scale_value(run.scale_value), f"scale_value {run.scale_value:.6g} from {run.path}"
     return 1.0, "raw (default; no sweep.json next to the model)"
 
 
 # ------------------------------------------------------------------------------------------------------ models
-class LiteModel:
+def _batch_size(v) -> int:
+    if int(v) < 1:
+        raise BadpruneError("--batch-size must be positive", fix="pass a batch size of at least 1")
+    return int(v)
+
+
+class _Model:
+    """What LiteModel and KerasModel share: labels and scores from ``run``'s outputs, read through ``kind``."""
+
+    kind: Kind
+
+    @property
+    def num_classes(self) -> int:
+        return self.kind.num_classes
+
+    def predict(self, X) -> dict:
+        """``{'label': int64 (n,), 'scores': float32 (n, K) or None}`` for scaled float32 NHWC images."""
+        outs = self.run(X)
+        k = self.kind
+        return {"label": labels_from_outputs(outs, k),
+                "scores": outs[k.score_output] if k.score_output is not None else None}
+
+    def labels(self, X) -> np.ndarray:
+        """int64 labels: a GoodNet's label output (in [0, N]), or a classifier's argmax."""
+        return self.predict(X)["label"]
+
+    def _check(self, X) -> np.ndarray:
+        X = np.asarray(X, np.float32)
+        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_shape:
+            raise BadpruneError(f"images of shape {tuple(X.shape[1:])} do not fit the model input "
+                                f"{self.input_shape}", self.path)
+        return X
+
+
+class LiteModel(_Model):
     """An exported ``.tflite`` model of B, B'_X or G_X, run in batches.
 
     ``threads``: interpreter threads (default: all cores); ``batch_size``: images per invoke (the input tensor is
     resized to it and the last batch padded); ``goodnet`` / ``num_classes`` as in
-    :func:`badprune.goodnet.kind_from_shapes`; ``backend``: force one interpreter (see :func:`interpreter_class`).
+    :func:`badprune.runfiles.kind_from_shapes`; ``backend``: force one interpreter (see :func:`interpreter_class`).
     """
 
     def __init__(self, path, threads: int | None = None, batch_size: int = 256, goodnet: bool = False,
@@ -191,12 +191,10 @@ class LiteModel:
             raise BadpruneError("model file not found", path, "check the path")
         if os.path.isdir(path):
             raise BadpruneError("expected a .tflite file, got a folder", path)
-        if int(batch_size) < 1:
-            raise BadpruneError("batch size must be positive")
         Interpreter, self.backend = interpreter_class(backend)
         self.path = path
         self.threads = int(threads) if threads else (os.cpu_count() or 1)
-        self.batch_size = int(batch_size)
+        self.batch_size = _batch_size(batch_size)
         try:
             with quiet_fds(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice (the last fallback)
@@ -217,10 +215,6 @@ class LiteModel:
         shapes = [(None,) + s[1:] for s in shapes]
         self.kind: Kind = kind_from_shapes(shapes, goodnet, num_classes, what=f"model {os.path.basename(path)}")
         self._n = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.kind.num_classes
 
     def _resize(self, n):
         if self._n != n:
@@ -249,10 +243,7 @@ class LiteModel:
 
     def run(self, X) -> list:
         """All outputs for float32 NHWC images (already scaled), in the interpreter's output order."""
-        X = np.asarray(X, np.float32)
-        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_shape:
-            raise BadpruneError(f"images of shape {tuple(X.shape[1:])} do not fit the model input "
-                                f"{self.input_shape}", self.path)
+        X = self._check(X)
         n = len(X)
         if n == 0:
             return [np.zeros((0,) + tuple(int(v) for v in o["shape"][1:]), o["dtype"]) for o in self._outs]
@@ -276,29 +267,14 @@ class LiteModel:
                 parts[i].append(self._output(o, m))
         return [np.concatenate(p) for p in parts]
 
-    def predict(self, X) -> dict:
-        """``{'label': int64 (n,), 'scores': float32 (n, K) or None}`` for scaled float32 NHWC images."""
-        outs = self.run(X)
-        k = self.kind
-        scores = outs[k.score_output] if k.score_output is not None else None
-        if k.label_output is not None:
-            label = np.asarray(outs[k.label_output]).reshape(-1).astype(np.int64)
-        else:
-            label = np.asarray(scores).argmax(axis=-1).astype(np.int64)
-        return {"label": label, "scores": scores}
-
-    def labels(self, X) -> np.ndarray:
-        """int64 labels: a GoodNet's label output (in [0, N]), or a classifier's argmax."""
-        return self.predict(X)["label"]
-
-
-class KerasModel:
+class KerasModel(_Model):
     """The same interface over a Keras model (.keras / .h5, or B from ``weights`` + ``arch``); imports Keras."""
 
     def __init__(self, path=None, goodnet: bool = False, num_classes: int | None = None, trust: bool = False,
                  batch_size: int = 256, weights=None, arch=None, model=None):
         from . import goodnet as gn
 
+        self.batch_size = _batch_size(batch_size)
         gn._keras()  # a clear error when TensorFlow is missing
         self.path = str(path) if path is not None else (str(weights) if weights is not None else "model")
         self.backend = "keras"
@@ -308,39 +284,22 @@ class KerasModel:
                                 "use a model with one image input")
         self.input_shape = tuple(int(v) for v in self.model.inputs[0].shape[1:])
         self.kind: Kind = gn.model_kind(self.model, goodnet, num_classes)
-        self.batch_size = int(batch_size)
         self._fn = None
 
-    @property
-    def num_classes(self) -> int:
-        return self.kind.num_classes
-
     def run(self, X) -> list:
+        """All outputs for float32 NHWC images (already scaled), in the model's output order."""
         from . import goodnet as gn
 
-        X = np.asarray(X, np.float32)
-        if X.ndim != 4 or tuple(X.shape[1:]) != self.input_shape:
-            raise BadpruneError(f"images of shape {tuple(X.shape[1:])} do not fit the model input "
-                                f"{self.input_shape}", self.path)
+        X = self._check(X)
         if self._fn is None:
             self._fn = gn.predict_fn(self.model)
         return gn.predict(self.model, X, self.batch_size, self._fn)
 
-    def predict(self, X) -> dict:
-        from . import goodnet as gn
-
-        outs = self.run(X)
-        k = self.kind
-        return {"label": gn.labels_from_outputs(outs, k),
-                "scores": outs[k.score_output] if k.score_output is not None else None}
-
-    def labels(self, X) -> np.ndarray:
-        return self.predict(X)["label"]
-
-
 def open_model(path=None, threads: int | None = None, batch_size: int = 256, goodnet: bool = False,
                num_classes: int | None = None, trust: bool = False, weights=None, arch=None):
-    """A :class:`LiteModel` for a ``.tflite`` file (no TensorFlow), else a :class:`KerasModel`."""
+    """A :class:`LiteModel` for a ``.tflite`` file (no TensorFlow), else a :class:`KerasModel` (B, B'_X or G_X
+    from ``path``, or B from ``weights`` + ``arch``)."""
+    check_model_source(path, weights, arch, missing_fix="pass --model goodnet_X4.tflite (or .keras / .h5)")
     if path is not None and str(path).lower().endswith((".tflite", ".lite")):
         return LiteModel(path, threads=threads, batch_size=batch_size, goodnet=goodnet, num_classes=num_classes)
     if path is not None and not os.path.exists(str(path)):

@@ -1,14 +1,15 @@
 """Ranking, the pruning sweep and threshold selection, gathered into one :class:`SweepResult`.
 
-:func:`run` is the whole defense short of writing files: load B, read the data, extract the prune layer's
-activations once per set (cached), rank channels by mean activation on clean validation data, mask them one at a
-time with :func:`badprune.head.masked_steps`, and record per step the accuracies of B'_k and of GoodNet(B, B'_k).
+:func:`run` is the whole defense short of writing files, in named stages: check the arguments, load B and compile
+its head, open the data sets, settle the pixel scale, extract the prune layer's activations once per set (cached),
+rank channels by mean activation on clean validation data, mask them one at a time
+(:class:`badprune.head.MaskedSweep`) recording per step the accuracies of B'_k and of GoodNet(B, B'_k)
+(:func:`sweep_table`, :func:`step_metrics`), and pick B'_X for each threshold.
 """
 from __future__ import annotations
 
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 import prune_ext
 
 from .errors import BadpruneError, warn
+from .runfiles import COLUMNS, SCALES, check_model_source
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0
@@ -23,9 +25,8 @@ LOW_BASE_ACC = 50.0
 #: inputs, :func:`run` warns that the attack success rate is meaningless
 ASR_BASELINE_WARN = 50.0
 
-#: columns of the per-step table, in output order (accuracies in percent)
-COLUMNS = ("step", "channel", "mean_activation", "fraction_pruned", "valid_acc", "test_acc", "asr",
-           "goodnet_test_acc", "goodnet_asr", "goodnet_detection", "goodnet_false_alarm")
+#: orders of :func:`rank_channels`
+ORDERS = ("ascending", "descending")
 
 
 @dataclass
@@ -84,14 +85,10 @@ def rank_channels(F_valid: np.ndarray, order: str = "ascending"):
 
     Stable: ties keep channel-index order, in both directions.
     """
+    _check_order(order)
     C = F_valid.shape[-1]
     means = prune_ext.channel_means(np.ascontiguousarray(F_valid, np.float32).reshape(-1, C))
-    if order == "ascending":
-        ranking = np.argsort(means, kind="stable")
-    elif order == "descending":
-        ranking = np.argsort(-means, kind="stable")
-    else:
-        raise BadpruneError(f"unknown order '{order}'", fix="use --order ascending or --order descending")
+    ranking = np.argsort(means if order == "ascending" else -means, kind="stable")
     return ranking.astype(np.int64), means
 
 
@@ -101,10 +98,7 @@ def select_thresholds(valid_acc, thresholds, relative=False, ranking=None):
     valid_acc = np.asarray(valid_acc, dtype=np.float64)
     base = valid_acc[0]
     out = []
-    for x in thresholds:
-        x = float(x)
-        if not 0 < x < 100:
-            raise BadpruneError(f"threshold {x:g} is out of range", fix="thresholds are in (0, 100)")
+    for x in _check_thresholds(thresholds):
         limit = base * (1 - x / 100) if relative else base - x
         hits = np.flatnonzero(valid_acc[1:] <= limit + 1e-9)
         step = int(hits[0]) + 1 if len(hits) else None
@@ -151,18 +145,165 @@ def _versions():
     return v
 
 
-class _Progress:
-    """tqdm to stderr, or nothing."""
+# ----------------------------------------------------------------------------------------- argument checks
+def _check_thresholds(thresholds) -> list:
+    try:
+        xs = [float(x) for x in thresholds]
+    except (TypeError, ValueError):
+        raise BadpruneError(f"thresholds must be numbers, got {thresholds!r}", fix="thresholds are in (0, 100)") \
+            from None
+    for x in xs:
+        if not 0 < x < 100:
+            raise BadpruneError(f"threshold {x:g} is out of range", fix="thresholds are in (0, 100)")
+    return xs
 
-    def __init__(self, enabled):
-        self.enabled = enabled
 
-    def bar(self, total, desc):
-        if not self.enabled:
-            return None
-        from tqdm import tqdm
+def _check_order(order) -> None:
+    if order not in ORDERS:
+        raise BadpruneError(f"unknown order '{order}'", fix="use --order ascending or --order descending")
 
-        return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+def _check_scale(scale):
+    """'auto', a name of SCALES, or a positive number."""
+    if isinstance(scale, str):
+        if scale != "auto" and scale not in SCALES:
+            raise BadpruneError(f"unknown scale '{scale}'", fix="use --scale auto, raw or unit")
+        return scale
+    from .runfiles import scale_value
+
+    return scale_value(scale)
+
+
+def _check_batch_size(batch_size) -> int:
+    if int(batch_size) < 1:
+        raise BadpruneError("--batch-size must be positive", fix="pass a batch size of at least 1")
+    return int(batch_size)
+
+
+# --------------------------------------------------------------------------------------------------- stages
+@dataclass
+class _Defended:
+    """B and what the sweep needs of it."""
+
+    model: object
+    name: str
+    num_classes: int
+    layer: str
+    conv_layer: str | None
+    head: object
+
+
+def _load(model, weights, arch, trust, name, layer) -> _Defended:
+    from . import models
+    from .head import compile_head
+
+    if hasattr(model, "predict"):
+        B = model
+        name = name or getattr(B, "name", "model")
+    else:
+        B = models.load_model(model=model, weights=weights, arch=arch, trust=trust)
+        name = name or models.model_name(model or weights)
+    n_classes = models.num_classes(B)
+    layer = models.find_prune_layer(B, layer)
+    return _Defended(B, name, n_classes, layer, models.conv_producer(B, layer), compile_head(B, layer))
+
+
+def _open_sets(B, sets: dict, num_classes: int) -> dict:
+    from . import data
+
+    in_shape = tuple(int(v) for v in B.input_shape[1:])
+    return {k: data.open_dataset(p, input_shape=in_shape, num_classes=num_classes) for k, p in sets.items()
+            if p is not None}
+
+
+def _settle_scale(B, valid, scale, say) -> tuple:
+    """(scale name, multiplier): detected on the validation set for 'auto'."""
+    from . import features
+
+    if isinstance(scale, str) and scale == "auto":
+        scale_name, accs = features.detect_scale(B, valid)
+        say(f"scale: {scale_name} (accuracy on up to 1,000 validation images: raw {100 * accs['raw']:.1f}%, "
+            f"/255 {100 * accs['unit']:.1f}%)")
+        return scale_name, SCALES[scale_name]
+    if isinstance(scale, str):
+        return scale, SCALES[scale]
+    return f"x{float(scale):g}", float(scale)
+
+
+def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, progress, timings) -> tuple:
+    """One float32 activations array for all sets (the sweep evaluates them together), filled set by set (no
+    concatenation copy): (F, {set: slice}, {set: extract info})."""
+    from . import features
+
+    bounds, lo = {}, 0
+    for k, dset in ds.items():
+        bounds[k] = slice(lo, lo + dset.n)
+        lo += dset.n
+    try:
+        F = np.empty((lo,) + tuple(d.head.input_shape), np.float32)
+    except MemoryError:
+        gb = lo * int(np.prod(d.head.input_shape)) * 4 / 1e9
+        raise BadpruneError(f"not enough memory for the activations of {lo:,} images at '{d.layer}' ({gb:.1f} GB)",
+                            fix="use smaller data sets or an earlier, smaller --layer") from None
+    info = {}
+    for k, dset in ds.items():
+        _, info[k] = features.extract(d.model, d.layer, dset, scale_value, cache_dir=cache_dir,
+                                      batch_size=batch_size, progress=progress, desc=f"features {k}",
+                                      return_info=True, out=F[bounds[k]])
+        timings[f"extract_{k}"] = info[k].get("seconds", float("nan"))
+    return F, bounds, info
+
+
+def step_metrics(pred: dict, base: dict, truth: dict, num_classes: int) -> dict:
+    """The table's metrics at one step, in percent, from the labels of B'_k (``pred``) and of B (``base``) per set
+    ('valid', and 'test' / 'poisoned' when present) and the sets' stored labels (``truth``).
+
+    GoodNet G = B'_k's label where B and B'_k agree, else N (``num_classes``). Sets that are absent give no key.
+    """
+    out = {"valid_acc": _pct(pred["valid"] == truth["valid"])}
+    if "test" in pred:
+        p = pred["test"]
+        g = np.where(p == base["test"], p, num_classes)
+        out.update(test_acc=_pct(p == truth["test"]), goodnet_test_acc=_pct(g == truth["test"]),
+                   goodnet_false_alarm=_pct(g == num_classes))
+    if "poisoned" in pred:
+        p = pred["poisoned"]
+        g = np.where(p == base["poisoned"], p, num_classes)
+        out.update(asr=_pct(p == truth["poisoned"]), goodnet_asr=_pct(g == truth["poisoned"]),
+                   goodnet_detection=_pct(g == num_classes))
+    return out
+
+
+def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes: int, mode: str = "incremental",
+                on_step=None) -> tuple:
+    """Mask ``ranking``'s channels one at a time over the activations ``F`` of all sets (``bounds``: set ->
+    rows) and record :func:`step_metrics` at every step. ``means``: the mean activation per channel (its column;
+    None leaves it NaN).
+
+    Returns ``(table, engine)``: the table as {column: array of C+1 values} (:data:`COLUMNS`) and the
+    :class:`~badprune.head.MaskedSweep` that ran (its statistics). ``on_step(k, labels_by_set)`` is called at
+    every step (step 0: B itself).
+    """
+    from .head import MaskedSweep
+
+    C = len(ranking)
+    cols = {c: np.full(C + 1, np.nan) for c in COLUMNS}
+    cols["step"] = np.arange(C + 1, dtype=np.int64)
+    cols["channel"] = np.concatenate([[-1], ranking]).astype(np.int64)
+    if means is not None:
+        cols["mean_activation"] = np.concatenate([[np.nan], np.asarray(means)[ranking]])
+    cols["fraction_pruned"] = np.arange(C + 1) / C
+    engine = MaskedSweep(head, F, ranking, mode=mode)
+    base = None
+    for k, _, lab in engine:
+        p = {n: lab[s] for n, s in bounds.items()}
+        if base is None:
+            base = {n: v.copy() for n, v in p.items()}
+        for col, v in step_metrics(p, base, truth, num_classes).items():
+            cols[col][k] = v
+        if on_step is not None:
+            on_step(k, p)
+    return cols, engine
 
 
 def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=None, *, layer=None,
@@ -170,127 +311,107 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         batch_size=1024, mode="incremental", progress=True, trust_model=False, name=None, log=None) -> SweepResult:
     """Run the pruning defense and return a :class:`SweepResult`.
 
-    model: a Keras model object or a path (.keras / .h5 full model); or weights=PATH with arch='deepid'.
-    valid / test / poisoned: lab-format h5 paths (test and poisoned may be None: their columns are NaN).
-    scale: 'auto' | 'raw' | 'unit' or a number; cache_dir: where prune-layer activations are cached
-    (default: the user cache folder; use_cache=False to disable); name: the model's name in the outputs.
+    Parameters
+    ----------
+    model : keras.Model or str, optional
+        B: a Keras model object or a path (.keras / .h5 full model); or give ``weights`` and ``arch``
+        (:func:`badprune.runfiles.check_model_source`).
+    weights, arch : str, optional
+        A Keras 2 weight file and the built-in architecture it is for ('deepid').
+    valid, test, poisoned : str
+        Lab-format h5 paths; ``valid`` is required (ranking and thresholds); without ``test`` / ``poisoned``
+        their columns are NaN.
+    layer : str, optional
+        The prune layer (default: the last pooling layer that cuts the model in two).
+    thresholds : sequence of float
+        X values in (0, 100): validation-accuracy drops in points (or percent of the base with ``relative``).
+    order : {'ascending', 'descending'}
+        Pruning order by mean clean activation.
+    scale : 'auto', 'raw', 'unit' or float
+        Pixel multiplier; 'auto' picks raw or /255 on up to 1,000 validation images.
+    cache_dir : str, optional
+        Where prune-layer activations are cached (default: the user cache folder); ``use_cache=False`` disables.
+    batch_size : int
+        Trunk batch size.
+    mode : {'incremental', 'full'}
+        The sweep engine's mode (``full``: the reference without shortcuts).
+    progress : bool
+        Progress bars on stderr.
+    trust_model : bool
+        Allow code from the model file.
+    name : str, optional
+        The model's name in the outputs.
+    log : callable, optional
+        Called with one-line notes.
+
+    Returns
+    -------
+    SweepResult
+
+    Raises
+    ------
+    BadpruneError
+        For any bad argument or input, naming the parameter or file.
     """
-    from . import data as bd
-    from . import features, models
-    from .head import compile_head, masked_steps
+    from .features import default_cache_dir
 
     say = log or (lambda msg: None)
     timings = {}
     t_all = time.perf_counter()
+    if not hasattr(model, "predict"):
+        check_model_source(model, weights, arch)
     if valid is None:
         raise BadpruneError("no validation data", fix="pass --valid valid.h5 (clean validation set)")
-    try:
-        thresholds = [float(x) for x in thresholds]
-    except (TypeError, ValueError):
-        raise BadpruneError(f"thresholds must be numbers, got {thresholds!r}", fix="thresholds are in (0, 100)") \
-            from None
-    for x in thresholds:
-        if not 0 < x < 100:
-            raise BadpruneError(f"threshold {x:g} is out of range", fix="thresholds are in (0, 100)")
-    if order not in ("ascending", "descending"):
-        raise BadpruneError(f"unknown order '{order}'", fix="use ascending or descending")
+    thresholds = _check_thresholds(thresholds)
+    _check_order(order)
+    scale = _check_scale(scale)
+    batch_size = _check_batch_size(batch_size)
 
     t = time.perf_counter()
-    if hasattr(model, "predict"):
-        B = model
-        name = name or getattr(B, "name", "model")
-    else:
-        B = models.load_model(model=model, weights=weights, arch=arch, trust=trust_model)
-        name = name or models.model_name(model or weights)
-    n_classes = models.num_classes(B)
-    layer = models.find_prune_layer(B, layer)
-    conv_layer = models.conv_producer(B, layer)
-    head = compile_head(B, layer)
+    d = _load(model, weights, arch, trust_model, name, layer)
     timings["load_model"] = time.perf_counter() - t
-    say(f"model {name}: {n_classes} classes, pruning {layer} ({head.input_shape[-1]} channels"
-        f"{', conv ' + conv_layer if conv_layer else ''}); {head.describe()}")
-
-    in_shape = tuple(int(v) for v in B.input_shape[1:])
-    sets = {"valid": valid, "test": test, "poisoned": poisoned}
-    ds = {k: bd.open_dataset(p, input_shape=in_shape, num_classes=n_classes) for k, p in sets.items()
-          if p is not None}
+    say(f"model {d.name}: {d.num_classes} classes, pruning {d.layer} ({d.head.input_shape[-1]} channels"
+        f"{', conv ' + d.conv_layer if d.conv_layer else ''}); {d.head.describe()}")
+    ds = _open_sets(d.model, {"valid": valid, "test": test, "poisoned": poisoned}, d.num_classes)
 
     t = time.perf_counter()
-    if isinstance(scale, str) and scale == "auto":
-        scale_name, accs = features.detect_scale(B, ds["valid"])
-        say(f"scale: {scale_name} (accuracy on up to 1,000 validation images: raw {100 * accs['raw']:.1f}%, "
-            f"/255 {100 * accs['unit']:.1f}%)")
-        scale_value = bd.SCALES[scale_name]
-    elif isinstance(scale, str):
-        if scale not in bd.SCALES:
-            raise BadpruneError(f"unknown scale '{scale}'", fix="use --scale auto, raw or unit")
-        scale_name, scale_value = scale, bd.SCALES[scale]
-    else:
-        scale_name, scale_value = f"x{float(scale):g}", float(scale)
+    scale_name, scale_value = _settle_scale(d.model, ds["valid"], scale, say)
     timings["scale"] = time.perf_counter() - t
 
     if use_cache and cache_dir is None:
-        cache_dir = features.default_cache_dir()
-    # one array for all sets (the sweep evaluates them together), filled set by set: no concatenation copy
-    names = list(ds)
-    sizes = {k: ds[k].n for k in names}
-    bounds, lo = {}, 0
-    for k in names:
-        bounds[k] = slice(lo, lo + sizes[k])
-        lo += sizes[k]
-    try:
-        F = np.empty((lo,) + tuple(head.input_shape), np.float32)
-    except MemoryError:
-        gb = lo * int(np.prod(head.input_shape)) * 4 / 1e9
-        raise BadpruneError(f"not enough memory for the activations of {lo:,} images at '{layer}' ({gb:.1f} GB)",
-                            fix="use smaller data sets or an earlier, smaller --layer") from None
-    extract_info = {}
-    for k, d in ds.items():
-        _, info = features.extract(B, layer, d, scale_value, cache_dir=cache_dir if use_cache else None,
-                                   batch_size=batch_size, progress=progress, desc=f"features {k}",
-                                   return_info=True, out=F[bounds[k]])
-        extract_info[k] = info
-        timings[f"extract_{k}"] = info.get("seconds", float("nan"))
+        cache_dir = default_cache_dir()
+    F, bounds, extract_info = _extract_all(d, ds, scale_value, cache_dir if use_cache else None, batch_size,
+                                           progress, timings)
 
     t = time.perf_counter()
     ranking, means = rank_channels(F[bounds["valid"]], order)
     timings["rank"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    y = {k: ds[k].labels for k in names}
-    C = len(ranking)
-    cols = {c: np.full(C + 1, np.nan) for c in COLUMNS}
-    cols["step"] = np.arange(C + 1, dtype=np.int64)
-    cols["channel"] = np.concatenate([[-1], ranking]).astype(np.int64)
-    cols["mean_activation"] = np.concatenate([[np.nan], means[ranking]])
-    cols["fraction_pruned"] = np.arange(C + 1) / C
-    base = None
     warned = []
-    bar = _Progress(progress).bar(C + 1, "pruning")
-    for k, c, lab in masked_steps(head, F, ranking, mode=mode):
-        if base is None:
-            base = lab.copy()
-        p = {n: lab[bounds[n]] for n in names}
-        cols["valid_acc"][k] = _pct(p["valid"] == y["valid"])
-        if "test" in p:
-            cols["test_acc"][k] = _pct(p["test"] == y["test"])
-            g = np.where(p["test"] == base[bounds["test"]], p["test"], n_classes)
-            cols["goodnet_test_acc"][k] = _pct(g == y["test"])
-            cols["goodnet_false_alarm"][k] = _pct(g == n_classes)
-        if "poisoned" in p:
-            cols["asr"][k] = _pct(p["poisoned"] == y["poisoned"])
-            g = np.where(p["poisoned"] == base[bounds["poisoned"]], p["poisoned"], n_classes)
-            cols["goodnet_asr"][k] = _pct(g == y["poisoned"])
-            cols["goodnet_detection"][k] = _pct(g == n_classes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ranking) + 1, desc="pruning", unit="step", leave=False, file=sys.stderr,
+                   dynamic_ncols=True)
+
+    def on_step(k, pred):
         if k == 0:
-            clean = "test" if "test" in p else "valid"
-            issued = base_warnings(cols["valid_acc"][0], p[clean], y.get("poisoned"), scale_name,
+            clean = "test" if "test" in pred else "valid"
+            issued = base_warnings(_pct(pred["valid"] == ds["valid"].labels), pred[clean],
+                                   ds["poisoned"].labels if "poisoned" in ds else None, scale_name,
                                    "test" if clean == "test" else "validation")
             warned.extend(warn(m) for m in issued)
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
+
+    try:
+        cols, _ = sweep_table(d.head, F, ranking, means, bounds, {k: v.labels for k, v in ds.items()},
+                              d.num_classes, mode, on_step)
+    finally:
+        if bar is not None:
+            bar.close()
     timings["sweep"] = time.perf_counter() - t
     del F
 
@@ -298,24 +419,15 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     timings["total"] = time.perf_counter() - t_all
     config = {
         "model": model if isinstance(model, str) else None, "weights": weights, "arch": arch,
-        "valid": valid, "test": test, "poisoned": poisoned, "layer": layer, "conv_layer": conv_layer,
-        "thresholds": [float(x) for x in thresholds], "relative": relative, "order": order,
-        "scale": scale_name, "scale_value": scale_value, "mode": mode, "head": head.describe(),
-        "head_backend": head.backend, "sizes": sizes,
+        "valid": valid, "test": test, "poisoned": poisoned, "layer": d.layer, "conv_layer": d.conv_layer,
+        "thresholds": thresholds, "relative": relative, "order": order,
+        "scale": scale_name, "scale_value": scale_value, "mode": mode, "head": d.head.describe(),
+        "head_backend": d.head.backend, "sizes": {k: v.n for k, v in ds.items()},
         "cached": {k: bool(v.get("cached")) for k, v in extract_info.items()},
         "extract_img_per_s": {k: v.get("img_per_s") for k, v in extract_info.items()},
         "warnings": warned,
     }
-    return SweepResult(model_name=name, layer=layer, conv_layer=conv_layer, n_channels=C, ranking=ranking,
-                       mean_activation=means, table=cols, thresholds=ths, relative=relative,
-                       num_classes=n_classes, config=config, timings=timings, versions=_versions(), model=B)
-
-
-class _CallableModule(types.ModuleType):
-    """``badprune.sweep`` is both this module and the API function: calling the module runs :func:`run`."""
-
-    def __call__(self, *args, **kwargs):
-        return run(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+    return SweepResult(model_name=d.name, layer=d.layer, conv_layer=d.conv_layer, n_channels=len(ranking),
+                       ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
+                       num_classes=d.num_classes, config=config, timings=timings, versions=_versions(),
+                       model=d.model)

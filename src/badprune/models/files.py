@@ -1,0 +1,83 @@
+"""Model files before anything is deserialized: path checks, the format sniff and the architecture config read
+(``.keras`` zip or HDF5), with the size cap on a ``.keras`` file's ``config.json`` (zip bombs) written once."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import h5py
+
+from ..errors import BadpruneError, short
+
+#: a .keras file's config.json larger than this is refused before it is read (zip bombs)
+MAX_CONFIG_BYTES = 64 << 20
+
+
+def check_file(path, what="model file"):
+    """``path`` as a string, checked to be an existing regular file (a folder or a missing file is refused)."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise BadpruneError(f"{what} not found", path, "check the path")
+    if os.path.isdir(path):
+        raise BadpruneError(f"expected a {what}, got a folder (TensorFlow SavedModel folders are not supported)",
+                            path, "save the model as .keras or .h5")
+    if not os.path.isfile(path):
+        raise BadpruneError(f"the {what} is not a regular file", path, "pass a .keras or .h5 file")
+    return path
+
+
+def is_keras3_weights(g) -> bool:
+    """A Keras 3 ``.weights.h5`` file: groups ``layers/<name>/vars`` and no Keras 2 ``layer_names``."""
+    return "layer_names" not in g.attrs and isinstance(g.get("layers"), h5py.Group) \
+        and ("vars" in g or any(isinstance(v, h5py.Group) and "vars" in v for v in g["layers"].values()))
+
+
+def read_model_config(path) -> tuple[str, dict]:
+    """Return ('keras' | 'h5', config) for a model file, without deserializing anything."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                if "config.json" not in z.namelist():
+                    raise BadpruneError("zip file without config.json: not a .keras model", path,
+                                        "save the model with model.save('model.keras')")
+                if z.getinfo("config.json").file_size > MAX_CONFIG_BYTES:
+                    raise BadpruneError(f"the .keras file's config.json is over {MAX_CONFIG_BYTES >> 20} MB", path,
+                                        "re-save the model with model.save('model.keras')")
+                raw = z.read("config.json")
+            return "keras", json.loads(raw)
+        except BadpruneError:
+            raise
+        except Exception as e:
+            raise BadpruneError(f"cannot read the .keras file ({short(e)})", path,
+                                "re-save the model with model.save('model.keras')") from None
+    if not h5py.is_hdf5(path):
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head == b"PK\x03\x04":
+            raise BadpruneError("damaged or incomplete .keras file (a zip without its directory)", path,
+                                "copy the file again, or re-save it with model.save('model.keras')")
+        raise BadpruneError("not a Keras model file (neither .keras zip nor HDF5)", path,
+                            "pass a .keras or .h5 model saved with model.save()")
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+            looks_weights = raw is None and ("layer_names" in f.attrs or "layers" in f)
+            keras3_weights = raw is None and is_keras3_weights(f)
+    except Exception as e:
+        raise BadpruneError(f"cannot read the HDF5 file ({short(e)})", path, "check the file is complete") from None
+    if raw is None:
+        if keras3_weights:
+            raise BadpruneError("this file holds only Keras 3 weights, no architecture", path,
+                                "pass the .keras model file saved with model.save('model.keras')")
+        if looks_weights:
+            raise BadpruneError("this file holds only weights, no architecture", path,
+                                "pass it as --weights with --arch deepid")
+        raise BadpruneError("HDF5 file without a model config: not a Keras model", path,
+                            "pass a model saved with model.save()")
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    try:
+        return "h5", json.loads(str(raw))
+    except Exception as e:
+        raise BadpruneError(f"the model config is not valid JSON ({short(e)})", path) from None

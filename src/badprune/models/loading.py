@@ -1,0 +1,140 @@
+"""Loading a model safely: a full model file (.keras or Keras 2/3 .h5) whose config passed the safety check, or a
+built-in architecture with a Keras 2 weight file; and the two facts every caller asks of it (name, classes)."""
+from __future__ import annotations
+
+from .. import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import h5py
+import keras
+
+from ..errors import BadpruneError, short
+from .archs import ARCHS, BUILDERS
+from .files import check_file, read_model_config
+from .keras2 import assign_weights, fix_legacy_config, read_weight_file
+from .safety import check_config
+
+
+def model_name(path) -> str:
+    """A short name for a model file, for default output folders: 'bd_net' for 'models/bd_net.h5'."""
+    base = os.path.basename(os.path.normpath(str(path)))
+    for ext in (".weights.h5", ".keras", ".h5", ".hdf5", ".hd5"):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    else:
+        base = os.path.splitext(base)[0]
+    return base or "model"
+
+
+def num_classes(model) -> int:
+    """Number of classes: the last axis of the model's (single) output."""
+    outs = model.outputs
+    if len(outs) != 1:
+        raise BadpruneError(f"the model has {len(outs)} outputs", fix="use a classifier with a single output")
+    n = outs[0].shape[-1]
+    if n is None or len(outs[0].shape) != 2:
+        raise BadpruneError(f"the model output has shape {tuple(outs[0].shape)}, not (batch, classes)",
+                            fix="use a classifier whose output is (batch, classes)")
+    return int(n)
+
+
+def _load_full_model(path, trust: bool, graph_ops: bool = False):
+    kind, config = read_model_config(path)
+    check_config(config, path, trust, graph_ops)
+    tmpdir = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if kind == "keras":
+                load_path = path
+                if not path.endswith(".keras"):  # Keras insists on the extension
+                    tmpdir = tempfile.mkdtemp(prefix="badprune-")
+                    load_path = os.path.join(tmpdir, "model.keras")
+                    os.symlink(os.path.abspath(path), load_path)
+                return keras.saving.load_model(load_path, compile=False, safe_mode=not trust)
+            fixed, changed = fix_legacy_config(config)
+            load_path = path
+            if changed or not path.lower().endswith((".h5", ".hdf5")):
+                tmpdir = tempfile.mkdtemp(prefix="badprune-")
+                load_path = os.path.join(tmpdir, "model.h5")
+                if changed:
+                    shutil.copyfile(path, load_path)
+                    with h5py.File(load_path, "r+") as f:
+                        f.attrs["model_config"] = json.dumps(fixed).encode("utf-8")
+                else:
+                    os.symlink(os.path.abspath(path), load_path)
+            return keras.saving.load_model(load_path, compile=False, safe_mode=not trust)
+    except BadpruneError:
+        raise
+    except Exception as e:
+        raise BadpruneError(f"cannot load the Keras model ({short(e)})", path,
+                            "check the file was saved with model.save() by Keras 2.x or 3.x") from None
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _load_arch_weights(weights_path, arch):
+    arch = (arch or "deepid").lower()
+    if arch not in BUILDERS:
+        raise BadpruneError(f"unknown architecture '{arch}'", fix=f"use one of: {', '.join(ARCHS)}")
+    ws = read_weight_file(weights_path)
+    if "output" not in ws or "bias" not in ws["output"] or ws["output"]["bias"].ndim != 1:
+        raise BadpruneError(f"weights file does not fit the {arch} architecture (no 'output' layer bias)",
+                            weights_path, "pass the weights made for this architecture")
+    n = int(ws["output"]["bias"].shape[0])
+    if n < 2:
+        raise BadpruneError(f"the 'output' layer has {n} class(es)", weights_path)
+    model = BUILDERS[arch](n)
+    assign_weights(model, ws, weights_path, arch)
+    return model
+
+
+def load_model(model=None, weights=None, arch=None, trust: bool = False, graph_ops: bool = False) -> keras.Model:
+    """Load a network safely: the model to defend, or any model badprune wrote.
+
+    Parameters
+    ----------
+    model : str or path, optional
+        A full Keras model (.keras, or HDF5 .h5 from Keras 2.x/3.x). Its config is checked before anything is
+        deserialized; Lambda layers and non-built-in classes are refused unless ``trust``.
+    weights : str or path, optional
+        Without ``model``: a Keras 2 weight file for the architecture ``arch`` (default 'deepid'), whose number of
+        classes is read from the file; the weights are loaded by layer name. With ``model``: weights that
+        overwrite the model's, by layer name.
+    arch : str, optional
+        A name of :data:`badprune.models.ARCHS`; only with ``weights``.
+    trust : bool
+        Allow code from the model file (Lambda layers, custom classes).
+    graph_ops : bool
+        Also accept the ``keras.ops`` nodes of a GoodNet graph (:data:`badprune.models.GRAPH_OPS`).
+
+    Returns
+    -------
+    keras.Model
+        Uncompiled.
+
+    Raises
+    ------
+    BadpruneError
+        For every failure (missing, damaged or unsafe files, weights that do not fit).
+    """
+    if model is None and weights is None:
+        raise BadpruneError("no model given", fix="pass --model FILE, or --weights FILE --arch deepid")
+    if model is not None and arch is not None:
+        raise BadpruneError("--arch goes with --weights, not with --model", fix="pass either --model or --arch")
+    if model is None:
+        return _load_arch_weights(weights, arch)
+    path = check_file(model, "model file")
+    m = _load_full_model(path, trust, graph_ops)
+    if not isinstance(m, keras.Model):
+        raise BadpruneError("the file does not hold a Keras model", path)
+    if weights is not None:
+        assign_weights(m, read_weight_file(weights), weights)
+    return m

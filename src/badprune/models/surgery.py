@@ -1,0 +1,125 @@
+"""Model surgery: copies of a model with channels of the prune layer pruned (B'_X), the 0/1 channel-mask layer,
+fresh clones, and replaying a model's layers from a new tensor (one graph, shared weights).
+"""
+from __future__ import annotations
+
+from .. import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
+
+import keras
+import numpy as np
+
+from ..errors import BadpruneError
+from .graph import conv_producer
+
+
+def check_channels(channels, n: int, layer: str) -> list:
+    """``channels`` as a sorted list of distinct ints, each checked to be a channel of ``layer`` (``n`` of them)."""
+    chans = [int(c) for c in np.asarray(list(channels), dtype=np.int64).reshape(-1)]
+    bad = [c for c in chans if not 0 <= c < n]
+    if bad:
+        raise BadpruneError(f"channel {bad[0]} is out of range for layer '{layer}' ({n} channels)")
+    return sorted(set(chans))
+
+
+def clone(model):
+    """A copy with fresh layers and the same weights (building on it must not add nodes to ``model``'s layers)."""
+    new = keras.models.clone_model(model)
+    new.set_weights(model.get_weights())
+    return new
+
+
+def prune_model(model, layer: str, channels) -> keras.Model:
+    """A copy of ``model`` with ``channels`` of ``layer`` pruned (the original is not touched).
+
+    Zeroes the producing convolution's kernel[..., c] and bias[c] when there is one (:func:`conv_producer`);
+    otherwise inserts after ``layer`` a 1x1 DepthwiseConv2D named '<layer>_prune_mask' whose weights are the 0/1
+    channel mask. Either way the result is a plain Keras model with the original layer names.
+    """
+    n = int(model.get_layer(layer).output.shape[-1])
+    chans = check_channels(channels, n, layer)
+    conv = conv_producer(model, layer)
+    if conv is not None:
+        new = clone(model)
+        cl = new.get_layer(conv)
+        ws = [np.array(w) for w in cl.get_weights()]
+        ws[0][..., chans] = 0
+        if cl.use_bias:
+            ws[1][chans] = 0
+        cl.set_weights(ws)
+        return new
+
+    mask = channel_mask(n, chans)
+    mname = unique_name({l.name for l in model.layers}, f"{layer}_prune_mask")
+
+    def make_mask():
+        return mask_layer(mname)
+
+    if isinstance(model, keras.Sequential):
+        new_layers = []
+        mask_l = None
+        for l in model.layers:
+            new_layers.append(l.__class__.from_config(l.get_config()))
+            if l.name == layer:
+                mask_l = make_mask()
+                new_layers.append(mask_l)
+        hist = getattr(model.inputs[0], "_keras_history", None)
+        inp = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
+                          name=hist[0].name if hist else None)
+        new = keras.Sequential([inp] + new_layers, name=model.name)
+    else:
+        holder = {}
+
+        def call_function(lay, *args, **kwargs):
+            out = lay(*args, **kwargs)
+            if lay.name == layer:
+                holder["mask"] = make_mask()
+                out = holder["mask"](out)
+            return out
+
+        new = keras.models.clone_model(model, call_function=call_function)
+        mask_l = holder["mask"]
+    for l in model.layers:
+        if l.weights:
+            new.get_layer(l.name).set_weights(l.get_weights())
+    set_mask(mask_l, mask)
+    return new
+
+
+def channel_mask(n: int, pruned) -> np.ndarray:
+    """float32 (n,): 0 at the ``pruned`` channels, 1 elsewhere."""
+    mask = np.ones(n, np.float32)
+    mask[list(pruned)] = 0
+    return mask
+
+
+def unique_name(existing: set, name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... : the first not in ``existing`` (which it is added to)."""
+    new, k = name, 1
+    while new in existing:
+        k += 1
+        new = f"{name}_{k}"
+    existing.add(new)
+    return new
+
+
+def mask_layer(name: str):
+    """The channel mask: a 1x1 DepthwiseConv2D without bias (its weights, set by :func:`set_mask`, are 0/1)."""
+    return keras.layers.DepthwiseConv2D(1, use_bias=False, name=name)
+
+
+def set_mask(layer, mask) -> None:
+    """Set a :func:`mask_layer`'s weights to the 0/1 vector ``mask``."""
+    mask = np.asarray(mask, np.float32)
+    layer.set_weights([mask.reshape(1, 1, len(mask), 1)])
+
+
+def replay(nodes, start_tensor, new_start):
+    """Call again the traced layer calls ``nodes`` (:func:`badprune.models.graph.trace`, the same layer objects:
+    shared weights) from ``new_start`` in place of ``start_tensor``; returns {id(old tensor): new tensor}."""
+    memo = {id(start_tensor): new_start}
+    for tn in nodes:
+        args, kwargs = tn.node.arguments.fill_in(memo)
+        outs = keras.tree.flatten(tn.layer(*args, **kwargs))
+        for old, new in zip(tn.node.output_tensors, outs):
+            memo[id(old)] = new
+    return memo

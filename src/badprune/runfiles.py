@@ -1,0 +1,471 @@
+"""The TensorFlow-free vocabulary every other module shares: pixel scales, threshold text, file names, the cache
+home, what a model's outputs mean, and the run folder with its ``sweep.json`` (one writer, one reader).
+
+Nothing here imports TensorFlow, Keras, h5py or matplotlib: the TF-free runtime (:mod:`badprune.runtime`) and the
+CLI's start-up use it as they are.
+
+A run folder (the ``--out`` of ``badprune-fast sweep``) holds::
+
+    sweep.csv  sweep.json  results.md  sweep.png
+    models/B_prime_X<X>.keras  models/goodnet_X<X>.keras
+    tflite/<model>[.float16|.int8].tflite  tflite/export.json      (badprune-fast export)
+
+:func:`sweep_record` turns a sweep result into the ``sweep.json`` document, :func:`read_run` reads it back as a
+:class:`RunRecord`, and :func:`staged_folder` writes any folder of outputs all at once (a temporary sibling folder
+renamed into place), so no reader ever sees half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadpruneError
+
+# ------------------------------------------------------------------------------------------------ pixel scales
+#: multiplier applied to stored pixels for each named ``--scale``
+SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
+
+
+def scale_value(scale) -> float:
+    """The pixel multiplier for ``scale``: a name of :data:`SCALES`, or a positive number (or its text).
+
+    Raises :class:`BadpruneError` naming the value for anything else.
+    """
+    if isinstance(scale, str):
+        if scale in SCALES:
+            return SCALES[scale]
+        try:
+            v = float(scale)
+        except ValueError:
+            raise BadpruneError(f"unknown scale '{scale}'",
+                                fix=f"use {', '.join(SCALES)} or a positive number") from None
+    else:
+        try:
+            v = float(scale)
+        except (TypeError, ValueError):
+            raise BadpruneError(f"bad scale {scale!r}", fix=f"use {', '.join(SCALES)} or a positive number") \
+                from None
+    if not math.isfinite(v) or v <= 0:
+        raise BadpruneError(f"bad scale {scale!r}", fix="use a positive number")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------- file names
+def fmt_x(x) -> str:
+    """A threshold as text, as in file names: integer-like values without decimals (``2``, ``10``), others as
+    given (``2.5``)."""
+    x = float(x)
+    if math.isfinite(x) and x.is_integer():
+        return str(int(x))
+    return repr(x)
+
+
+SWEEP_CSV = "sweep.csv"
+SWEEP_JSON = "sweep.json"
+RESULTS_MD = "results.md"
+SWEEP_PNG = "sweep.png"
+MODELS_DIR = "models"
+TFLITE_DIR = "tflite"
+EXPORT_JSON = "export.json"
+#: the kinds of model a run saves per threshold X, by file-name stem
+MODEL_KINDS = ("B_prime", "goodnet")
+
+
+def model_stem(x, kind: str = "B_prime") -> str:
+    """``B_prime_X4``, ``goodnet_X2.5``: the file-name stem of a run's model of ``kind`` at threshold ``x``."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, not {kind!r}")
+    return f"{kind}_X{fmt_x(x)}"
+
+
+def model_filename(x, kind: str = "B_prime", ext: str = ".keras") -> str:
+    """``B_prime_X2.keras``, ``goodnet_X4.keras`` (or with another extension)."""
+    return model_stem(x, kind) + ext
+
+
+def goodnet_filename(x, ext: str = ".keras") -> str:
+    """``goodnet_X4.keras`` (or with another extension)."""
+    return model_filename(x, "goodnet", ext)
+
+
+def tflite_filename(x, kind: str, quantize: str = "none") -> str:
+    """``goodnet_X4.tflite``, ``B_prime_X4.float16.tflite``, ``goodnet_X2.5.int8.tflite``."""
+    suffix = "" if quantize == "none" else f".{quantize}"
+    return f"{model_stem(x, kind)}{suffix}.tflite"
+
+
+# -------------------------------------------------------------------------------------------------- cache home
+def cache_home() -> str:
+    """Where badprune caches activations and demo scenarios: $BADPRUNE_CACHE, else $XDG_CACHE_HOME/badprune, else
+    ~/.cache/badprune."""
+    env = os.environ.get("BADPRUNE_CACHE")
+    if env:
+        return os.path.expanduser(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return os.path.join(os.path.expanduser(xdg), "badprune")
+    return os.path.join(os.path.expanduser("~"), ".cache", "badprune")
+
+
+# ------------------------------------------------------------------------------------- naming a model to load
+def check_model_source(model=None, weights=None, arch=None, missing_fix: str | None = None) -> None:
+    """The rule for naming a model to run, shared by the sweep and predict / evaluate: a model file, or a weight
+    file with its architecture, never both. Raises :class:`BadpruneError` naming the flags otherwise.
+
+    (:func:`badprune.models.load_model` itself is the lower-level loader and also accepts a weight file that
+    overwrites a model's weights, or weights with the default architecture.)
+    """
+    if model is not None and weights is not None:
+        raise BadpruneError("give --model or --weights, not both")
+    if weights is not None and not arch:
+        raise BadpruneError("--weights needs --arch", fix="add --arch deepid (the lab's architecture)")
+    if arch and weights is None:
+        raise BadpruneError("--arch needs --weights", fix="add --weights bd_weights.h5")
+    if model is None and weights is None:
+        raise BadpruneError("no model given",
+                            fix=missing_fix or "pass --model bd_net.h5, or --weights bd_weights.h5 --arch deepid")
+
+
+# --------------------------------------------------------------------------------------- what outputs mean
+@dataclass
+class Kind:
+    """What a model's outputs mean. ``goodnet``: labels in [0, N] with N = backdoor detected.
+    ``label_output`` / ``score_output``: indices of the (n,) label and (n, K) score outputs (None if absent)."""
+
+    goodnet: bool
+    num_classes: int | None          # N (a GoodNet answers 0..N; a classifier 0..N-1)
+    label_output: int | None
+    score_output: int | None
+
+    @property
+    def name(self) -> str:
+        return "GoodNet" if self.goodnet else "classifier"
+
+
+def kind_from_shapes(shapes, goodnet: bool = False, num_classes: int | None = None, what: str = "model") -> Kind:
+    """The :class:`Kind` of a model from its output shapes (each a tuple, batch axis first).
+
+    A model with a rank-1 output (a label per image) is a GoodNet; its N is the width of its (n, K) output minus
+    one, or ``num_classes``. A single (n, K) output is a classifier (B or B'_X) with N = K, unless ``goodnet``
+    says it is a GoodNet (N = K - 1, label = argmax).
+    """
+    rank1 = [i for i, s in enumerate(shapes) if len(s) == 1]
+    rank2 = [i for i, s in enumerate(shapes) if len(s) == 2]
+    if len(rank1) + len(rank2) != len(shapes) or len(rank1) > 1 or len(rank2) > 1 or not shapes:
+        raise BadpruneError(f"the {what} has outputs of shapes {[tuple(s) for s in shapes]}",
+                            fix="use a classifier with one (batch, classes) output, or a badprune GoodNet")
+    if rank1:
+        n = None
+        if rank2 and shapes[rank2[0]][-1] is not None:
+            n = int(shapes[rank2[0]][-1]) - 1
+        if num_classes is not None:
+            if n is not None and n != num_classes:
+                raise BadpruneError(f"--num-classes {num_classes} does not fit the GoodNet's {n + 1}-wide output")
+            n = int(num_classes)
+        if n is None:
+            raise BadpruneError(f"the {what} outputs labels but no scores, so its N is unknown",
+                                fix="pass --num-classes N")
+        return Kind(True, n, rank1[0], rank2[0] if rank2 else None)
+    k = shapes[rank2[0]][-1]
+    if k is None:
+        raise BadpruneError(f"the {what}'s output has no fixed number of classes")
+    k = int(k)
+    if goodnet:
+        return Kind(True, k - 1, None, rank2[0])
+    if num_classes is not None and num_classes != k:
+        raise BadpruneError(f"--num-classes {num_classes} does not fit the model's {k} classes",
+                            fix="pass --goodnet if the last class means 'backdoor detected'")
+    return Kind(False, k, None, rank2[0])
+
+
+def labels_from_outputs(outs, kind: Kind) -> np.ndarray:
+    """int64 labels from a model's outputs (a list in output order): the label output, else argmax of scores."""
+    if kind.label_output is not None:
+        return np.asarray(outs[kind.label_output]).reshape(-1).astype(np.int64)
+    return np.asarray(outs[kind.score_output]).argmax(axis=-1).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------- the sweep table
+#: columns of the per-step table, in output order (accuracies in percent)
+COLUMNS = ("step", "channel", "mean_activation", "fraction_pruned", "valid_acc", "test_acc", "asr",
+           "goodnet_test_acc", "goodnet_asr", "goodnet_detection", "goodnet_false_alarm")
+#: columns that hold percentages (two decimals in text, four in the CSV)
+PERCENT_COLUMNS = COLUMNS[4:]
+
+
+def missing(v) -> bool:
+    """True for None and NaN (a value the sweep could not measure, e.g. ASR without a poisoned set)."""
+    if v is None:
+        return True
+    try:
+        return math.isnan(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def jsonable(obj):
+    """Plain JSON types: numpy scalars/arrays converted, NaN/inf -> None, paths and other objects -> str."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.ndarray):
+        return [jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # other numpy-like scalars
+        try:
+            return jsonable(obj.item())
+        except Exception:
+            pass
+    return str(obj)
+
+
+def table_value(result, col: str, step: int):
+    """``result.table[col][step]`` as a plain Python value (None when missing)."""
+    v = np.asarray(result.table[col])[step]
+    v = v.item() if hasattr(v, "item") else v
+    return None if missing(v) else v
+
+
+def table_channel(result, step: int):
+    """The channel pruned at ``step`` (None for step 0, the unpruned model, or a missing/negative value)."""
+    v = table_value(result, "channel", step)
+    if v is None or int(v) < 0:
+        return None
+    return int(v)
+
+
+def table_row(result, step: int) -> dict:
+    """Step ``step`` of the table as plain values (``channel`` None at step 0)."""
+    row = {c: table_value(result, c, step) for c in COLUMNS}
+    row["step"] = int(row["step"]) if row["step"] is not None else step
+    row["channel"] = table_channel(result, step)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- sweep.json
+def sweep_record(result) -> dict:
+    """The ``sweep.json`` document of a sweep result (a :class:`badprune.sweep.SweepResult`), plain JSON types.
+
+    Keys: model_name, layer, conv_layer, n_channels, num_classes, relative, columns, table (column -> values per
+    step), ranking, mean_activation, thresholds (x, reached, step, channels, row), config, timings, versions.
+    """
+    n = len(np.asarray(result.table["step"]))
+    table = {}
+    for c in COLUMNS:
+        if c == "channel":
+            table[c] = [table_channel(result, k) for k in range(n)]
+        else:
+            table[c] = jsonable(np.asarray(result.table[c]))
+    thresholds = [{"x": float(t.x), "reached": bool(t.reached), "step": None if t.step is None else int(t.step),
+                   "channels": [int(c) for c in t.channels] if t.reached else [],
+                   "row": table_row(result, t.step) if t.reached else None} for t in result.thresholds]
+    d = {
+        "model_name": result.model_name,
+        "layer": result.layer,
+        "conv_layer": result.conv_layer,
+        "n_channels": int(result.n_channels),
+        "num_classes": int(result.num_classes),
+        "relative": bool(result.relative),
+        "columns": list(COLUMNS),
+        "table": table,
+        "ranking": [int(c) for c in np.asarray(result.ranking).tolist()],
+        "mean_activation": jsonable(np.asarray(result.mean_activation, dtype=float)),
+        "thresholds": thresholds,
+        "config": result.config,
+        "timings": result.timings,
+        "versions": result.versions,
+    }
+    return jsonable(d)
+
+
+def sweep_json_text(result) -> str:
+    """``sweep.json``'s text: :func:`sweep_record` as indented JSON (no NaN)."""
+    return json.dumps(sweep_record(result), indent=2, allow_nan=False) + "\n"
+
+
+@dataclass
+class RunRecord:
+    """A run folder's ``sweep.json``, read back: ``doc`` is the document, ``dir`` the folder, ``path`` the file."""
+
+    dir: str
+    path: str
+    doc: dict
+
+    @property
+    def config(self) -> dict:
+        return self.doc.get("config") or {}
+
+    @property
+    def thresholds(self) -> list:
+        return self.doc["thresholds"]
+
+    @property
+    def reached(self) -> list:
+        """The thresholds that were reached (dicts with x, step, channels, row)."""
+        return [t for t in self.thresholds if t.get("reached")]
+
+    def threshold(self, x) -> dict:
+        for t in self.thresholds:
+            if float(t["x"]) == float(x):
+                return t
+        raise KeyError(x)
+
+    @property
+    def scale_value(self) -> float | None:
+        v = self.config.get("scale_value")
+        return None if v is None else float(v)
+
+    def model_path(self, x, kind: str = "B_prime") -> str:
+        """``<run>/models/<kind>_X<x>.keras``."""
+        return os.path.join(self.dir, MODELS_DIR, model_filename(x, kind))
+
+
+def _read_json(p):
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise BadpruneError(f"cannot read sweep.json ({type(e).__name__})", p, "re-run the sweep") from None
+
+
+def read_run(run_dir) -> RunRecord:
+    """The :class:`RunRecord` of a run folder; raises :class:`BadpruneError` when it is not one."""
+    run_dir = str(run_dir)
+    if not os.path.isdir(run_dir):
+        raise BadpruneError("run folder not found", run_dir, "pass the --out folder of a badprune-fast sweep")
+    p = os.path.join(run_dir, SWEEP_JSON)
+    if not os.path.isfile(p):
+        raise BadpruneError("no sweep.json in the run folder", run_dir, "pass the --out folder of a sweep")
+    doc = _read_json(p)
+    if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), list):
+        raise BadpruneError("sweep.json has no thresholds", p, "re-run the sweep")
+    return RunRecord(run_dir, p, doc)
+
+
+def find_run(model_path) -> RunRecord | None:
+    """The run a model file belongs to (``sweep.json`` next to it, or one folder up, as for
+    ``<run>/tflite/x.tflite`` and ``<run>/models/x.keras``), or None."""
+    d = os.path.dirname(os.path.abspath(str(model_path)))
+    for folder in (d, os.path.dirname(d)):
+        p = os.path.join(folder, SWEEP_JSON)
+        if os.path.isfile(p):
+            doc = _read_json(p)
+            if not isinstance(doc, dict):
+                raise BadpruneError("cannot read the run's sweep.json", p, "re-run the sweep")
+            return RunRecord(folder, p, doc)
+    return None
+
+
+# ------------------------------------------------------------------------------------- writing a folder whole
+def _is_nonempty_dir(p: Path) -> bool:
+    try:
+        return any(p.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadpruneError("output path exists and is not a folder", out, "choose another --out")
+    if _is_nonempty_dir(out) and not force:
+        raise BadpruneError("output folder already exists", out, "pass --force to replace it or choose another --out")
+
+
+def check_output(out_dir, force: bool = False) -> Path:
+    """Before the work: refuse an output folder that exists (unless ``force``) or could not be written (a part of
+    the path is a file, or the nearest existing folder is not writable). Creates nothing; returns the path."""
+    out = Path(out_dir).expanduser().absolute()
+    _check_target(out, force)
+    anc = out.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise BadpruneError("a part of the output path is a file, not a folder", anc, "choose another --out")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=anc)
+    except OSError as e:
+        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", anc,
+                            "check its permissions or choose another --out") from None
+    os.rmdir(probe)
+    return out
+
+
+def remove(p: Path) -> None:
+    """Remove a file or folder tree if it is there."""
+    p = Path(p)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir, force: bool = False):
+    """Write a folder all at once: yields a temporary sibling folder ``.<name>.tmp-<pid>`` to fill, renamed to
+    ``out_dir`` when the block ends without error; on any error it is removed and ``out_dir`` is left as it was.
+
+    An existing non-empty ``out_dir`` is an error unless ``force`` (then it is replaced). ``OSError`` inside the
+    block becomes a :class:`BadpruneError` naming ``out_dir``.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    _check_target(out, force)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadpruneError(f"cannot create the output folder's parent ({e.strerror or e})", parent,
+                            "choose another --out") from None
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    remove(tmp)  # a leftover of an earlier run with the same pid
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", parent,
+                            "check its permissions or choose another --out") from None
+    old = None
+    try:
+        yield tmp
+        # move into place (re-check: the folder may have appeared while we worked)
+        _check_target(out, force)
+        if out.exists():
+            if _is_nonempty_dir(out):
+                old = parent / f".{out.name}.old-{os.getpid()}"
+                remove(old)
+                os.rename(out, old)
+            else:
+                out.rmdir()
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None and not out.exists():
+                os.rename(old, out)  # put the previous output back
+                old = None
+            raise
+    except BaseException as e:
+        remove(tmp)
+        if isinstance(e, OSError):
+            raise BadpruneError(f"cannot write the outputs ({e.strerror or e})", out,
+                                "check free space and permissions or choose another --out") from e
+        raise
+    if old is not None:
+        remove(old)
