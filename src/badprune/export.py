@@ -1,9 +1,10 @@
-"""LiteRT (TFLite) export of a run's B'_X and G_X, with a label-agreement check against the Keras models.
+"""LiteRT (TFLite) export of a run's B'_X and G_X (and R_X), with a label-agreement check against the Keras models.
 
 ``export_run(RUN_DIR)`` reads ``sweep.json`` and ``models/`` of a run written by ``badprune-fast sweep`` and writes,
 for every threshold X that was reached,
 
-* ``tflite/B_prime_X<X>.tflite`` and ``tflite/goodnet_X<X>.tflite`` (``--quantize none``: float32),
+* ``tflite/B_prime_X<X>.tflite`` and ``tflite/goodnet_X<X>.tflite`` (``--quantize none``: float32), and for a
+  fine-tuned run also ``tflite/repaired_X<X>.tflite`` and ``tflite/goodnet_repaired_X<X>.tflite``,
 * ``tflite/B_prime_X<X>.float16.tflite`` ... (``float16``: weights stored as float16, computed in float32),
 * ``tflite/B_prime_X<X>.int8.tflite`` ... (``int8``: weights and activations int8, calibrated on clean validation
   images; float32 input and outputs),
@@ -43,7 +44,7 @@ class ExportRecord:
     """One exported file and how well it agrees with its Keras model."""
 
     x: float
-    kind: str                  # 'B_prime' | 'goodnet'
+    kind: str                  # a name of badprune.runfiles.MODEL_KINDS
     quantize: str
     path: str
     bytes: int
@@ -144,7 +145,8 @@ def agreement(keras_model, tflite_path, sets: dict, threads: int | None = None, 
 
 
 def _load_models(run, x):
-    """(B'_X, G_X) Keras models of a run: from models/, or G_X rebuilt from the run's B when its file is missing."""
+    """[(kind, Keras model)] of a run at X: B'_X and G_X (G_X rebuilt from the run's B when its file is missing),
+    then R_X and the GoodNet of B and R_X when the run was fine-tuned."""
     from . import goodnet as gn
 
     bp_path = run.model_path(x, "B_prime")
@@ -166,7 +168,11 @@ def _load_models(run, x):
         B = load_model(model=cfg.get("model"), weights=cfg.get("weights"),
                        arch=cfg.get("arch") if cfg.get("weights") else None)
         g = gn.build_goodnet(B, run.doc["layer"], t["channels"], name=model_stem(x, "goodnet"))
-    return bp, g
+    out = [("B_prime", bp), ("goodnet", g)]
+    for kind in ("repaired", "goodnet_repaired"):
+        if os.path.isfile(run.model_path(x, kind)):
+            out.append((kind, gn.load(run.model_path(x, kind))))
+    return out
 
 
 def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_agreement: float = MIN_AGREEMENT,
@@ -210,7 +216,8 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
         sets = None
         for t in reached:
             x = float(t["x"])
-            bp, g = _load_models(run, x)
+            kinds = _load_models(run, x)
+            bp = kinds[0][1]
             if sets is None:
                 shape = tuple(int(v) for v in bp.inputs[0].shape[1:])
                 sets = {"valid": read_sample(valid, shape, scale, check_images)}
@@ -220,7 +227,7 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
                 say(f"checking on {len(sets['valid'])} validation images ({valid})"
                     + (f" and {len(sets['poisoned'])} poisoned images ({poisoned})" if "poisoned" in sets else "")
                     + f", pixels x {scale:.6g}")
-            for kind, model in (("B_prime", bp), ("goodnet", g)):
+            for kind, model in kinds:
                 t0 = time.perf_counter()
                 name = tflite_filename(x, kind, quantize)
                 path = os.path.join(tmp, name)

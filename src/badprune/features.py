@@ -260,6 +260,20 @@ def _read_cache(npy, marker, key, shape):
         return None
 
 
+def load_cached(npy) -> np.ndarray | None:
+    """A cache entry by its ``.npy`` path (as a sweep records it), checked against its completion marker; None when
+    it is gone, incomplete or does not match."""
+    marker = npy[:-len(".npy")] + ".json" if str(npy).endswith(".npy") else None
+    if marker is None:
+        return None
+    try:
+        with open(marker) as f:
+            m = json.load(f)
+        return _read_cache(npy, marker, m["key"], tuple(m["shape"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _write_cache(npy, marker, key, arr, meta):
     tmp = f"{npy}.tmp{os.getpid()}.{threading.get_ident()}"
     try:

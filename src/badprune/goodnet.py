@@ -37,7 +37,8 @@ import os
 import numpy as np
 
 from .errors import BadpruneError
-from .runfiles import Kind, fmt_x, goodnet_filename, kind_from_shapes, labels_from_outputs  # noqa: F401
+from .runfiles import Kind, kind_from_shapes, labels_from_outputs  # noqa: F401  (the vocabulary of model kinds)
+from .runfiles import fmt_x, goodnet_filename, model_stem
 
 
 def _keras():
@@ -75,8 +76,13 @@ def _argmax(t):
     return ops.squeeze(idx, axis=-1)
 
 
-def build_goodnet(model, layer: str, channels, name: str | None = None):
+def build_goodnet(model, layer: str, channels, name: str | None = None, repaired=None,
+                  shared_trunk: bool = True):
     """G(B, B') as one graph: B's trunk once, B's head and B's head after a 0/1 channel mask.
+
+    With ``repaired`` (a network R_X derived from B with ``channels`` pruned), the second head is R_X's instead:
+    R_X's head after the mask when ``shared_trunk`` (its trunk is B's, as after head fine-tuning), else all of
+    R_X run on the input next to B.
 
     Parameters
     ----------
@@ -112,7 +118,19 @@ def build_goodnet(model, layer: str, channels, name: str | None = None):
 
     ops = keras.ops
     p_b = Bc.outputs[0]
-    p_p = surgery.replay(trace(p_b, start, layer), start, masked)[id(p_b)]
+    if repaired is None:
+        p_p = surgery.replay(trace(p_b, start, layer), start, masked)[id(p_b)]
+    else:
+        def rename(n):
+            return surgery.unique_name(existing, f"repaired_{n}")
+
+        r_out = repaired.outputs[0]
+        if shared_trunk:
+            r_start = prune_output(repaired, layer)
+            p_p = surgery.replay(trace(r_out, r_start, layer), r_start, masked, rename)[id(r_out)]
+        else:
+            r_in = repaired.inputs[0]
+            p_p = surgery.replay(trace(r_out, r_in, layer), r_in, Bc.inputs[0], rename)[id(r_out)]
     l_b = _argmax(p_b)
     l_p = _argmax(p_p)
     agree = ops.equal(l_b, l_p)
@@ -133,6 +151,13 @@ def from_sweep(result, x):
     if result.model is None:
         raise BadpruneError("the sweep result holds no model")
     return build_goodnet(result.model, result.layer, t.channels, name=goodnet_filename(x, ""))
+
+
+def from_repaired(result, rep):
+    """The GoodNet of B and R_X (a :class:`badprune.repair.Repaired` of ``result``): B's label where B and R_X
+    agree, else N."""
+    return build_goodnet(result.model, result.layer, rep.channels, name=model_stem(rep.x, "goodnet_repaired"),
+                         repaired=rep.model, shared_trunk=rep.mode == "head")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -104,8 +104,32 @@ def _md_table(header, rows) -> list:
     return out
 
 
+def _cell(result: SweepResult, col: str, step: int) -> str:
+    return _pct(table_value(result, col, step))
+
+
+def _repaired_tables(result: SweepResult) -> list:
+    """The R_X tables (fine-pruning) of a result that has them."""
+    C = result.n_channels
+    mode = result.repaired[0].mode
+    lines = [f"## Repaired network R_X (fine-pruning: B'_X with its {'head' if mode == 'head' else 'whole network'}"
+             " fine-tuned on clean validation data)", ""]
+    rows = [[fmt_x(r.x), f"{r.step}/{C}", _pct(r.info.get("holdout_best")), _pct(r.row.get("test_acc")),
+             _pct(r.row.get("asr"))] for r in result.repaired]
+    lines += _md_table(["X", "channels pruned", "held-out valid acc", "clean test acc", "attack success rate"],
+                       rows)
+    lines += ["", "## GoodNet of B and R_X (outputs N when B and R_X disagree)", ""]
+    rows = [[fmt_x(r.x)] + [_pct(r.row.get(c)) for c in ("goodnet_test_acc", "goodnet_asr", "goodnet_detection",
+                                                           "goodnet_false_alarm")] for r in result.repaired]
+    lines += _md_table(["X", "clean test acc", "attack success rate", "detection rate (poisoned -> N)",
+                        "false-alarm rate (clean -> N)"], rows)
+    lines.append("")
+    return lines
+
+
 def results_markdown(result: SweepResult) -> str:
-    """The lab's two tables (B'_X and the GoodNet G_X at each threshold X) as Markdown, with a short header."""
+    """The lab's two tables (B'_X and the GoodNet G_X at each threshold X) as Markdown, with a short header, and
+    the R_X tables when the result was fine-tuned."""
     C = result.n_channels
     lines = [f"# Pruning defense: {result.model_name}", ""]
     lines.append(f"- model: `{result.model_name}`; pruned layer: `{result.layer}`"
@@ -117,14 +141,13 @@ def results_markdown(result: SweepResult) -> str:
     lines.append("")
 
     lines += ["## Repaired network B'_X", ""]
-    rows = [["B (base)", 0, "0.0%", _pct(table_value(result, "valid_acc", 0)), _pct(table_value(result, "test_acc", 0)),
-             _pct(table_value(result, "asr", 0))]]
+    rows = [["B (base)", 0, "0.0%", _cell(result, "valid_acc", 0), _cell(result, "test_acc", 0),
+             _cell(result, "asr", 0)]]
     for t in result.thresholds:
         if t.reached:
             s = t.step
-            rows.append([fmt_x(t.x), f"{s}/{C}", f"{100 * _fraction(result, s):.1f}%",
-                         _pct(table_value(result, "valid_acc", s)), _pct(table_value(result, "test_acc", s)),
-                         _pct(table_value(result, "asr", s))])
+            rows.append([fmt_x(t.x), f"{s}/{C}", f"{100 * _fraction(result, s):.1f}%", _cell(result, "valid_acc", s),
+                         _cell(result, "test_acc", s), _cell(result, "asr", s)])
         else:
             rows.append([fmt_x(t.x)] + ["not reached"] * 5)
     lines += _md_table(["X", "channels pruned", "fraction pruned", "valid acc", "clean test acc",
@@ -135,19 +158,22 @@ def results_markdown(result: SweepResult) -> str:
     rows = []
     for t in result.thresholds:
         if t.reached:
-            s = t.step
-            rows.append([fmt_x(t.x), _pct(table_value(result, "goodnet_test_acc", s)), _pct(table_value(result, "goodnet_asr", s)),
-                         _pct(table_value(result, "goodnet_detection", s)), _pct(table_value(result, "goodnet_false_alarm", s))])
+            rows.append([fmt_x(t.x)] + [_cell(result, c, t.step) for c in ("goodnet_test_acc", "goodnet_asr",
+                                                                              "goodnet_detection",
+                                                                              "goodnet_false_alarm")])
         else:
             rows.append([fmt_x(t.x)] + ["not reached"] * 4)
     lines += _md_table(["X", "clean test acc", "attack success rate", "detection rate (poisoned -> N)",
                         "false-alarm rate (clean -> N)"], rows)
     lines.append("")
+    if getattr(result, "repaired", None):
+        lines += _repaired_tables(result)
     return "\n".join(lines)
 
 
 def plot_sweep(result: SweepResult, path) -> None:
-    """``sweep.png``: clean test accuracy and ASR vs fraction pruned, B' solid and G dashed, thresholds marked."""
+    """``sweep.png``: clean test accuracy and ASR vs fraction pruned, B' solid and G dashed, thresholds marked, and
+    R_X (fine-pruned) as stars at its B'_X's step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, never a GUI backend
 
@@ -164,6 +190,13 @@ def plot_sweep(result: SweepResult, path) -> None:
         if np.all(np.isnan(y)):
             continue
         ax.plot(x, y, ls, color=color, label=label, linewidth=1.6)
+    for i, r in enumerate(getattr(result, "repaired", None) or []):  # R_X: one marker pair at B'_X's step
+        xv = 100 * _fraction(result, r.step)
+        for col, color, label in (("test_acc", "tab:blue", "R_X clean test accuracy"),
+                                  ("asr", "tab:red", "R_X attack success rate")):
+            if not missing(r.row.get(col)):
+                ax.plot([xv], [r.row[col]], "*", color=color, markersize=11, markeredgecolor="black",
+                        markeredgewidth=0.6, label=label if i == 0 else None)
     by_step = {}  # thresholds reached at the same step share one line and one label
     for t in result.thresholds:
         if t.reached:
@@ -234,10 +267,13 @@ def summary_line(result: SweepResult) -> str:
             parts.append(f"X={fmt_x(t.x)}: not reached")
             continue
         k = t.step
-        parts.append(f"X={fmt_x(t.x)}: step {k} valid {_pct(table_value(result, 'valid_acc', k), 1)} "
-                     f"test {_pct(table_value(result, 'test_acc', k), 1)} ASR {_pct(table_value(result, 'asr', k), 1)} | "
-                     f"GoodNet test {_pct(table_value(result, 'goodnet_test_acc', k), 1)} "
-                     f"ASR {_pct(table_value(result, 'goodnet_asr', k), 1)}")
+        v = {c: _pct(table_value(result, c, k), 1) for c in ("valid_acc", "test_acc", "asr", "goodnet_test_acc",
+                                                                "goodnet_asr")}
+        parts.append(f"X={fmt_x(t.x)}: step {k} valid {v['valid_acc']} test {v['test_acc']} ASR {v['asr']} | "
+                     f"GoodNet test {v['goodnet_test_acc']} ASR {v['goodnet_asr']}")
+    for r in getattr(result, "repaired", None) or []:
+        parts.append(f"R_{fmt_x(r.x)} ({r.mode} fine-tuned): test {_pct(r.row.get('test_acc'), 1)} "
+                     f"ASR {_pct(r.row.get('asr'), 1)}")
     if parts:
         s += "; " + "; ".join(parts)
     return s
@@ -245,7 +281,7 @@ def summary_line(result: SweepResult) -> str:
 
 # -------------------------------------------------------------------------------------------- write_outputs
 def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models: bool = True,
-                  save_goodnets: bool = True):
+                  save_goodnets: bool = True, keep=()):
     """Write a sweep's run folder.
 
     Parameters
@@ -258,13 +294,19 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
     save_goodnets : bool
         Also write ``models/goodnet_X<X>.keras``, the one-graph GoodNet G_X (:mod:`badprune.goodnet`).
 
+    keep : sequence of str
+        With ``force``: entries of the existing folder to carry over (e.g. ``tflite``).
+
+    With fine-tuning (``result.repaired``) also ``models/repaired_X<X>.keras`` (R_X) and
+    ``models/goodnet_repaired_X<X>.keras`` (the GoodNet of B and R_X).
+
     Returns
     -------
     pathlib.Path
         The run folder, written whole (:func:`badprune.runfiles.staged_folder`): ``sweep.csv``, ``sweep.json``,
         ``results.md``, ``sweep.png`` and the models.
     """
-    with staged_folder(out_dir, force) as tmp:
+    with staged_folder(out_dir, force, keep) as tmp:
         (tmp / SWEEP_CSV).write_text(sweep_csv(result), encoding="utf-8")
         (tmp / SWEEP_JSON).write_text(sweep_json_text(result), encoding="utf-8")
         (tmp / RESULTS_MD).write_text(results_markdown(result), encoding="utf-8")
@@ -284,4 +326,10 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
                         print(f"warning: no {goodnet_filename(t.x)}: {e.line()}", file=sys.stderr)
                     else:
                         g.save(str(tmp / MODELS_DIR / goodnet_filename(t.x)))
+            for r in getattr(result, "repaired", None) or []:
+                r.model.save(str(tmp / MODELS_DIR / model_filename(r.x, "repaired")))
+                if save_goodnets:
+                    from .goodnet import from_repaired
+
+                    from_repaired(result, r).save(str(tmp / MODELS_DIR / model_filename(r.x, "goodnet_repaired")))
     return Path(out_dir).expanduser().absolute()

@@ -75,8 +75,8 @@ SWEEP_PNG = "sweep.png"
 MODELS_DIR = "models"
 TFLITE_DIR = "tflite"
 EXPORT_JSON = "export.json"
-#: the kinds of model a run saves per threshold X, by file-name stem
-MODEL_KINDS = ("B_prime", "goodnet")
+#: the kinds of model a run saves per threshold X, by file-name stem: B'_X, G_X, R_X and the GoodNet of B and R_X
+MODEL_KINDS = ("B_prime", "goodnet", "repaired", "goodnet_repaired")
 
 
 def model_stem(x, kind: str = "B_prime") -> str:
@@ -264,7 +264,8 @@ def sweep_record(result) -> dict:
     """The ``sweep.json`` document of a sweep result (a :class:`badprune.sweep.SweepResult`), plain JSON types.
 
     Keys: model_name, layer, conv_layer, n_channels, num_classes, relative, columns, table (column -> values per
-    step), ranking, mean_activation, thresholds (x, reached, step, channels, row), config, timings, versions.
+    step), ranking, mean_activation, thresholds (x, reached, step, channels, row), config, timings, versions;
+    with fine-tuning also repaired (x, mode, step, channels, row: R_X's metrics, info: how it was trained).
     """
     n = len(np.asarray(result.table["step"]))
     table = {}
@@ -292,6 +293,9 @@ def sweep_record(result) -> dict:
         "timings": result.timings,
         "versions": result.versions,
     }
+    if getattr(result, "repaired", None):
+        d["repaired"] = [{"x": float(r.x), "mode": r.mode, "step": int(r.step), "channels": list(r.channels),
+                          "row": dict(r.row), "info": dict(r.info)} for r in result.repaired]
     return jsonable(d)
 
 
@@ -420,12 +424,13 @@ def remove(p: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out_dir, force: bool = False):
+def staged_folder(out_dir, force: bool = False, keep=()):
     """Write a folder all at once: yields a temporary sibling folder ``.<name>.tmp-<pid>`` to fill, renamed to
     ``out_dir`` when the block ends without error; on any error it is removed and ``out_dir`` is left as it was.
 
-    An existing non-empty ``out_dir`` is an error unless ``force`` (then it is replaced). ``OSError`` inside the
-    block becomes a :class:`BadpruneError` naming ``out_dir``.
+    An existing non-empty ``out_dir`` is an error unless ``force`` (then it is replaced; the entries named in
+    ``keep`` that the block did not write are carried over from it). ``OSError`` inside the block becomes a
+    :class:`BadpruneError` naming ``out_dir``.
     """
     out = Path(out_dir).expanduser().absolute()
     _check_target(out, force)
@@ -445,6 +450,10 @@ def staged_folder(out_dir, force: bool = False):
     old = None
     try:
         yield tmp
+        for name in keep:
+            if (out / name).exists() and not (tmp / name).exists():
+                shutil.copytree(out / name, tmp / name, symlinks=True) if (out / name).is_dir() \
+                    else shutil.copy2(out / name, tmp / name)
         # move into place (re-check: the folder may have appeared while we worked)
         _check_target(out, force)
         if out.exists():

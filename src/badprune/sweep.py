@@ -60,6 +60,28 @@ class SweepResult:
     timings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     model: object = None              # the Keras model B (for pruned_model)
+    repaired: list = field(default_factory=list)   # [badprune.repair.Repaired] when fine-tuning ran
+
+    @classmethod
+    def from_record(cls, doc: dict, model=None) -> "SweepResult":
+        """A result read back from its ``sweep.json`` document (:func:`badprune.runfiles.sweep_record`), with B
+        (``model``) given again; the repaired networks are not part of it."""
+        table = {}
+        for c in COLUMNS:
+            v = doc["table"][c]
+            if c == "channel":
+                table[c] = np.array([-1 if x is None else int(x) for x in v], np.int64)
+            elif c == "step":
+                table[c] = np.array(v, np.int64)
+            else:
+                table[c] = np.array([np.nan if x is None else float(x) for x in v], np.float64)
+        ths = [Threshold(float(t["x"]), t["step"], [int(c) for c in t["channels"]]) for t in doc["thresholds"]]
+        return cls(model_name=doc["model_name"], layer=doc["layer"], conv_layer=doc.get("conv_layer"),
+                   n_channels=int(doc["n_channels"]), ranking=np.array(doc["ranking"], np.int64),
+                   mean_activation=np.array([np.nan if v is None else v for v in doc["mean_activation"]]),
+                   table=table, thresholds=ths, relative=bool(doc["relative"]), num_classes=int(doc["num_classes"]),
+                   config=dict(doc.get("config") or {}), timings=dict(doc.get("timings") or {}),
+                   versions=dict(doc.get("versions") or {}), model=model)
 
     def row(self, step: int) -> dict:
         return {c: self.table[c][step].item() for c in COLUMNS}
@@ -308,7 +330,8 @@ def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes:
 
 def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=None, *, layer=None,
         thresholds=(2, 4, 10), relative=False, order="ascending", scale="auto", cache_dir=None, use_cache=True,
-        batch_size=1024, mode="incremental", progress=True, trust_model=False, name=None, log=None) -> SweepResult:
+        batch_size=1024, mode="incremental", progress=True, trust_model=False, name=None, log=None,
+        fine_tune=None, fine_tune_epochs=None, fine_tune_lr=None, seed=0) -> SweepResult:
     """Run the pruning defense and return a :class:`SweepResult`.
 
     Parameters
@@ -343,6 +366,9 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         The model's name in the outputs.
     log : callable, optional
         Called with one-line notes.
+    fine_tune : {None, 'head', 'full'}
+        Also repair each reached B'_X into R_X by fine-pruning on clean data (:mod:`badprune.repair`);
+        ``fine_tune_epochs``, ``fine_tune_lr`` override the recipe's defaults; ``seed`` makes it deterministic.
 
     Returns
     -------
@@ -366,6 +392,10 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     _check_order(order)
     scale = _check_scale(scale)
     batch_size = _check_batch_size(batch_size)
+    if fine_tune is not None:
+        from .repair import check_args
+
+        fine = check_args(fine_tune, fine_tune_epochs, fine_tune_lr, seed)
 
     t = time.perf_counter()
     d = _load(model, weights, arch, trust_model, name, layer)
@@ -413,10 +443,8 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         if bar is not None:
             bar.close()
     timings["sweep"] = time.perf_counter() - t
-    del F
 
     ths = select_thresholds(cols["valid_acc"], thresholds, relative, ranking)
-    timings["total"] = time.perf_counter() - t_all
     config = {
         "model": model if isinstance(model, str) else None, "weights": weights, "arch": arch,
         "valid": valid, "test": test, "poisoned": poisoned, "layer": d.layer, "conv_layer": d.conv_layer,
@@ -426,8 +454,19 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         "cached": {k: bool(v.get("cached")) for k, v in extract_info.items()},
         "extract_img_per_s": {k: v.get("img_per_s") for k, v in extract_info.items()},
         "warnings": warned,
+        "activations": {k: v.get("path") for k, v in extract_info.items()},
     }
-    return SweepResult(model_name=d.name, layer=d.layer, conv_layer=d.conv_layer, n_channels=len(ranking),
-                       ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
-                       num_classes=d.num_classes, config=config, timings=timings, versions=_versions(),
-                       model=d.model)
+    result = SweepResult(model_name=d.name, layer=d.layer, conv_layer=d.conv_layer, n_channels=len(ranking),
+                         ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
+                         num_classes=d.num_classes, config=config, timings=timings, versions=_versions(),
+                         model=d.model)
+    if fine_tune is not None:
+        from .repair import repair_thresholds
+
+        t = time.perf_counter()
+        config["fine_tune"] = {k: v for k, v in fine.items()}
+        result.repaired = repair_thresholds(result, F, bounds, ds, fine, cache_dir if use_cache else None, say)
+        timings["repair"] = time.perf_counter() - t
+    del F
+    timings["total"] = time.perf_counter() - t_all
+    return result

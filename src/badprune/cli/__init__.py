@@ -1,7 +1,8 @@
 """``badprune-fast``: the command line. Thin: each command group's module maps its flags to library arguments,
 calls the package and prints; every rule about the arguments themselves lives in the library.
 
-* :mod:`~badprune.cli.sweep` -- ``sweep``; :mod:`~badprune.cli.demo` -- ``demo``;
+* :mod:`~badprune.cli.sweep` -- ``sweep``; :mod:`~badprune.cli.repair` -- ``repair``;
+  :mod:`~badprune.cli.demo` -- ``demo``;
 * :mod:`~badprune.cli.deploy` -- ``export``, ``predict``, ``evaluate``;
 * :mod:`~badprune.cli._common` -- the one-line argparse errors (``_Parser``), SIGTERM handling, notes.
 
@@ -15,7 +16,7 @@ import sys
 import threading
 
 from ..errors import BadpruneError, cli_warnings, printable
-from . import deploy, demo, sweep
+from . import deploy, demo, repair, sweep
 from ._common import Parser as _Parser
 from ._common import Terminated, on_sigterm
 
@@ -28,6 +29,7 @@ def build_parser():
     ap.add_argument("--version", action="version", version=f"badprune {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sweep.add_parser(sub)
+    repair.add_parser(sub)
     demo.add_parser(sub)
     deploy.add_parsers(sub)
     return ap
@@ -40,8 +42,12 @@ def _version():
 
 
 def main(argv=None):
+    """Run ``badprune-fast`` with ``argv`` (default: the command line); returns the exit status."""
     ap = build_parser()
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad flag (its one line is already printed)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         ap.print_help()
         return 2

@@ -33,6 +33,13 @@ def add_parser(sub):
     s.add_argument("--mode", choices=["incremental", "full"], default="incremental",
                    help="incremental (default) or full re-evaluation at every step (reference)")
     s.add_argument("--batch-size", type=int, default=1024, help="trunk batch size (default 1024)")
+    f = p.add_argument_group("repair (fine-pruning: each B'_X fine-tuned on clean data into R_X)")
+    f.add_argument("--fine-tune", choices=["head", "full"],
+                   help="head: train the layers after the prune layer over the cached activations (fast); "
+                        "full: train the whole network on the clean images")
+    f.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")
+    f.add_argument("--fine-tune-lr", type=float, help="peak learning rate (default: the recipe's, per mode)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output folder (default: runs/<model name>)")
     o.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -75,6 +82,8 @@ def run(args):
         raise BadpruneError("--export needs the models", fix="drop --no-models")
     if not args.export and (args.quantize != "none" or args.allow_lossy):
         raise BadpruneError("--quantize and --allow-lossy go with --export", fix="add --export")
+    if args.fine_tune is None and (args.fine_tune_epochs is not None or args.fine_tune_lr is not None):
+        raise BadpruneError("--fine-tune-epochs and --fine-tune-lr go with --fine-tune", fix="add --fine-tune head")
     # refuse an existing or unwritable output folder before doing the work, not after
     report.check_output(out, force=args.force)
 
@@ -83,7 +92,9 @@ def run(args):
                         layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
                         scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                         batch_size=args.batch_size, mode=args.mode, progress=not args.quiet,
-                        trust_model=args.trust_model, name=name, log=lambda m: note(args, m))
+                        trust_model=args.trust_model, name=name, log=lambda m: note(args, m),
+                        fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
+                        fine_tune_lr=args.fine_tune_lr, seed=args.seed)
     path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
     result.timings["command"] = time.perf_counter() - t0
     print(report.format_table(result, thresholds_only=not args.all_steps))

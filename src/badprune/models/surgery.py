@@ -113,13 +113,27 @@ def set_mask(layer, mask) -> None:
     layer.set_weights([mask.reshape(1, 1, len(mask), 1)])
 
 
-def replay(nodes, start_tensor, new_start):
-    """Call again the traced layer calls ``nodes`` (:func:`badprune.models.graph.trace`, the same layer objects:
-    shared weights) from ``new_start`` in place of ``start_tensor``; returns {id(old tensor): new tensor}."""
+def replay(nodes, start_tensor, new_start, rename=None):
+    """Call again the traced layer calls ``nodes`` (:func:`badprune.models.graph.trace`) from ``new_start`` in place
+    of ``start_tensor``; returns {id(old tensor): new tensor}.
+
+    By default the same layer objects are called (shared weights). With ``rename`` (a function from a layer name
+    to a new, unused one) each layer is called as a fresh copy of that name holding the same weights, so the
+    result can sit in one graph next to the original layers.
+    """
     memo = {id(start_tensor): new_start}
+    copies = {}
     for tn in nodes:
+        layer = tn.layer
+        if rename is not None:
+            if id(layer) not in copies:
+                cfg = dict(layer.get_config(), name=rename(layer.name))
+                copies[id(layer)] = (layer.__class__.from_config(cfg), layer)
+            layer = copies[id(layer)][0]
         args, kwargs = tn.node.arguments.fill_in(memo)
-        outs = keras.tree.flatten(tn.layer(*args, **kwargs))
+        outs = keras.tree.flatten(layer(*args, **kwargs))
         for old, new in zip(tn.node.output_tensors, outs):
             memo[id(old)] = new
+    for copy, original in copies.values():
+        copy.set_weights(original.get_weights())
     return memo
