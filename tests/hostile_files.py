@@ -1,8 +1,8 @@
-"""Small builders of honest and hostile inputs for tests/test_hostile.py and tests/test_fuzz.py."""
+"""Small builders of hostile inputs for tests/test_hostile.py (the honest tiny model and its sets are the
+conftest fixtures ``tiny_model`` and ``write_lab_sets``)."""
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 
 import h5py
@@ -11,28 +11,11 @@ import numpy as np
 from badprune import _tf  # noqa: F401  (quiet TensorFlow)
 import keras
 
-from badprune.data import write_lab_h5
+from badprune.data import write_lab_h5  # noqa: F401  (test_hostile uses hf.write_lab_h5)
 
 L = keras.layers
 SHAPE = (16, 12, 3)
 CLASSES = 5
-
-
-def tiny_model(shape=SHAPE, classes=CLASSES, pool=True, seed=0, name="tiny", bias=None):
-    """Input -> Conv2D(10) -> MaxPooling2D -> Flatten -> Dense softmax, with fixed random weights."""
-    x = keras.Input(shape, name="img")
-    h = L.Conv2D(10, 3, activation="relu", padding="same" if min(shape[:2]) < 4 else "valid", name="conv_a")(x)
-    if pool:
-        h = L.MaxPooling2D(2, name="pool_a")(h)
-    y = L.Dense(classes, activation="softmax", name="out")(L.Flatten(name="flat")(h))
-    m = keras.Model(x, y, name=name)
-    r = np.random.default_rng(seed)
-    m.get_layer("conv_a").set_weights([r.standard_normal((3, 3, shape[2], 10)).astype(np.float32) * 0.4,
-                                       (r.standard_normal(10) * 0.3 - 0.1).astype(np.float32)])
-    k = m.get_layer("out")
-    b = np.zeros(classes, np.float32) if bias is None else np.asarray(bias, np.float32)
-    k.set_weights([r.standard_normal(k.kernel.shape).astype(np.float32) * 0.3, b])
-    return m
 
 
 def bypass_model():
@@ -44,28 +27,6 @@ def bypass_model():
     g = L.Dense(CLASSES, name="d2")(L.GlobalAveragePooling2D(name="gap")(h))
     y = L.Activation("softmax", name="soft")(L.Add(name="add")([a, g]))
     return keras.Model(x, y, name="bypass")
-
-
-def write_sets(d, model, sizes=(("valid", 150), ("test", 120), ("bd_test", 90)), poison_label=None, seed=1):
-    """Lab-format sets for ``model``: uniform-noise images stored as raw 0..255 float64 (channels-first), labelled
-    with what the model answers on /255 pixels (so its accuracy is 100 %); the poisoned set gets one label."""
-    r = np.random.default_rng(seed)
-    shape = tuple(int(v) for v in model.inputs[0].shape[1:])
-    files = {}
-    preds = {}
-    for name, n in sizes:
-        X = r.uniform(0, 1, (n,) + shape).astype(np.float32)
-        y = model.predict(X, verbose=0, batch_size=256).argmax(1)
-        preds[name] = y
-        if name.startswith("bd"):
-            if poison_label is None:  # the class the model gives least often to clean inputs
-                counts = np.bincount(preds.get("test", y), minlength=model.outputs[0].shape[-1])
-                poison_label = int(np.argmin(counts))
-            y = np.full(n, poison_label)
-        path = os.path.join(str(d), f"{name}.h5")
-        write_lab_h5(path, X * 255.0, y, dtype=np.float64)
-        files[name] = path
-    return files
 
 
 def raw_h5(path, **datasets):

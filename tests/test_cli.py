@@ -4,41 +4,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from badprune import _tf  # noqa: F401
-import keras
-
 from badprune import cli
-from badprune.data import write_lab_h5
 
 
 @pytest.fixture(scope="module")
-def lab_files(tmp_path_factory):
+def lab_files(tmp_path_factory, tiny_lab):
     """A small model (.keras) and channels-first valid/test/poisoned files stored as 0..255 pixels."""
-    d = tmp_path_factory.mktemp("lab")
-    L = keras.layers
-    x = keras.Input((16, 12, 3))
-    h = L.Conv2D(10, 3, activation="relu", name="conv_a")(x)
-    h = L.MaxPooling2D(2, name="pool_a")(h)
-    y = L.Dense(5, activation="softmax", name="out")(L.Flatten()(h))
-    m = keras.Model(x, y, name="tiny")
-    r = np.random.default_rng(0)
-    m.get_layer("conv_a").set_weights([r.standard_normal((3, 3, 3, 10)).astype(np.float32) * 0.4,
-                                       (r.standard_normal(10) * 0.3 - 0.1).astype(np.float32)])
-    m.get_layer("out").set_weights([r.standard_normal((350, 5)).astype(np.float32) * 0.3, np.zeros(5, np.float32)])
-    m.save(d / "tiny.keras")
-    files = {}
-    for name, n in (("valid", 150), ("test", 120), ("bd_test", 90)):
-        X = r.uniform(0, 1, (n, 16, 12, 3)).astype(np.float32)
-        y = m.predict(X, verbose=0).argmax(1)  # labels = what the model answers on /255 data ...
-        if name == "bd_test":
-            y[:] = 1
-        write_lab_h5(d / f"{name}.h5", X * 255.0, y, dtype=np.float64)  # ... stored as raw pixels
-        files[name] = str(d / f"{name}.h5")
-    files["model"] = str(d / "tiny.keras")
-    return files
+    return tiny_lab(tmp_path_factory.mktemp("lab"))[1]
 
 
 def _sweep_args(f, out, cache):

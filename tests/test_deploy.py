@@ -11,41 +11,16 @@ import numpy as np
 import pytest
 
 from badprune import _tf  # noqa: F401
-import keras
-
 from badprune import cli, goodnet
-from badprune.data import open_dataset, write_lab_h5
+from badprune.data import open_dataset
 from badprune.errors import BadpruneError
 from badprune.export import export_run, tflite_filename
 from badprune.runtime import LiteModel, load_images
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-L = keras.layers
-
-
-def _tiny(d, gain=1.0, seed=0):
-    """The test_cli model: conv(10) -> pool -> dense(5); ``gain`` scales the output layer (tiny = flat softmax)."""
-    x = keras.Input((16, 12, 3), name="input")
-    h = L.Conv2D(10, 3, activation="relu", name="conv_a")(x)
-    h = L.MaxPooling2D(2, name="pool_a")(h)
-    y = L.Dense(5, activation="softmax", name="out")(L.Flatten()(h))
-    m = keras.Model(x, y, name="tiny")
-    r = np.random.default_rng(seed)
-    m.get_layer("conv_a").set_weights([r.standard_normal((3, 3, 3, 10)).astype(np.float32) * 0.4,
-                                       (r.standard_normal(10) * 0.3 - 0.1).astype(np.float32)])
-    m.get_layer("out").set_weights([r.standard_normal((350, 5)).astype(np.float32) * 0.3 * gain,
-                                    np.zeros(5, np.float32)])
-    m.save(d / "tiny.keras")
-    files = {"model": str(d / "tiny.keras")}
-    for name, n in (("valid", 300), ("test", 200), ("bd_test", 150)):
-        X = r.uniform(0, 1, (n, 16, 12, 3)).astype(np.float32)
-        y = m.predict(X, verbose=0).argmax(1)   # the model answers on /255 data; stored as raw pixels
-        y[: n // 5] = r.integers(0, 5, n // 5)
-        if name == "bd_test":
-            y[:] = 1
-        write_lab_h5(d / f"{name}.h5", X * 255.0, y, dtype=np.float32)
-        files[name] = str(d / f"{name}.h5")
-    return m, files
+#: ``tiny_lab`` as the test_cli files, but more images, float32 pixels and a fifth of the labels random
+DEPLOY_LAB = dict(sizes=(("valid", 300), ("test", 200), ("bd_test", 150)), input_name="input", relabel_div=5,
+                  dtype=np.float32)
 
 
 def _sweep(files, out, extra=()):
@@ -55,9 +30,9 @@ def _sweep(files, out, extra=()):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_lab):
     d = tmp_path_factory.mktemp("deploy")
-    m, files = _tiny(d)
+    m, files = tiny_lab(d, **DEPLOY_LAB)
     assert _sweep(files, d / "run", ["--export"]) == 0
     js = json.loads((d / "run" / "sweep.json").read_text())
     reached = [t for t in js["thresholds"] if t["reached"]]
@@ -163,10 +138,10 @@ def test_float16_and_lossy_int8_exports(run):
     assert len(index) == 3 * 2 * len(run["reached"])  # none, float16 and int8 entries side by side
 
 
-def test_int8_export_below_agreement_is_refused(tmp_path, capsys):
+def test_int8_export_below_agreement_is_refused(tmp_path, capsys, tiny_lab):
     """A model whose softmax is nearly flat (probabilities within 1/256 of each other): int8 quantization of the
     softmax output makes the classes tie, so int8 labels provably disagree with float ones."""
-    _, files = _tiny(tmp_path, gain=0.002, seed=0)
+    _, files = tiny_lab(tmp_path, **DEPLOY_LAB, gain=0.002, seed=0)
     assert _sweep(files, tmp_path / "run") == 0
     capsys.readouterr()
     assert cli.main(["export", str(tmp_path / "run"), "--quantize", "int8", "-q"]) == 2

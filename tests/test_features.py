@@ -15,20 +15,9 @@ keras = pytest.importorskip("keras")
 L = keras.layers
 
 
-def random_deepid(num_classes=5, seed=0):
-    m = models.build_deepid(num_classes)
-    rng = np.random.default_rng(seed)
-    for layer in m.layers:
-        if layer.weights:
-            ws = [(rng.standard_normal(w.shape) / np.sqrt(np.prod(w.shape[:-1]) if w.ndim > 1 else 10))
-                  .astype(np.float32) for w in layer.get_weights()]
-            layer.set_weights(ws)
-    return m
-
-
 @pytest.fixture(scope="module")
-def net():
-    return random_deepid()
+def net(random_deepid):
+    return random_deepid(5)
 
 
 @pytest.fixture
@@ -123,7 +112,7 @@ def _extract(model, path, cache, layer="pool_3", scale="raw"):
                             progress=False, return_info=True)
 
 
-def test_cache_hit_does_not_run_the_trunk(net, lab_file, tmp_path, counting):
+def test_cache_hit_does_not_run_the_trunk(net, lab_file, tmp_path, counting, random_deepid):
     cache = tmp_path / "cache"
     a, info = _extract(net, lab_file, cache)
     assert info["cached"] is False and counting.calls == 1
@@ -136,11 +125,11 @@ def test_cache_hit_does_not_run_the_trunk(net, lab_file, tmp_path, counting):
     assert info["cached"] is True and counting.calls == 1  # no trunk pass
     np.testing.assert_array_equal(a, b)
     # an equal model loaded anew (same weights) hits too
-    same = random_deepid()
+    same = random_deepid(5)
     assert _extract(same, lab_file, cache)[1]["cached"] is True and counting.calls == 1
 
 
-def test_cache_invalidation(net, lab_file, tmp_path, imgs, counting):
+def test_cache_invalidation(net, lab_file, tmp_path, imgs, counting, random_deepid):
     cache = tmp_path / "cache"
     base, _ = _extract(net, lab_file, cache)
 
@@ -152,7 +141,7 @@ def test_cache_invalidation(net, lab_file, tmp_path, imgs, counting):
     p2, info = _extract(net, lab_file, cache, layer="pool_2")
     assert not info["cached"] and p2.shape == (50, 12, 10, 40)
     # the weights
-    other = random_deepid(seed=1)
+    other = random_deepid(5, seed=1)
     w, info = _extract(other, lab_file, cache)
     assert not info["cached"]
     np.testing.assert_allclose(w, trunk_predict(other, "pool_3", imgs), rtol=1e-4, atol=1e-4)

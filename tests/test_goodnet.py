@@ -17,17 +17,6 @@ from badprune.errors import BadpruneError
 L = keras.layers
 
 
-def _randomize(m, seed, gain=3.0):
-    """Random weights that spread the classes (kernel std gain / sqrt(fan-in), small biases)."""
-    r = np.random.default_rng(seed)
-    for layer in m.layers:
-        ws = layer.get_weights()
-        if ws:
-            layer.set_weights([(r.standard_normal(w.shape) * (gain / np.sqrt(np.prod(w.shape[:-1])) if w.ndim > 1
-                                                               else 0.1)).astype(np.float32) for w in ws])
-    return m
-
-
 def _reference(B, Bp, X, n):
     lb = B.predict(X, verbose=0).argmax(1)
     lp = Bp.predict(X, verbose=0).argmax(1)
@@ -64,12 +53,12 @@ def test_goodnet_equals_b_and_b_prime_on_deepid_and_leaves_b_alone():
     assert g_cfg["conv_1"] == 1 and g_cfg["conv_3"] == 1 and g_cfg["fc_1"] == 2 and g_cfg["output"] == 2
 
 
-def test_goodnet_on_logits_sequential_and_non_conv_prune_layer():
+def test_goodnet_on_logits_sequential_and_non_conv_prune_layer(randomize):
     keras.utils.set_random_seed(2)
     # logits output (no softmax), Sequential, prune layer fed by a softplus conv (no conv producer: mask)
     B = keras.Sequential([keras.Input((12, 10, 3)), L.Conv2D(6, 3, activation="softplus", name="c"),
                           L.MaxPooling2D(2, name="p"), L.Flatten(), L.Dense(4, name="logits")])
-    _randomize(B, 3)
+    randomize(B, 3, "spread")
     assert models.conv_producer(B, "p") is None
     X = np.random.default_rng(4).standard_normal((400, 12, 10, 3)).astype(np.float32)
     chans = [0, 2, 5]
@@ -120,13 +109,13 @@ def test_kind_from_shapes():
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, randomize):
     keras.utils.set_random_seed(5)
     inp = keras.Input((10, 8, 3), name="input")
     h = L.Conv2D(8, 3, activation="relu", name="conv")(inp)
     h = L.MaxPooling2D(2, name="pool")(h)
     out = L.Dense(6, activation="softmax", name="out")(L.Flatten()(h))
-    B = _randomize(keras.Model(inp, out), 6)
+    B = randomize(keras.Model(inp, out), 6, "spread")
     d = tmp_path_factory.mktemp("g")
     X = np.random.default_rng(7).uniform(0, 1, (200, 10, 8, 3)).astype(np.float32)
     G = goodnet.build_goodnet(B, "pool", [1, 4, 6], name="goodnet_X4")

@@ -11,28 +11,6 @@ from badprune.models import prune_model
 L = keras.layers
 
 
-def _randomize(model, seed):
-    """Random weights with negative conv biases, so the prune layer has dormant and sparse channels."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        ws = layer.get_weights()
-        if not ws:
-            continue
-        new = []
-        for w in ws:
-            if isinstance(layer, L.BatchNormalization):
-                new.append(rng.uniform(0.5, 1.5, w.shape).astype(np.float32))
-            elif w.ndim == 1 and isinstance(layer, L.Conv2D):
-                new.append((rng.standard_normal(w.shape) * 0.3 - 0.2).astype(np.float32))
-            elif w.ndim == 1:
-                new.append((rng.standard_normal(w.shape) * 0.05).astype(np.float32))
-            else:
-                fan_in = int(np.prod(w.shape[:-1]))
-                new.append((rng.standard_normal(w.shape) * 2 / np.sqrt(fan_in)).astype(np.float32))
-        layer.set_weights(new)
-    return model
-
-
 def _trunk(x, channels=12):
     h = L.Conv2D(8, 3, activation="relu", name="c1")(x)
     h = L.MaxPooling2D(2, name="p1")(h)
@@ -40,17 +18,17 @@ def _trunk(x, channels=12):
     return L.MaxPooling2D(2, name="pool_p")(h)
 
 
-def model_deepid_like(seed=0, classes=15):
+def model_deepid_like(randomize, seed=0, classes=15):
     x = keras.Input((28, 24, 3))
     p = _trunk(x)
     a = L.Dense(20, name="fa")(L.Flatten()(p))
     b = L.Dense(20, name="fb")(L.Flatten()(L.Conv2D(16, 2, activation="relu", name="c4")(p)))
     h = L.Activation("relu")(L.Add()([a, b]))
     y = L.Dense(classes, activation="softmax", name="out")(h)
-    return _randomize(keras.Model(x, y), seed)
+    return randomize(keras.Model(x, y), seed, "sparse")
 
 
-def model_beyond_deepid(seed=1, classes=12):
+def model_beyond_deepid(randomize, seed=1, classes=12):
     """Strided 'same' conv, BatchNormalization, Concatenate, average pooling, dropout, assorted activations."""
     x = keras.Input((28, 24, 3))
     p = _trunk(x, channels=10)
@@ -65,16 +43,16 @@ def model_beyond_deepid(seed=1, classes=12):
     h = L.Dense(24, activation="relu")(cat)
     h = L.LeakyReLU(negative_slope=0.1)(L.Dense(18)(h))
     y = L.Dense(classes, activation="softmax", name="out")(h)
-    return _randomize(keras.Model(x, y), seed)
+    return randomize(keras.Model(x, y), seed, "sparse")
 
 
-def model_unsupported(seed=2, classes=9):
+def model_unsupported(randomize, seed=2, classes=9):
     """A head with a layer outside prune_ext's set (LayerNormalization): the TensorFlow fallback."""
     x = keras.Input((28, 24, 3))
     p = _trunk(x, channels=8)
     h = L.LayerNormalization()(L.Dense(16, activation="relu")(L.Flatten()(p)))
     y = L.Dense(classes, activation="softmax")(h)
-    return _randomize(keras.Model(x, y), seed)
+    return randomize(keras.Model(x, y), seed, "sparse")
 
 
 def _inputs(n, seed):
@@ -106,29 +84,29 @@ def _check_against_tf(model, layer, X, modes=("incremental", "full"), tie_tol=1e
     return head
 
 
-def test_deepid_like_head_equals_tf_pruned_models():
-    m = model_deepid_like()
+def test_deepid_like_head_equals_tf_pruned_models(randomize):
+    m = model_deepid_like(randomize)
     head = _check_against_tf(m, "pool_p", _inputs(300, 0))
     assert head.backend == "prune_ext"
     assert sorted(head.ops[i].name for i in head.linear) == ["c4", "fa"]
 
 
-def test_head_beyond_deepid_equals_tf_pruned_models():
-    m = model_beyond_deepid()
+def test_head_beyond_deepid_equals_tf_pruned_models(randomize):
+    m = model_beyond_deepid(randomize)
     head = _check_against_tf(m, "pool_p", _inputs(300, 1))
     assert head.backend == "prune_ext"
     kinds = {o.kind for o in head.ops}
     assert {"conv", "bn", "concat", "pool", "gpool", "dense", "act"} <= kinds
 
 
-def test_unsupported_layer_falls_back_to_tensorflow():
-    m = model_unsupported()
+def test_unsupported_layer_falls_back_to_tensorflow(randomize):
+    m = model_unsupported(randomize)
     head = _check_against_tf(m, "pool_p", _inputs(200, 2), modes=("incremental",))
     assert head.backend == "tensorflow" and "LayerNormalization" in head.fallback_reason
 
 
-def test_step0_logits_match_keras():
-    m = model_beyond_deepid(seed=5)
+def test_step0_logits_match_keras(randomize):
+    m = model_beyond_deepid(randomize, seed=5)
     X = _inputs(64, 5)
     F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
     head = compile_head(m, "pool_p")
@@ -152,13 +130,13 @@ def test_layer_that_does_not_separate_the_model_is_refused():
 
 
 @pytest.mark.parametrize("min_share,retry", [(0.0, 8), (1.1, 3), (1.1, 1000)])
-def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, min_share, retry):
+def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, randomize, min_share, retry):
     """Screen always on, switched off and retried, or off after the first step: same labels as mode='full'."""
     import badprune.head.engine as H
 
     monkeypatch.setattr(H, "SCREEN_MIN_SHARE", min_share)
     monkeypatch.setattr(H, "SCREEN_RETRY", retry)
-    m = model_deepid_like(seed=3)
+    m = model_deepid_like(randomize, seed=3)
     X = _inputs(400, 3)
     F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
     head = compile_head(m, "pool_p")
@@ -176,10 +154,10 @@ def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, min_
         assert stats["screened"] < stats["rows"]
 
 
-def test_samples_with_no_input_left_tie_exactly_like_tensorflow():
+def test_samples_with_no_input_left_tie_exactly_like_tensorflow(randomize):
     """Zero biases: once every channel is masked all logits tie, and the label must be class 0 (first maximum),
     as TensorFlow gives, not whatever the incremental subtractions' rounding leaves."""
-    m = model_deepid_like(seed=4)
+    m = model_deepid_like(randomize, seed=4)
     for layer in m.layers:
         ws = layer.get_weights()
         if len(ws) == 2 and not isinstance(layer, L.Conv2D) or layer.name == "c4":

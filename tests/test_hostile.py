@@ -73,16 +73,16 @@ def expect_error(capsys, case, argv, *fragments, out=None):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, tiny_model, write_lab_sets):
     """The tiny model (.keras and legacy .h5) and honest valid/test/bd_test sets for it."""
     d = tmp_path_factory.mktemp("hostile")
-    m = hf.tiny_model()
+    m = tiny_model()
     m.save(d / "tiny.keras")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m.save(d / "tiny.h5")
-    files = hf.write_sets(d, m)
-    files.update(model=str(d / "tiny.keras"), model_h5=str(d / "tiny.h5"), dir=d)
+    files = write_lab_sets(d, m)
+    files.update(model=str(d / "tiny.keras"), model_h5=str(d / "tiny.h5"), dir=d, tiny_model=tiny_model)
     return files
 
 
@@ -235,8 +235,8 @@ def test_bad_test_and_poisoned_files_too(lab, tmp_path, capsys):
                      "negative label", "neg.h5", out=out)
 
 
-def test_ambiguous_channels_first_or_last(tmp_path, capsys):
-    m = hf.tiny_model(shape=(3, 3, 3), name="cube")
+def test_ambiguous_channels_first_or_last(tmp_path, capsys, tiny_model):
+    m = tiny_model(shape=(3, 3, 3), name="cube")
     m.save(tmp_path / "cube.keras")
     bad = hf.raw_h5(tmp_path / "cube.h5", data=np.zeros((8, 3, 3, 3)), label=np.zeros(8))
     out = tmp_path / "run"
@@ -410,7 +410,7 @@ def _damaged_keras_weights(lab, path):
 
 
 def _weights_only(lab, path):
-    m = hf.tiny_model()
+    m = lab["tiny_model"]()
     m.save_weights(str(path) + ".weights.h5")
     os.rename(str(path) + ".weights.h5", path)
     return str(path)
@@ -525,8 +525,8 @@ def test_layer_that_is_bypassed(lab, tmp_path, capsys):
                  out=out)
 
 
-def test_model_without_pooling_layer(lab, tmp_path, capsys):
-    hf.tiny_model(pool=False, name="nopool").save(tmp_path / "nopool.keras")
+def test_model_without_pooling_layer(lab, tmp_path, capsys, tiny_model):
+    tiny_model(pool=False, name="nopool").save(tmp_path / "nopool.keras")
     out = tmp_path / "run"
     expect_error(capsys, "model: no pooling layer", sweep_args(lab, out, model=tmp_path / "nopool.keras"),
                  "no 2-D pooling layer", "--layer", out=out)
@@ -666,11 +666,11 @@ def test_low_base_accuracy_warns_and_changes_nothing(lab, tmp_path, capsys):
     _record("warning: base accuracy under 50 %", lines[0])
 
 
-def test_meaningless_asr_warns(tmp_path, capsys):
+def test_meaningless_asr_warns(tmp_path, capsys, tiny_model, write_lab_sets):
     """The poisoned set's only label is the class the model answers on most clean inputs anyway."""
-    m = hf.tiny_model(bias=[0, 0, 0, 100, 0], name="biased")
+    m = tiny_model(bias=[0, 0, 0, 100, 0], name="biased")
     m.save(tmp_path / "biased.keras")
-    files = hf.write_sets(tmp_path, m, poison_label=3)
+    files = write_lab_sets(tmp_path, m, poison_label=3)
     kw = dict(model=str(tmp_path / "biased.keras"), valid=files["valid"], test=files["test"],
               poisoned=files["bd_test"], scale="unit", use_cache=False, progress=False)
     with pytest.warns(BadpruneWarning, match="every poisoned label is class 3") as rec:

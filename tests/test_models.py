@@ -27,20 +27,6 @@ def read_image(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), np.float32)[None]
 
 
-def random_deepid(num_classes=7, seed=0):
-    """DeepID with random, non-trivial weights (biases too), deterministic."""
-    m = models.build_deepid(num_classes)
-    rng = np.random.default_rng(seed)
-    for layer in m.layers:
-        if layer.weights:
-            ws = []
-            for w in layer.get_weights():
-                fan = np.prod(w.shape[:-1]) if w.ndim > 1 else 10
-                ws.append((rng.standard_normal(w.shape) / np.sqrt(fan)).astype(np.float32))
-            layer.set_weights(ws)
-    return m
-
-
 def images(n=6, seed=1, shape=(55, 47, 3)):
     return (np.random.default_rng(seed).random((n,) + shape) * 255).astype(np.float32)
 
@@ -161,8 +147,8 @@ def test_lab3_weights_classify_the_lab_images(shared_dir):
 # ------------------------------------------------------------------------------------------------ full-model files
 
 
-def test_keras23_legacy_h5_loads_and_predicts_the_same(tmp_path):
-    m = random_deepid()
+def test_keras23_legacy_h5_loads_and_predicts_the_same(tmp_path, random_deepid):
+    m = random_deepid(7)
     path = write_keras23_model(m, tmp_path / "bd_net.h5")
     with h5py.File(path, "r") as f:  # really the old format
         assert _decode(f.attrs["keras_version"]) == "2.3.1"
@@ -205,7 +191,7 @@ def test_keras23_sequential_with_batch_input_shape(tmp_path):
     assert models.find_prune_layer(loaded) == "max_pooling2d_1"
 
 
-def test_keras_zip_round_trip(tmp_path):
+def test_keras_zip_round_trip(tmp_path, random_deepid):
     m = random_deepid(5, seed=3)
     m.save(tmp_path / "net.keras")
     loaded = models.load_model(model=tmp_path / "net.keras")
@@ -218,7 +204,7 @@ def test_keras_zip_round_trip(tmp_path):
     assert models.num_classes(models.load_model(model=tmp_path / "net.bin")) == 5
 
 
-def test_model_plus_weights_overwrites_weights(tmp_path):
+def test_model_plus_weights_overwrites_weights(tmp_path, random_deepid):
     a, b = random_deepid(4, seed=1), random_deepid(4, seed=2)
     a.save(tmp_path / "a.keras")
     write_keras23_model(b, tmp_path / "b.h5")
@@ -258,7 +244,7 @@ def test_lambda_layer_refused_and_never_run(tmp_path, ext):
     assert marker.exists()
 
 
-def test_keras23_lambda_config_refused(tmp_path):
+def test_keras23_lambda_config_refused(tmp_path, random_deepid):
     m = random_deepid(3)
     path = write_keras23_model(m, tmp_path / "evil.h5")
     with h5py.File(path, "r+") as f:
@@ -291,7 +277,7 @@ def test_custom_layer_class_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------ failures
 
 
-def test_load_failures_are_badprune_errors(tmp_path):
+def test_load_failures_are_badprune_errors(tmp_path, random_deepid):
     m = random_deepid(4)
     write_keras23_model(m, tmp_path / "full.h5")
     with h5py.File(tmp_path / "w.h5", "w") as f:  # a weights-only file
@@ -334,8 +320,8 @@ def test_load_failures_are_badprune_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------ prune layer
 
 
-def test_find_prune_layer():
-    m = random_deepid()
+def test_find_prune_layer(random_deepid):
+    m = random_deepid(7)
     assert models.find_prune_layer(m) == "pool_3"
     assert models.find_prune_layer(m, "pool_2") == "pool_2"
     assert models.find_prune_layer(m, "conv_3") == "conv_3"
@@ -398,7 +384,7 @@ def _head(model, layer):
     return keras.Model(model.get_layer(layer).output, model.output)
 
 
-def test_prune_model_zeroes_conv_channels_and_leaves_original():
+def test_prune_model_zeroes_conv_channels_and_leaves_original(random_deepid):
     m = random_deepid(6, seed=5)
     before = [w.copy() for w in m.get_weights()]
     chans = [0, 3, 59]
@@ -481,7 +467,7 @@ def test_prune_model_mask_fallback_sequential():
 # ------------------------------------------------------------------------------------------------ identity
 
 
-def test_model_digest_tracks_weights_and_architecture():
+def test_model_digest_tracks_weights_and_architecture(random_deepid):
     a = random_deepid(5, seed=1)
     b = random_deepid(5, seed=1)
     assert models.model_digest(a) == models.model_digest(b)

@@ -81,23 +81,12 @@ def test_lab3_sweep_equals_tensorflow_pruned_models(shared_dir):
     assert changed > 0
 
 
-def _small_model(classes=6):
-    L = keras.layers
-    x = keras.Input((16, 12, 3))
-    h = L.Conv2D(8, 3, activation="relu", name="conv_a")(x)
-    h = L.MaxPooling2D(2, name="pool_a")(h)
-    y = L.Dense(classes, activation="softmax", name="out")(L.Flatten()(h))
-    m = keras.Model(x, y)
-    r = np.random.default_rng(3)
-    m.get_layer("conv_a").set_weights([r.standard_normal((3, 3, 3, 8)).astype(np.float32) * 0.3,
-                                       (r.standard_normal(8) * 0.3 - 0.1).astype(np.float32)])
-    m.get_layer("out").set_weights([r.standard_normal((7 * 5 * 8, classes)).astype(np.float32) * 0.3,
-                                    np.zeros(classes, np.float32)])
-    return m
+#: ``tiny_model`` with 8 filters of scale 0.3, 6 classes, seed 3 and Keras's own names
+SMALL = dict(classes=6, seed=3, filters=8, conv_scale=0.3, name=None, input_name=None, flatten_name=None)
 
 
-def test_run_metrics_match_direct_computation(tmp_path):
-    m = _small_model()
+def test_run_metrics_match_direct_computation(tmp_path, tiny_model):
+    m = tiny_model(**SMALL)
     r = np.random.default_rng(4)
     sets = {}
     for name, n in (("valid", 120), ("test", 100), ("poisoned", 80)):
@@ -135,8 +124,8 @@ def test_run_metrics_match_direct_computation(tmp_path):
         assert np.all(K[..., t.channels] == 0) and np.all(b[t.channels] == 0)
 
 
-def test_run_rejects_bad_arguments(tmp_path):
-    m = _small_model()
+def test_run_rejects_bad_arguments(tmp_path, tiny_model):
+    m = tiny_model(**SMALL)
     X = np.zeros((4, 16, 12, 3), np.float32)
     write_lab_h5(tmp_path / "v.h5", X, np.zeros(4))
     with pytest.raises(BadpruneError):
