@@ -171,3 +171,15 @@ def test_repair_needs_the_runs_activations(sc, tmp_path, capsys):
     assert cli.main(["repair", str(tmp_path / "nowhere"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run folder not found" in err[0]
+
+
+def test_repaired_models_export_to_litert_and_agree(runs):
+    from badprune.export import export_run
+
+    records = export_run(runs / "tuned", thresholds=[2], check_images=200)
+    kinds = {r.kind: r for r in records}
+    assert set(kinds) == {"B_prime", "goodnet", "repaired", "goodnet_repaired"}
+    for r in records:
+        assert os.path.isfile(r.path) and r.worst >= 99.0, r
+    R = keras.models.load_model(runs / "tuned" / "models" / "repaired_X2.keras")
+    assert R.get_layer("pool_3_reset") is not None  # the clean-range reset sits after the prune layer

@@ -26,7 +26,6 @@ import io
 import json
 import os
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 
-from ._console import quiet_fds
+from ._console import progress as stage_progress, quiet_fds
 from .errors import BadpruneError, warn
 from .models import model_digest
 from .runfiles import SCALES, cache_home, scale_value
@@ -331,6 +330,9 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         marker = os.path.join(cache_dir, f"act-{key[:40]}.json")
         arr = _read_cache(npy, marker, key, out_shape)
         if arr is not None:
+            with stage_progress(dataset.n, desc or f"{dataset.name}: {layer}", "img", enabled=progress,
+                                rate=False, how="from the cache") as bar:
+                bar.update(dataset.n)
             if out is not None:
                 out[...] = arr
                 arr = out
@@ -342,11 +344,9 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
     runner = _Runner(net, engine)
     if out is None:
         out = np.empty(out_shape, np.float32)
-    from tqdm.auto import tqdm
 
     t1 = time.perf_counter()
-    with tqdm(total=dataset.n, unit="img", file=sys.stderr, disable=not progress, leave=False,
-              desc=desc or f"{dataset.name}: {layer}", dynamic_ncols=True) as bar:
+    with stage_progress(dataset.n, desc or f"{dataset.name}: {layer}", "img", enabled=progress) as bar:
         runner.run(dataset, int(batch_size), sv, out, on_batch=bar.update)
     compute_s = time.perf_counter() - t1
     if npy is not None:

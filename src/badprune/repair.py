@@ -1,25 +1,34 @@
-"""Fine-pruning (Liu, Dolan-Gavitt, Garg, RAID 2018): repair each B'_X into R_X by fine-tuning on clean data only.
+"""Fine-pruning (Liu, Dolan-Gavitt, Garg, RAID 2018) with a clean-range reset: repair each B'_X into R_X using clean
+data only.
 
 Two modes:
 
 * ``head`` (default): the trunk up to the prune layer is frozen and never re-run. The head (the layers after the
   prune layer) is a Keras model over the cached prune-layer activations, trained with the pruned channels zeroed
-  at its input, during and after training. R_X is B'_X (the pruned channels' producing convolution zeroed) with
-  the trained head's weights.
+  at its input. R_X is B'_X (the pruned channels' producing convolution zeroed) with the trained head's weights.
 * ``full``: the whole network is trained on the clean validation images (the paper's method), batched; the pruned
   channels' kernel and bias are re-zeroed after every batch, so they stay exactly zero.
 
-No peeking: the defender has only clean data. A seeded part of the clean validation set (:data:`HOLDOUT`) is held
-out; training uses the rest; every choice (the checkpoint kept) is made on the held-out accuracy. The poisoned set
-is never seen here: it only measures the attack success rate afterwards.
+The recipe (:data:`DEFAULTS`; how it was chosen is in the README):
 
-The recipe (:data:`DEFAULTS`, chosen on clean data, see the README): soft targets that mix the true label with B's
-own clean probabilities (distillation from B, which keeps the clean accuracy while the masked head re-learns), a
-one-cycle learning rate (linear warm-up to a high peak, cosine decay), Adam, and the epoch with the best held-out
-accuracy.
+1. **Distillation from B**: the loss is ``(1 - d) * CE(label, z) + d * T^2 * CE(softmax(z_B / T), softmax(z / T))``
+   with z_B the unpruned B's logits on the same clean input (d = 0.5, T = 4): the pruned head re-learns the clean
+   task from B's clean behaviour while the backdoor, which clean inputs never show, is not taught back.
+2. **AdamW** (decoupled weight decay 1.0) with a **one-cycle** learning rate: a cosine warm-up from lr/25 to lr over
+   the first 30 % of the steps, then cosine decay to 0; batch 64, seeded shuffles; the last epoch is kept.
+3. **Clean-range reset** (frozen, inserted right after the prune layer): a prune-layer feature (h, w, c) above
+   its largest value on the clean training split is replaced by its clean mean. Trigger activations overshoot
+   the clean range at the trigger's place, several-fold; clean inputs almost never do (the share of held-out
+   clean features it touches is recorded). In R_X it is two ``keras.ops`` nodes (``greater``, ``where``) with
+   constant arrays and an ``Identity`` layer named ``<layer>_reset``; plain Keras loads it with ``safe_mode`` on.
+
+No peeking: the defender has only clean data. A seeded, class-stratified part of the clean validation set
+(:data:`HOLDOUT`) is held out; training and the reset's statistics use the rest; the held-out accuracy and reset
+rate are reported. The poisoned set is never seen here: it only measures the attack success rate afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,13 +38,24 @@ import numpy as np
 from .errors import BadpruneError
 
 MODES = ("head", "full")
-#: share of the clean validation set held out for choosing the checkpoint
+#: share of the clean validation set held out (class-stratified, seeded)
 HOLDOUT = 0.2
-#: the recipe's settings per mode: epochs, peak learning rate, batch size, distillation weight
+#: the recipe per mode: epochs, peak learning rate, batch size, AdamW weight decay, distillation weight and
+#: temperature, warm-up share, and the clean-range reset
 DEFAULTS = {
-    "head": {"epochs": 10, "lr": 3e-3, "batch_size": 128, "distill": 0.5},
-    "full": {"epochs": 5, "lr": 1e-3, "batch_size": 128, "distill": 0.5},
+    "head": {"epochs": None, "steps": 450, "lr": 3e-3, "batch_size": 64, "weight_decay": 1.0, "distill": 0.5,
+             "temperature": 4.0, "warmup": 0.3, "reset": True},
+    "full": {"epochs": None, "steps": 450, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.1, "distill": 0.5,
+             "temperature": 4.0, "warmup": 0.3, "reset": True},
 }
+#: with the default learning rate: gentler (lr, weight decay) settings tried in turn while the held-out clean
+#: accuracy of R_X is more than :data:`TOLERANCE` points below B'_X's
+BACKOFF = ((1e-3, 0.0), (3e-4, 0.0))
+TOLERANCE = 2.0
+#: epochs when ``epochs`` is not given: the step budget over the training split, within these bounds
+EPOCH_RANGE = (1, 30)
+#: suffix of the reset's Identity layer after the prune layer
+RESET_SUFFIX = "_reset"
 
 
 @dataclass
@@ -47,19 +67,21 @@ class Repaired:
     step: int                      # B'_X's step (channels pruned)
     channels: list                 # the pruned channels (exactly zero in R_X)
     row: dict                      # valid_acc, test_acc, asr, goodnet_* (GoodNet of B and R_X)
-    info: dict = field(default_factory=dict)   # epochs, lr, batch size, held-out accuracy per epoch, seconds
+    info: dict = field(default_factory=dict)   # settings, held-out accuracy, reset rate, seconds
     model: object = None           # R_X, a plain Keras model
+    reset: tuple | None = None     # (cap, mean) of the clean-range reset, or None
 
 
-def check_args(mode, epochs=None, lr=None, seed=0) -> dict:
-    """The fine-tuning settings, checked: ``{'mode', 'epochs', 'lr', 'batch_size', 'distill', 'seed'}``.
+def check_args(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
+    """The fine-tuning settings, checked: the recipe of ``mode`` (:data:`DEFAULTS`) with ``epochs``, ``lr``,
+    ``seed`` and ``reset`` applied.
 
     Raises :class:`BadpruneError` naming the flag for an unknown mode, epochs < 1, or a learning rate that is not a
     positive number.
     """
     if mode not in MODES:
         raise BadpruneError(f"unknown fine-tuning mode '{mode}'", fix="use --fine-tune head or --fine-tune full")
-    p = dict(DEFAULTS[mode], mode=mode)
+    p = dict(DEFAULTS[mode], mode=mode, reset=bool(reset))
     if epochs is not None:
         try:
             e = int(epochs)
@@ -69,6 +91,7 @@ def check_args(mode, epochs=None, lr=None, seed=0) -> dict:
             raise BadpruneError(f"--fine-tune-epochs must be a whole number of at least 1, got {epochs}",
                                 fix="e.g. --fine-tune-epochs 10")
         p["epochs"] = e
+    p["backoff"] = lr is None
     if lr is not None:
         try:
             v = float(lr)
@@ -85,12 +108,19 @@ def check_args(mode, epochs=None, lr=None, seed=0) -> dict:
     return p
 
 
-def holdout_split(n: int, seed: int, fraction: float = HOLDOUT) -> tuple:
-    """(train, held-out) sorted index arrays over ``n`` clean validation images, seeded."""
+def holdout_split(y, seed: int, fraction: float = HOLDOUT) -> tuple:
+    """(train, held-out) sorted index arrays over clean validation labels ``y``: per class a seeded ``fraction``
+    is held out (classes with one image stay in training)."""
+    y = np.asarray(y)
     rng = np.random.default_rng([int(seed), 7])
-    perm = rng.permutation(n)
-    k = max(1, int(round(fraction * n))) if n > 1 else 0
-    return np.sort(perm[k:]), np.sort(perm[:k])
+    tr, ho = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = int(round(fraction * len(idx))) if len(idx) > 1 else 0
+        ho.append(idx[:k])
+        tr.append(idx[k:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(ho))
 
 
 def _keras():
@@ -111,119 +141,202 @@ def _seed(seed):
         pass
 
 
-def head_model(model, layer: str):
+@contextlib.contextmanager
+def _logits(model):
+    """``model`` with its output as logits for the block: a final Dense's softmax is switched to linear (and back
+    afterwards); a final Softmax / softmax Activation layer is cut off. Yields the logits model (its layers are
+    ``model``'s)."""
+    keras = _keras()
+    out_layer = model.outputs[0]._keras_history[0]
+    act = getattr(out_layer, "activation", None)
+    if type(out_layer).__name__ in ("Softmax", "Activation") and \
+            (type(out_layer).__name__ == "Softmax" or getattr(act, "__name__", "") == "softmax"):
+        yield keras.Model(model.inputs, out_layer.input)
+        return
+    if getattr(act, "__name__", "") != "softmax":
+        yield model
+        return
+    out_layer.activation = keras.activations.linear
+    try:
+        yield model
+    finally:
+        out_layer.activation = act
+
+
+def head_model(model, layer: str, start_layer: str | None = None):
     """The layers after ``layer`` as their own Keras model over prune-layer activations (on a clone: ``model`` is
-    not touched), with the layer names of ``model``."""
+    not touched), with the layer names of ``model``. ``start_layer``: trace from that layer's output instead."""
     keras = _keras()
     from .models import prune_output, replay, surgery, trace
 
     c = surgery.clone(model)
-    start = prune_output(c, layer)
+    start = prune_output(c, start_layer or layer)
     x = keras.Input(shape=tuple(int(v) for v in start.shape[1:]), name=f"{layer}_activations")
     memo = replay(trace(c.outputs[0], start, layer), start, x)
     return keras.Model(x, memo[id(c.outputs[0])], name="head")
 
 
-class _KeepBest:
-    """Callback: held-out accuracy after each epoch; the best epoch's weights are restored at the end."""
-
-    def __new__(cls, X, y, batch_size):
-        keras = _keras()
-
-        class KeepBest(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.history, self.best, self.best_epoch, self.weights = [], -1.0, -1, None
-
-            def on_epoch_end(self, epoch, logs=None):
-                p = self.model.predict(X, batch_size=1024, verbose=0)
-                acc = 100.0 * float(np.mean(p.argmax(axis=1) == y)) if len(y) else 0.0
-                self.history.append(round(acc, 4))
-                if acc > self.best:
-                    self.best, self.best_epoch = acc, epoch + 1
-                    self.weights = [w.copy() for w in self.model.get_weights()]
-
-            def on_train_end(self, logs=None):
-                if self.weights is not None:
-                    self.model.set_weights(self.weights)
-
-        return KeepBest()
+def _predict_logits(model, X, batch_size=1024):
+    with _logits(model) as m:
+        return m.predict(X, batch_size=batch_size, verbose=0)
 
 
-def _soft_targets(y, teacher, n_classes, distill):
-    t = np.zeros((len(y), n_classes), np.float32)
-    t[np.arange(len(y)), y] = 1.0 - distill
-    if distill:
-        t += distill * np.asarray(teacher, np.float32)
-    return t
-
-
-def _fit(net, X, T, X_hold, y_hold, p, callbacks=(), steps_per_execution=1):
-    """Train ``net`` (outputs probabilities) on inputs ``X`` with soft targets ``T`` by the one-cycle recipe;
-    keep the epoch best on the held-out set. Returns the info dict. ``steps_per_execution`` > 1 runs that many
+def _fit(net, X, y, Z, p, callbacks=(), steps_per_execution=1):
+    """Train ``net`` on inputs ``X``, labels ``y`` and teacher logits ``Z`` by the recipe ``p`` (its output is
+    switched to logits while training). Returns the per-epoch losses. ``steps_per_execution`` > 1 runs that many
     batches per call (much less overhead for a small head; per-batch callbacks then run once per call)."""
     keras = _keras()
     import tensorflow as tf
 
-    steps = -(-len(X) // p["batch_size"]) * p["epochs"]
-    warm = max(1, int(0.3 * steps))
+    K = int(net.outputs[0].shape[-1])
+    T, d = float(p["temperature"]), float(p["distill"])
+
+    def loss(t, z):
+        ce = keras.losses.sparse_categorical_crossentropy(tf.cast(t[:, 0], tf.int32), z, from_logits=True)
+        if not d:
+            return ce
+        kd = keras.losses.categorical_crossentropy(tf.nn.softmax(t[:, 1:] / T), z / T, from_logits=True) * (T * T)
+        return (1.0 - d) * ce + d * kd
+
+    targets = np.empty((len(y), 1 + (K if d else 0)), np.float32)
+    targets[:, 0] = y
+    if d:
+        targets[:, 1:] = Z
+    steps = -(-len(X) // p["batch_size"]) * p["epochs"]  # p["epochs"] is set: see _epochs
+    warm = max(1, int(round(p["warmup"] * steps)))
     lr = keras.optimizers.schedules.CosineDecay(p["lr"] / 25.0, decay_steps=max(1, steps - warm),
                                                 warmup_target=p["lr"], warmup_steps=warm)
-    net.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="categorical_crossentropy",
-                steps_per_execution=steps_per_execution)
-    keep = _KeepBest(X_hold, y_hold, p["batch_size"])
-    ds = tf.data.Dataset.from_tensor_slices((X, T)).shuffle(len(X), seed=p["seed"], reshuffle_each_iteration=True)
-    net.fit(ds.batch(p["batch_size"]).prefetch(2), epochs=p["epochs"], verbose=0, shuffle=False,
-            callbacks=[keep, *callbacks])
-    return {"epochs": p["epochs"], "lr": p["lr"], "batch_size": p["batch_size"], "distill": p["distill"],
-            "seed": p["seed"], "best_epoch": keep.best_epoch, "holdout_best": keep.best,
-            "holdout_acc": keep.history, "holdout": len(y_hold), "train": len(X)}
+    opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=p["weight_decay"]) if p["weight_decay"] else \
+        keras.optimizers.Adam(learning_rate=lr)
+    ds = tf.data.Dataset.from_tensor_slices((X, targets))
+    ds = ds.shuffle(len(X), seed=p["seed"], reshuffle_each_iteration=True).batch(p["batch_size"]).prefetch(2)
+    with _logits(net) as train:
+        train.compile(optimizer=opt, loss=loss, steps_per_execution=steps_per_execution)
+        h = train.fit(ds, epochs=p["epochs"], verbose=0, shuffle=False, callbacks=list(callbacks))
+    return [round(float(v), 5) for v in h.history.get("loss", [])]
+
+
+def _epochs(p, n: int) -> int:
+    """The epochs to run over ``n`` training images: as given, else the step budget ``p['steps']`` (which the
+    recipe was tuned for) in whole epochs, within :data:`EPOCH_RANGE`."""
+    if p.get("epochs"):
+        return int(p["epochs"])
+    per = -(-n // p["batch_size"])
+    return int(min(max(round(p["steps"] / per), EPOCH_RANGE[0]), EPOCH_RANGE[1]))
+
+
+def _attempts(p):
+    """The (lr, weight decay) settings to try in turn: the recipe's, then :data:`BACKOFF` when lr is the
+    default."""
+    first = [(p["lr"], p["weight_decay"])]
+    return first + [a for a in BACKOFF if a != first[0]] if p.get("backoff") else first
+
+
+def _reset_stats(F_train):
+    """(cap, mean) per prune-layer feature of the clean training activations (pruned channels already zero)."""
+    return F_train.max(axis=0), F_train.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def apply_reset(F, cap, mean):
+    """The clean-range reset in numpy, as the R_X graph computes it: ``where(F > cap, mean, F)``."""
+    return np.where(F > cap, mean, F).astype(np.float32, copy=False)
+
+
+def _with_reset(R, layer, cap, mean):
+    """R with the clean-range reset after ``layer`` (an ``Identity`` named ``<layer>_reset`` holds its output)."""
+    keras = _keras()
+    from .models import insert_after
+
+    cap = np.asarray(cap, np.float32)
+    mean = np.asarray(mean, np.float32)
+
+    def reset(t):
+        r = keras.ops.where(keras.ops.greater(t, cap), mean, t)
+        return keras.layers.Identity(name=layer + RESET_SUFFIX)(r)
+
+    return insert_after(R, layer, reset)
+
+
+def _pct(a, b):
+    return 100.0 * float(np.mean(a == b)) if len(b) else None
+
+
+def _info(p, tried, F_hold, stats, t0):
+    """What the repair did: the recipe, each (lr, weight decay) tried with its held-out accuracy, the one kept."""
+    info = {k: p[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "distill", "temperature", "warmup",
+                              "reset", "seed")}
+    info.update(tried=tried, loss=tried[-1]["loss"], holdout=tried[-1]["holdout"],
+                holdout_best=tried[-1]["holdout_acc"], holdout_b_prime=tried[-1]["holdout_b_prime"],
+                seconds=round(time.perf_counter() - t0, 3))
+    if stats is not None and len(F_hold):
+        info["holdout_reset_rate"] = 100.0 * float(np.mean(F_hold > stats[0]))
+    return info
 
 
 def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict):
     """R_X by the head mode: the head trained over the clean validation activations ``F_valid`` with ``channels``
-    zeroed. Returns ``(R_X, info)``."""
+    zeroed. Returns ``(R_X, info, reset statistics or None)``.
+
+    With the default learning rate, a setting that leaves R_X's held-out clean accuracy more than
+    :data:`TOLERANCE` points below B'_X's is replaced by the next, gentler one of :data:`BACKOFF` (clean data
+    only decides).
+    """
+    from .head import compile_head
     from .models import channel_mask, prune_model
 
-    p = params
-    _seed(p["seed"])
-    F_valid = np.asarray(F_valid, np.float32)
-    y_valid = np.asarray(y_valid, np.int64)
-    n_classes = int(model.outputs[0].shape[-1])
-    teacher = head_model(model, layer).predict(F_valid, batch_size=1024, verbose=0) if p["distill"] else None
-    keep = channel_mask(F_valid.shape[-1], channels).astype(bool)
-    Xm = F_valid.copy()
-    Xm[..., ~keep] = 0
-    tr, ho = holdout_split(len(Xm), p["seed"])
-    net = head_model(model, layer)
     t0 = time.perf_counter()
-    info = _fit(net, Xm[tr], _soft_targets(y_valid[tr], None if teacher is None else teacher[tr], n_classes,
-                                           p["distill"]), Xm[ho], y_valid[ho], p, steps_per_execution=32)
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    R = prune_model(model, layer, channels)
-    for lay in net.layers:
-        if lay.weights:
-            R.get_layer(lay.name).set_weights(lay.get_weights())
-    return R, info
+    y_valid = np.asarray(y_valid, np.int64)
+    keep = channel_mask(F_valid.shape[-1], channels).astype(bool)
+    tr, ho = holdout_split(y_valid, params["seed"])
+    Xm = np.array(F_valid, np.float32)
+    Xm[..., ~keep] = 0
+    p = dict(params, epochs=_epochs(params, len(tr)))
+    teacher = _predict_logits(head_model(model, layer), np.asarray(F_valid[tr], np.float32)) if p["distill"] else None
+    stats = _reset_stats(Xm[tr]) if p["reset"] else None
+    Fh, yh = Xm[ho], y_valid[ho]
+    b_prime = _pct(compile_head(model, layer).labels(Fh), yh)
+    tried = []
+    for lr, wd in _attempts(p):
+        p.update(lr=lr, weight_decay=wd)
+        _seed(p["seed"])
+        net = head_model(model, layer)
+        losses = _fit(net, Xm[tr], y_valid[tr], teacher, p, steps_per_execution=32)
+        R = prune_model(model, layer, channels)
+        for lay in net.layers:
+            if lay.weights:
+                R.get_layer(lay.name).set_weights(lay.get_weights())
+        if stats is not None:
+            R = _with_reset(R, layer, *stats)
+            hold = compile_head(R, layer + RESET_SUFFIX).labels(apply_reset(Fh, *stats))
+        else:
+            hold = compile_head(R, layer).labels(Fh)
+        acc = _pct(hold, yh)
+        tried.append({"lr": lr, "weight_decay": wd, "loss": losses, "holdout": int(len(yh)), "holdout_acc": acc,
+                      "holdout_b_prime": b_prime})
+        if acc is None or b_prime is None or acc >= b_prime - TOLERANCE:
+            break
+    return R, _info(p, tried, Fh, stats, t0), stats
 
 
 def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, progress=None):
     """R_X by the full mode: all of B'_X trained on the clean validation images ``X_valid`` (scaled float32
-    NHWC); the pruned channels' producing convolution is re-zeroed after every batch. Returns ``(R_X, info)``."""
+    NHWC); the pruned channels' producing convolution is re-zeroed after every batch. Returns ``(R_X, info,
+    reset statistics or None)``."""
     keras = _keras()
+    from .features import trunk
     from .models import conv_producer, prune_model
 
-    p = params
-    _seed(p["seed"])
+    t0 = time.perf_counter()
+    _seed(params["seed"])
     conv = conv_producer(model, layer)
     if conv is None:
         raise BadpruneError(f"--fine-tune full needs a convolution producing '{layer}' (to keep its pruned channels "
                             "zero)", fix="use --fine-tune head")
     R = prune_model(model, layer, channels)
     y_valid = np.asarray(y_valid, np.int64)
-    n_classes = int(model.outputs[0].shape[-1])
-    teacher = model.predict(X_valid, batch_size=512, verbose=0) if p["distill"] else None
-    tr, ho = holdout_split(len(X_valid), p["seed"])
+    tr, ho = holdout_split(y_valid, params["seed"])
+    p = dict(params, epochs=_epochs(params, len(tr)))
+    teacher = _predict_logits(model, X_valid[tr], 512) if p["distill"] else None
     chans = sorted(int(c) for c in channels)
     cl = R.get_layer(conv)
 
@@ -241,40 +354,44 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
             if progress is not None:
                 progress(f"fine-tune full: epoch {epoch + 1}/{p['epochs']} (loss {(logs or {}).get('loss', 0):.4f})")
 
-    t0 = time.perf_counter()
-    info = _fit(R, X_valid[tr], _soft_targets(y_valid[tr], None if teacher is None else teacher[tr], n_classes,
-                                              p["distill"]), X_valid[ho], y_valid[ho], p, callbacks=[Rezero()])
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    return R, info
+    b_prime = _pct(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
+    losses = _fit(R, X_valid[tr], y_valid[tr], teacher, p, callbacks=[Rezero()])
+    trained, R = R, prune_model(model, layer, channels)  # an uncompiled copy holding the trained weights
+    R.set_weights(trained.get_weights())
+    stats = None
+    if p["reset"]:
+        stats = _reset_stats(trunk(R, layer).predict(X_valid[tr], batch_size=512, verbose=0))
+        R = _with_reset(R, layer, *stats)
+    Fh = trunk(R, layer).predict(X_valid[ho], batch_size=512, verbose=0)
+    acc = _pct(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
+    tried = [{"lr": p["lr"], "weight_decay": p["weight_decay"], "loss": losses, "holdout": int(len(ho)),
+              "holdout_acc": acc, "holdout_b_prime": b_prime}]
+    return R, _info(p, tried, Fh, stats, t0), stats
 
 
-def repaired_labels(R, layer: str, channels, F, mode: str, datasets=None, scale=None, cache_dir=None,
-                    bounds=None) -> np.ndarray:
-    """R_X's labels over the activations ``F`` of all sets, evaluated by prune_ext (its compiled head).
-
-    In head mode R_X's trunk is B's with the pruned channels zeroed, so its prune-layer activations are ``F`` with
-    those channels zeroed. In full mode the trunk changed: its activations are extracted (and cached) anew from
-    ``datasets`` ({set: Dataset}, in ``bounds`` order).
-    """
+def repaired_labels(R, layer: str, channels, F, stats=None, chunk: int = 4096) -> np.ndarray:
+    """R_X's labels over prune-layer activations ``F`` of its own trunk, evaluated by prune_ext: the pruned
+    channels zeroed, the clean-range reset applied (``stats`` = (cap, mean), as in R_X's graph), then R_X's head
+    after the reset compiled and run. Equal to TensorFlow running R_X (tested)."""
     from .head import compile_head
     from .models import channel_mask
 
-    head = compile_head(R, layer)
+    head = compile_head(R, layer + RESET_SUFFIX if stats is not None else layer)
     keep = channel_mask(F.shape[-1], channels).astype(bool)
-    if mode == "head":
-        return head.labels(F, mask=keep)
-    from . import features
-
     out = np.empty(len(F), np.int64)
-    for k, d in datasets.items():
-        Fr = features.extract(R, layer, d, scale, cache_dir=cache_dir, progress=False)
-        out[bounds[k]] = head.labels(Fr, mask=keep)
+    for lo in range(0, len(F), chunk):
+        x = np.array(F[lo:lo + chunk], np.float32)
+        x[..., ~keep] = 0
+        if stats is not None:
+            x = apply_reset(x, *stats)
+        out[lo:lo + chunk] = head.labels(x)
     return out
 
 
 def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cache_dir=None, log=None) -> list:
     """R_X for every reached threshold of a sweep result, with its metrics. ``F``: the activations of all sets
     (``bounds``: set -> rows, 'valid' first); ``datasets``: {set: Dataset} (images for the full mode)."""
+    from . import features
     from .head import compile_head
     from .sweep import step_metrics
 
@@ -291,13 +408,17 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
             continue
         t0 = time.perf_counter()
         if params["mode"] == "head":
-            R, info = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params)
+            R, info, stats = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params)
+            lab = repaired_labels(R, layer, t.channels, F, stats)
         else:
-            R, info = repair_full(B, layer, t.channels, X_valid, truth["valid"], params, progress=say)
-        lab = repaired_labels(R, layer, t.channels, F, params["mode"], datasets, scale, cache_dir, bounds)
+            R, info, stats = repair_full(B, layer, t.channels, X_valid, truth["valid"], params, progress=say)
+            lab = np.empty(len(F), np.int64)
+            for k, dset in datasets.items():
+                Fr = features.extract(R, layer, dset, scale, cache_dir=cache_dir, progress=False)
+                lab[bounds[k]] = repaired_labels(R, layer, t.channels, Fr, stats)
         row = step_metrics({k: lab[s] for k, s in bounds.items()}, base, truth, result.num_classes)
         info["total_seconds"] = round(time.perf_counter() - t0, 3)
-        rep = Repaired(float(t.x), params["mode"], int(t.step), list(t.channels), row, info, R)
+        rep = Repaired(float(t.x), params["mode"], int(t.step), list(t.channels), row, info, R, stats)
         say(f"R_{t.x:g} ({params['mode']}): valid {row['valid_acc']:.2f}%"
             + (f", test {row['test_acc']:.2f}%" if "test_acc" in row else "")
             + (f", ASR {row['asr']:.2f}%" if "asr" in row else "") + f" ({info['total_seconds']:.1f} s)")

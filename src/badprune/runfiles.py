@@ -411,6 +411,26 @@ def check_output(out_dir, force: bool = False) -> Path:
     return out
 
 
+def fresh_folder(base) -> Path:
+    """The first free run folder of the names ``base``, ``base-2``, ``base-3``, ... (free: not there, or an empty
+    folder), as given (not made absolute). For a default output folder, which is the tool's choice and so must not
+    be refused; nothing is created (a concurrent run that takes the same name first makes this one's final rename
+    refuse it)."""
+    base = Path(base).expanduser()
+
+    def free(p: Path) -> bool:
+        if not os.path.lexists(p):
+            return True
+        return p.is_dir() and not p.is_symlink() and not _is_nonempty_dir(p)
+
+    if free(base):
+        return base
+    k = 2
+    while not free(base.with_name(f"{base.name}-{k}")):
+        k += 1
+    return base.with_name(f"{base.name}-{k}")
+
+
 def remove(p: Path) -> None:
     """Remove a file or folder tree if it is there."""
     p = Path(p)

@@ -419,12 +419,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
     t = time.perf_counter()
     warned = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(ranking) + 1, desc="pruning", unit="step", leave=False, file=sys.stderr,
-                   dynamic_ncols=True)
+    from ._console import progress as stage_progress
 
     def on_step(k, pred):
         if k == 0:
@@ -433,15 +428,11 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
                                    ds["poisoned"].labels if "poisoned" in ds else None, scale_name,
                                    "test" if clean == "test" else "validation")
             warned.extend(warn(m) for m in issued)
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
 
-    try:
+    with stage_progress(len(ranking) + 1, "pruning", "step", enabled=progress, rate=False) as bar:
         cols, _ = sweep_table(d.head, F, ranking, means, bounds, {k: v.labels for k, v in ds.items()},
                               d.num_classes, mode, on_step)
-    finally:
-        if bar is not None:
-            bar.close()
     timings["sweep"] = time.perf_counter() - t
 
     ths = select_thresholds(cols["valid_acc"], thresholds, relative, ranking)

@@ -41,8 +41,9 @@ def add_parser(sub):
     f.add_argument("--fine-tune-lr", type=float, help="peak learning rate (default: the recipe's, per mode)")
     f.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", help="output folder (default: runs/<model name>)")
-    o.add_argument("--force", action="store_true", help="replace an existing output folder")
+    o.add_argument("--out", help="output folder (default: the first free runs/<model name>[-2, -3, ...])")
+    o.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (without --out: runs/<model name> itself)")
     o.add_argument("--cache-dir", help="activation cache (default: $BADPRUNE_CACHE or ~/.cache/badprune)")
     o.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     o.add_argument("--no-models", action="store_true", help="do not save the B'_X and G_X models")
@@ -65,7 +66,7 @@ def run(args):
 
     model, weights, arch = args.model, args.weights, args.arch
     valid, test, poisoned = args.valid, args.test, args.poisoned
-    out, name = args.out, None
+    out, name, default_out = args.out, None, None
     if not (model or weights or arch) and not (valid or test or poisoned):
         from ..datasets import ensure_demo
 
@@ -73,11 +74,19 @@ def run(args):
         sc = ensure_demo(progress=not args.quiet)
         model, valid, test, poisoned = sc.model, sc.valid, sc.test, sc.bd_test
         note(args, f"demo scenario: {os.path.dirname(sc.model)}")
-        out, name = out or os.path.join("runs", "demo"), "demo BadNet"
+        default_out, name = os.path.join("runs", "demo"), "demo BadNet"
     if out is None:
-        from ..models import model_name
+        # the default folder is the tool's choice: never refuse it, take the first free runs/<name>[-k]
+        # (--force still replaces runs/<name> itself)
+        from ..runfiles import fresh_folder
 
-        out = os.path.join("runs", model_name(model or weights or "model"))
+        if default_out is None:
+            from ..models import model_name
+
+            default_out = os.path.join("runs", model_name(model or weights or "model"))
+        out = default_out if args.force else str(fresh_folder(default_out))
+        if out != default_out:
+            note(args, f"{default_out} exists: writing to {out} (--out DIR chooses the folder)")
     if args.export and args.no_models:
         raise BadpruneError("--export needs the models", fix="drop --no-models")
     if not args.export and (args.quantize != "none" or args.allow_lossy):

@@ -307,7 +307,9 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sung
     if os.path.exists(marker):
         os.remove(marker)  # the folder is incomplete until the new marker is written
     say = _say if progress else (lambda *a, **k: None)
-    say(f"demo: building the {'small ' if small else ''}demo BadNet in {out_dir} (first use only)")
+    eta = "about 15 s" if small else "about 1-2 minutes"
+    shown = out_dir.removesuffix(f".tmp{os.getpid()}")  # ensure_demo's staging folder: name where it will live
+    say(f"demo: building the {'small ' if small else ''}demo BadNet in {shown} (first use only, {eta} on 2 cores)")
     data = make_data(seed=seed, small=small, trigger=trigger, poison_rate=poison_rate, target=target)
     t_data = time.perf_counter() - t0
     variant = data["variant"]

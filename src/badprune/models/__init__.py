@@ -22,8 +22,8 @@ from .graph import Graph, conv_producer, find_prune_layer, prune_output, trace
 from .keras2 import read_weight_file
 from .loading import load_model, model_name, num_classes
 from .safety import GRAPH_OPS, check_config
-from .surgery import channel_mask, check_channels, clone, prune_model, replay
+from .surgery import channel_mask, check_channels, clone, insert_after, prune_model, replay
 
 __all__ = ["ARCHS", "GRAPH_OPS", "Graph", "build_deepid", "channel_mask", "check_channels", "check_config",
-           "check_file", "clone", "conv_producer", "find_prune_layer", "load_model", "model_digest", "model_name",
+           "check_file", "clone", "insert_after", "conv_producer", "find_prune_layer", "load_model", "model_digest", "model_name",
            "num_classes", "prune_model", "prune_output", "read_model_config", "read_weight_file", "replay", "trace"]

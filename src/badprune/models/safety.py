@@ -23,7 +23,7 @@ TRUST_FIX = "pass --trust-model to run code from the model file (only for files 
 
 #: keras.ops operations a GoodNet graph may hold (besides built-in layers), with the config keys each may carry
 GRAPH_OPS = {"TopK": {"k", "sorted"}, "Squeeze": {"axis"}, "Equal": set(), "Where": set(), "Cast": {"dtype"},
-             "ExpandDims": {"axis"}, "Multiply": set(), "Subtract": set()}
+             "ExpandDims": {"axis"}, "Multiply": set(), "Subtract": set(), "Greater": set()}
 
 
 def _builtin_layer_classes() -> set:
@@ -177,13 +177,23 @@ def _is_graph_op(lc) -> bool:
 
 
 def _plain(obj) -> bool:
-    """Node arguments made only of tensor references and plain values (no serialized objects)."""
+    """Node arguments made only of tensor references, constant arrays and plain values (no serialized objects)."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return True
     if isinstance(obj, (list, tuple)):
         return all(_plain(v) for v in obj)
     if isinstance(obj, dict):
         if "class_name" in obj:
-            return obj["class_name"] == "__keras_tensor__" and _plain(obj.get("config"))
+            cfg = obj.get("config")
+            if obj["class_name"] == "__numpy__":  # a constant array: numbers and a dtype name only
+                return isinstance(cfg, dict) and set(cfg) <= {"value", "dtype"} and _numbers(cfg.get("value")) \
+                    and isinstance(cfg.get("dtype"), str)
+            return obj["class_name"] == "__keras_tensor__" and _plain(cfg)
         return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
     return False
+
+
+def _numbers(obj) -> bool:
+    if isinstance(obj, (list, tuple)):
+        return all(_numbers(v) for v in obj)
+    return isinstance(obj, (int, float)) and not isinstance(obj, bool)

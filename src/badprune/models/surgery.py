@@ -69,19 +69,43 @@ def prune_model(model, layer: str, channels) -> keras.Model:
     else:
         holder = {}
 
-        def call_function(lay, *args, **kwargs):
-            out = lay(*args, **kwargs)
-            if lay.name == layer:
-                holder["mask"] = make_mask()
-                out = holder["mask"](out)
-            return out
+        def add_mask(t):
+            holder["mask"] = make_mask()
+            return holder["mask"](t)
 
-        new = keras.models.clone_model(model, call_function=call_function)
+        new = insert_after(model, layer, add_mask, copy_weights=False)
         mask_l = holder["mask"]
     for l in model.layers:
         if l.weights:
             new.get_layer(l.name).set_weights(l.get_weights())
     set_mask(mask_l, mask)
+    return new
+
+
+def insert_after(model, layer: str, fn, copy_weights: bool = True):
+    """A copy of ``model`` with ``fn(tensor)`` (new layers or ``keras.ops`` calls) applied to ``layer``'s output;
+    the other layers keep their names and (with ``copy_weights``) their weights. A Sequential model comes back as
+    a functional one."""
+    if isinstance(model, keras.Sequential):
+        hist = getattr(model.inputs[0], "_keras_history", None)
+        inp = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
+                          name=hist[0].name if hist else None)
+        x = inp
+        for lay in model.layers:
+            x = lay.__class__.from_config(lay.get_config())(x)
+            if lay.name == layer:
+                x = fn(x)
+        new = keras.Model(inp, x, name=model.name)
+    else:
+        def call_function(lay, *args, **kwargs):
+            out = lay(*args, **kwargs)
+            return fn(out) if lay.name == layer else out
+
+        new = keras.models.clone_model(model, call_function=call_function)
+    if copy_weights:
+        for lay in model.layers:
+            if lay.weights:
+                new.get_layer(lay.name).set_weights(lay.get_weights())
     return new
 
 
@@ -119,13 +143,13 @@ def replay(nodes, start_tensor, new_start, rename=None):
 
     By default the same layer objects are called (shared weights). With ``rename`` (a function from a layer name
     to a new, unused one) each layer is called as a fresh copy of that name holding the same weights, so the
-    result can sit in one graph next to the original layers.
+    result can sit in one graph next to the original layers (``keras.ops`` nodes are called as they are).
     """
     memo = {id(start_tensor): new_start}
     copies = {}
     for tn in nodes:
         layer = tn.layer
-        if rename is not None:
+        if rename is not None and isinstance(layer, keras.layers.Layer):  # keras.ops nodes are stateless
             if id(layer) not in copies:
                 cfg = dict(layer.get_config(), name=rename(layer.name))
                 copies[id(layer)] = (layer.__class__.from_config(cfg), layer)

@@ -1,0 +1,169 @@
+"""What a new user trips over: repeated bare sweeps, progress bars in log files, the silent first demo build.
+
+One small demo (BADPRUNE_DEMO_SMALL=1) is built once for the module, by a bare ``badprune-fast sweep`` run as a
+subprocess with stderr going to a file, as in CI or under nohup; the other tests reuse its cache.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from badprune import _console, cli
+from badprune.runfiles import fresh_folder
+
+BUILDING = "demo: building the small demo BadNet in "
+
+
+def _env(cache) -> dict:
+    env = dict(os.environ, BADPRUNE_CACHE=str(cache), BADPRUNE_DEMO_SMALL="1")
+    env.pop("BADPRUNE_DEBUG", None)
+    return env
+
+
+def _run_logged(args, cwd, log: Path, cache) -> subprocess.CompletedProcess:
+    """``python -m badprune.cli <args>`` in ``cwd`` with stderr written to the file ``log``."""
+    with open(log, "wb") as err:
+        return subprocess.run([sys.executable, "-m", "badprune.cli", *args], cwd=cwd, env=_env(cache),
+                              stdout=subprocess.PIPE, stderr=err, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """The first bare sweep on a machine without the demo: its folder, cache, stderr log and process."""
+    pytest.importorskip("PIL")
+    work = tmp_path_factory.mktemp("newuser")
+    cache = work / "cache"
+    log = work / "first.err"
+    p = _run_logged(["sweep"], work, log, cache)
+    assert p.returncode == 0, log.read_text()
+    return SimpleNamespace(work=work, cache=cache, log=log, proc=p)
+
+
+def _use_cache(monkeypatch, first, cwd):
+    monkeypatch.setenv("BADPRUNE_CACHE", str(first.cache))
+    monkeypatch.setenv("BADPRUNE_DEMO_SMALL", "1")
+    monkeypatch.chdir(cwd)
+
+
+# ----------------------------------------------------------------------------------- 3. the first demo build
+def test_first_bare_sweep_says_it_builds_the_demo_before_training(first):
+    raw = first.log.read_bytes()
+    assert b"\r" not in raw
+    lines = raw.decode().splitlines()
+    building = [i for i, ln in enumerate(lines) if ln.startswith(BUILDING)]
+    training = [i for i, ln in enumerate(lines) if ln.startswith("demo: training epoch")]
+    assert len(building) == 1 and training and building[0] < training[0]
+    line = lines[building[0]]
+    assert "first use only, about 15 s on 2 cores" in line
+    # it names the folder the demo ends up in, not the temporary one it is built in
+    assert line.split(BUILDING)[1].split(" (")[0] == str(first.cache / "demo-v1-seed0-small")
+    # one line per epoch, no per-batch lines off a terminal
+    assert len(training) == 5 and all(re.search(r"loss [\d.]+ +accuracy", lines[i]) for i in training)
+    out = first.proc.stdout.decode().splitlines()
+    assert out[-1] == f"outputs: {first.work / 'runs' / 'demo'}"
+
+
+# ------------------------------------------------------------------------------------------ 1. repeated runs
+def test_repeated_bare_sweeps_get_fresh_folders(first, tmp_path, monkeypatch, capsys):
+    _use_cache(monkeypatch, first, tmp_path)
+    assert cli.main(["sweep"]) == 0
+    cap = capsys.readouterr()
+    assert BUILDING not in cap.err  # built once, reused
+    assert cap.out.splitlines()[-1] == f"outputs: {tmp_path / 'runs' / 'demo'}"
+    csv1 = (tmp_path / "runs" / "demo" / "sweep.csv").read_text()
+
+    assert cli.main(["sweep"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.splitlines()[-1] == f"outputs: {tmp_path / 'runs' / 'demo-2'}"
+    assert os.path.join("runs", "demo-2") in cap.err
+    for d in ("demo", "demo-2"):
+        for name in ("sweep.csv", "sweep.json", "results.md", "sweep.png"):
+            assert (tmp_path / "runs" / d / name).stat().st_size > 0
+    assert (tmp_path / "runs" / "demo" / "sweep.csv").read_text() == csv1  # the first run is left alone
+    assert (tmp_path / "runs" / "demo-2" / "sweep.csv").read_text() == csv1  # same demo, same table
+
+
+def test_explicit_out_that_exists_is_still_refused(first, tmp_path, monkeypatch, capsys):
+    _use_cache(monkeypatch, first, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    assert cli.main(["sweep", "-q", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: output folder already exists ({mine}): pass --force")
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"] and (mine / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fresh_folder_takes_the_first_free_name(tmp_path):
+    base = tmp_path / "runs" / "demo"
+    assert fresh_folder(base) == base  # nothing there yet
+    base.mkdir(parents=True)
+    assert fresh_folder(base) == base  # an empty folder is free
+    (base / "sweep.csv").write_text("x")
+    assert fresh_folder(base) == tmp_path / "runs" / "demo-2"
+    (tmp_path / "runs" / "demo-2").write_text("a file, not a folder")
+    (tmp_path / "runs" / "demo-3").mkdir()
+    (tmp_path / "runs" / "demo-3" / "x").write_text("x")
+    assert fresh_folder(base) == tmp_path / "runs" / "demo-4"
+    assert fresh_folder(os.path.join("runs", "demo")) == Path("runs", "demo")  # relative stays relative
+
+
+# ------------------------------------------------------------------------------------ 2. progress in a log
+def test_sweep_with_stderr_to_a_file_writes_one_line_per_stage(first, tmp_path):
+    from badprune.datasets import ensure_demo
+
+    sc = ensure_demo(cache_dir=first.cache, small=True, progress=False)
+    log = tmp_path / "log.txt"
+    p = _run_logged(["sweep", "--model", sc.model, "--valid", sc.valid, "--test", sc.test,
+                     "--poisoned", sc.bd_test, "--no-cache"], tmp_path, log, first.cache)
+    assert p.returncode == 0, log.read_text()
+    raw = log.read_bytes()
+    assert b"\r" not in raw and len(raw) < 2000
+    lines = raw.decode().splitlines()
+    for name in ("valid", "test", "poisoned"):
+        assert sum(bool(re.fullmatch(rf"features {name}: [\d,]+ images in [\d.]+ s \([\d,.]+ img/s\)", ln))
+                   for ln in lines) == 1, lines
+    assert sum(bool(re.fullmatch(r"pruning: \d+ steps in [\d.]+ s", ln)) for ln in lines) == 1, lines
+    # without --out the run gets runs/<model name>
+    assert p.stdout.decode().splitlines()[-1] == f"outputs: {tmp_path / 'runs' / 'model'}"
+
+
+def test_progress_off_a_terminal_is_one_line_and_nothing_when_disabled(capsys):
+    with _console.progress(1000, "features valid", "img") as bar:
+        for _ in range(10):
+            bar.update(100)
+    cap = capsys.readouterr()
+    assert cap.out == "" and re.fullmatch(r"features valid: 1,000 images in [\d.]+ s \([\d,.]+ img/s\)\n", cap.err)
+
+    with _console.progress(61, "pruning", "step", enabled=False) as bar:
+        bar.update(61)
+    assert capsys.readouterr() == ("", "")
+
+    with pytest.raises(RuntimeError):  # a stage that fails leaves no summary (the error says what happened)
+        with _console.progress(5, "pruning", "step") as bar:
+            bar.update(2)
+            raise RuntimeError("boom")
+    assert capsys.readouterr().err == ""
+
+
+def test_no_keras_progress_bars_in_src():
+    """Every Keras predict / fit / evaluate call in the package passes verbose=0 (Keras bars use \\r)."""
+    src = Path(__file__).resolve().parents[1] / "src" / "badprune"
+    bad = []
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        for m in re.finditer(r"\.(predict|fit|evaluate)\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            call = text[m.end():i]
+            keras_like = m.group(1) != "predict" or "batch_size=" in call or "verbose" in call
+            if keras_like and "verbose=0" not in call:
+                bad.append(f"{f.name}: {text[m.start():i]}")
+    assert not bad, bad
