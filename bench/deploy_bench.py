@@ -61,7 +61,7 @@ def main(argv=None):
 
     variants.append(("Keras GoodNet, two models (B and B' predicted separately)", two_model, None))
     variants.append(("Keras GoodNet, one graph (model.predict)",
-                     lambda x: G.predict(x, batch_size=a.batch, verbose=0)[0],
+                     lambda x: G.predict(x, batch_size=a.batch, verbose=0).argmax(1),
                      os.path.getsize(os.path.join(a.run, "models", f"goodnet_X{a.x}.keras"))))
     for q in ("", ".float16", ".int8"):
         p = os.path.join(a.run, "tflite", f"goodnet_X{a.x}{q}.tflite")

@@ -66,6 +66,51 @@ def test_sweep_writes_goodnets_and_float32_exports(run):
     assert not [p for p in d.iterdir() if p.name.startswith(".tflite")]  # no temporary folder left
 
 
+def test_the_labs_eval_script_runs_on_the_goodnet_files_and_gets_the_sweeps_numbers(run):
+    """The lab's eval.py: ``np.argmax(keras.models.load_model(f).predict(x), axis=1)`` on h5 data, unchanged, on
+    models/goodnet_X<X>.keras (one output) and on the .tflite GoodNet: the sweep's G_X clean accuracy and ASR."""
+    import keras
+
+    from badprune.runtime import LiteModel
+
+    scale = run["js"]["config"]["scale_value"]
+    Xt, yt = _read(run["files"]["test"], scale)
+    Xp, yp = _read(run["files"]["bd_test"], scale)
+    for t in run["reached"]:
+        x = goodnet.fmt_x(t["x"])
+        g = keras.models.load_model(run["dir"] / "models" / f"goodnet_X{x}.keras")
+        assert len(g.outputs) == 1
+        lt = np.argmax(g.predict(Xt, verbose=0), axis=1)
+        lp = np.argmax(g.predict(Xp, verbose=0), axis=1)
+        assert 100 * np.mean(lt == yt) == pytest.approx(t["row"]["goodnet_test_acc"], abs=1e-9)
+        assert 100 * np.mean(lp == yp) == pytest.approx(t["row"]["goodnet_asr"], abs=1e-9)
+        lite = LiteModel(run["dir"] / "tflite" / f"goodnet_X{x}.tflite")
+        assert lite.kind.goodnet and lite.kind.num_classes == run["js"]["num_classes"]
+        assert len(lite.run(Xt[:4])) == 1
+        np.testing.assert_array_equal(lite.labels(Xt), lt)
+
+
+def test_channels_png_and_the_poisoned_means_equal_the_cached_activations(run):
+    """channels.png is written, and the per-channel means in sweep.json / sweep.csv are the cached activations'."""
+    import csv
+
+    from badprune.features import extract
+
+    d, js = run["dir"], run["js"]
+    assert (d / "channels.png").stat().st_size > 5000
+    scale = js["config"]["scale_value"]
+    Fp, Fv = (extract(run["model"], js["layer"], open_dataset(run["files"][k]), scale, progress=False)
+              for k in ("bd_test", "valid"))
+    want_p = Fp.reshape(-1, Fp.shape[-1]).astype(np.float64).mean(axis=0)
+    want_v = Fv.reshape(-1, Fv.shape[-1]).astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(js["poisoned_mean_activation"], want_p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(js["mean_activation"], want_v, rtol=1e-5, atol=1e-7)
+    rows = list(csv.DictReader((d / "sweep.csv").open()))
+    assert rows[0]["poisoned_mean_activation"] == ""
+    for r in rows[1:]:
+        assert float(r["poisoned_mean_activation"]) == pytest.approx(want_p[int(r["channel"])], rel=1e-5, abs=1e-6)
+
+
 def _sweep_goodnet_labels(run, x, X):
     """The sweep engine's own GoodNet answer at X's step (compiled head over the prune layer's activations)."""
     from badprune.features import trunk

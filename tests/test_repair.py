@@ -93,9 +93,9 @@ def test_repaired_metrics_equal_tensorflow_on_the_saved_models(sc, runs):
         assert r["row"]["test_acc"] == pytest.approx(100 * np.mean(rt == yt), abs=1e-9)
         assert r["row"]["asr"] == pytest.approx(100 * np.mean(rp == yp), abs=1e-9)
         g = keras.models.load_model(run / "models" / f"goodnet_repaired_X{x}.keras")
-        gt = g.predict(Xt, verbose=0)[0]
+        gt = g.predict(Xt, verbose=0).argmax(1)
         np.testing.assert_array_equal(gt, np.where(bt == rt, bt, N))
-        gp = g.predict(Xp, verbose=0)[0]
+        gp = g.predict(Xp, verbose=0).argmax(1)
         np.testing.assert_array_equal(gp, np.where(bp == rp, bp, N))
         assert r["row"]["goodnet_detection"] == pytest.approx(100 * np.mean(gp == N), abs=1e-9)
         assert r["row"]["goodnet_false_alarm"] == pytest.approx(100 * np.mean(gt == N), abs=1e-9)

@@ -5,18 +5,18 @@
     input -> B's trunk up to the prune layer (computed once)
           -> B's head                                   -> argmax -> label_B
           -> 1x1 DepthwiseConv2D 0/1 mask -> B's head   -> argmax -> label_B'
-    label = label_B where label_B == label_B', else N (the number of classes: "backdoored input detected")
+    scores = [B's probabilities, 0] where label_B == label_B', else the one-hot vector of N
+    label = argmax(scores) = label_B where they agree, else N (the number of classes: "backdoored input detected")
 
 The mask sits right after the prune layer, so the trunk is shared. That equals B'_X (whose producing convolution
 has the channels' kernel and bias zeroed, :func:`badprune.models.prune_model`): those channels reach the prune
 layer through zero-keeping per-channel ops only, so they are exactly 0 there either way. Both heads use the same
 layer objects (shared weights, stored once).
 
-The model has two outputs, in this order:
-
-* ``label``: int32 (n,), in [0, N];
-* ``probs``: float32 (n, N + 1): B's class probabilities with a 0 appended where B and B'_X agree, the one-hot
-  vector of class N where they differ, so ``argmax(probs) == label`` (the lab's ``eval.py`` style).
+The model has one output, named ``goodnet_scores`` (:data:`badprune.runfiles.GOODNET_OUTPUT`): float32
+(n, N + 1), B's class probabilities with a 0 appended where B and B'_X agree, the one-hot vector of class N where
+they differ. Its argmax is the GoodNet's label in [0, N], so the lab's ``eval.py``
+(``np.argmax(model.predict(x), axis=1)``) runs on the file unchanged and gets G_X's labels.
 
 Everything in the graph is a built-in Keras layer or a ``keras.ops`` operation from
 :data:`badprune.models.GRAPH_OPS` (top_k,
@@ -25,9 +25,9 @@ squeeze, equal, where, ...; argmax is written as top_k with k=1, which LiteRT ru
 ``keras.models.load_model`` opens them with ``safe_mode`` on and without badprune installed. :func:`load` is
 badprune's safe loader for all three kinds (B, B'_X, G_X).
 
-How a model is told apart (:func:`model_kind`, :func:`badprune.runfiles.kind_from_shapes`): a model with a
-rank-1 output (a label per image) is a GoodNet; its N is the width of its (n, K) output minus one, or must be
-given. A single (n, K) output is a classifier (B or B'_X) with N = K, unless the caller says it is a GoodNet
+How a model is told apart (:func:`model_kind`, :func:`badprune.runfiles.kind_from_shapes`): an output named
+``goodnet_scores...`` is a GoodNet's, with N = its width - 1 (older two-output GoodNets: a rank-1 label output). Any
+other single (n, K) output is a classifier (B or B'_X) with N = K, unless the caller says it is a GoodNet
 (``goodnet=True``: N = K - 1, label = argmax).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 from .errors import BadpruneError
 from .runfiles import Kind, kind_from_shapes, labels_from_outputs  # noqa: F401  (the vocabulary of model kinds)
-from .runfiles import fmt_x, goodnet_filename, model_stem
+from .runfiles import GOODNET_OUTPUT, fmt_x, goodnet_filename, model_stem
 
 
 def _keras():
@@ -98,7 +98,7 @@ def build_goodnet(model, layer: str, channels, name: str | None = None, repaired
     Returns
     -------
     keras.Model
-        Outputs ``[label, probs]`` (see the module docstring).
+        One output, ``goodnet_scores`` (n, N + 1), whose argmax is the label (see the module docstring).
     """
     if len(model.inputs) != 1:
         raise BadpruneError(f"the model has {len(model.inputs)} inputs", fix="use a model with one image input")
@@ -106,7 +106,7 @@ def build_goodnet(model, layer: str, channels, name: str | None = None, repaired
     from .models import prune_output, surgery, trace
     from .models import num_classes as _num_classes
 
-    n_classes = _num_classes(model)
+    _num_classes(model)  # a classifier with one (batch, classes) output
     Bc = surgery.clone(model)
     start = prune_output(Bc, layer)
     C = int(start.shape[-1])
@@ -131,16 +131,13 @@ def build_goodnet(model, layer: str, channels, name: str | None = None, repaired
         else:
             r_in = repaired.inputs[0]
             p_p = surgery.replay(trace(r_out, r_in, layer), r_in, Bc.inputs[0], rename)[id(r_out)]
-    l_b = _argmax(p_b)
-    l_p = _argmax(p_p)
-    agree = ops.equal(l_b, l_p)
-    label = keras.layers.Identity(name=surgery.unique_name(existing, "label"))(ops.where(agree, l_b, n_classes))
+    agree = ops.equal(_argmax(p_b), _argmax(p_p))
     probs = p_b if _ends_in_softmax(Bc) else \
         keras.layers.Softmax(name=surgery.unique_name(existing, "goodnet_softmax"))(p_b)
     a = ops.cast(ops.expand_dims(agree, -1), probs.dtype)
-    probs = keras.layers.Concatenate(axis=-1, name=surgery.unique_name(existing, "probs"))(
+    scores = keras.layers.Concatenate(axis=-1, name=surgery.unique_name(existing, GOODNET_OUTPUT))(
         [ops.multiply(probs, a), ops.subtract(1.0, a)])
-    return keras.Model(Bc.inputs, [label, probs], name=name or "goodnet")
+    return keras.Model(Bc.inputs, scores, name=name or "goodnet")
 
 
 def from_sweep(result, x):
@@ -165,8 +162,9 @@ def from_repaired(result, rep):
 
 
 def model_kind(model, goodnet: bool = False, num_classes: int | None = None) -> Kind:
-    """The :class:`~badprune.runfiles.Kind` of a Keras model."""
-    return kind_from_shapes([tuple(o.shape) for o in model.outputs], goodnet, num_classes)
+    """The :class:`~badprune.runfiles.Kind` of a Keras model (from its output shapes and names)."""
+    return kind_from_shapes([tuple(o.shape) for o in model.outputs], goodnet, num_classes,
+                            names=list(getattr(model, "output_names", None) or []))
 
 
 def load(path, trust: bool = False, weights=None, arch=None):

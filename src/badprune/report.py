@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadpruneError
-from .runfiles import (COLUMNS, MODELS_DIR, PERCENT_COLUMNS, RESULTS_MD, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG,
-                       check_output, fmt_x, goodnet_filename, missing, model_filename, staged_folder, table_channel,
-                       table_value, sweep_json_text)
+from .runfiles import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN, RESULTS_MD, SWEEP_CSV, SWEEP_JSON,
+                       SWEEP_PNG, check_output, fmt_x, goodnet_filename, missing, model_filename, staged_folder,
+                       sweep_json_text, table_channel, table_columns, table_value)
 from .sweep import SweepResult
 
 __all__ = ["write_outputs", "check_output", "format_table", "summary_line", "results_markdown", "plot_sweep",
-           "sweep_csv"]
+           "plot_channels", "sweep_csv"]
+
 
 def _col(result: SweepResult, col: str) -> np.ndarray:
     return np.asarray(result.table[col])
@@ -51,13 +52,15 @@ def _x_unit(result: SweepResult) -> str:
 
 # ---------------------------------------------------------------------------------------------- the outputs
 def sweep_csv(result: SweepResult) -> str:
-    """The per-step table as CSV text (header = COLUMNS; step 0 has an empty channel; missing values empty)."""
+    """The per-step table as CSV text (header: :func:`~badprune.runfiles.table_columns`; step 0 has an empty
+    channel; missing values empty)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
+    cols = table_columns(result)
+    w.writerow(cols)
     for k in range(_n_steps(result)):
         out = []
-        for c in COLUMNS:
+        for c in cols:
             if c == "step":
                 out.append(str(int(table_value(result, c, k))))
             elif c == "channel":
@@ -67,7 +70,7 @@ def sweep_csv(result: SweepResult) -> str:
                 v = table_value(result, c, k)
                 if v is None:
                     out.append("")
-                elif c == "mean_activation":
+                elif c in ("mean_activation", POISONED_MEAN):
                     out.append(f"{float(v):.6g}")
                 elif c == "fraction_pruned":
                     out.append(f"{float(v):.6f}")
@@ -219,6 +222,42 @@ def plot_sweep(result: SweepResult, path) -> None:
     fig.savefig(str(path), format="png")
 
 
+def plot_channels(result: SweepResult, path) -> None:
+    """``channels.png``: per channel of the prune layer, in pruning order, its mean activation on the clean
+    validation set and on the poisoned set, with the channels pruned at each X marked. One look says whether the
+    trigger lives in channels that are dormant on clean inputs (pruning works) or in busy ones (it cannot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    order = np.asarray(result.ranking)
+    clean = np.asarray(result.mean_activation, float)[order]
+    poisoned = np.asarray(result.poisoned_mean_activation, float)[order]
+    pos = np.arange(1, len(order) + 1)
+    fig = Figure(figsize=(9, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.42
+    ax.bar(pos - w / 2, clean, w, color="tab:blue", label="clean validation")
+    ax.bar(pos + w / 2, poisoned, w, color="tab:red", label="poisoned")
+    top = float(max(np.nanmax(clean, initial=0.0), np.nanmax(poisoned, initial=0.0))) or 1.0
+    for i, t in enumerate(t for t in result.thresholds if t.reached):
+        ax.axvline(t.step + 0.5, color="0.3", linestyle=":", linewidth=1,
+                   label="pruned up to here at X" if i == 0 else None)
+        ax.annotate(f"X={fmt_x(t.x)}", xy=(t.step + 0.5, top), xytext=(2, -2 - 12 * (i % 3)),
+                    textcoords="offset points", fontsize=8, color="0.2", va="top")
+    ax.set_xlim(0.3, len(order) + 0.7)
+    if len(order) <= 64:  # name each channel under its bars
+        ax.set_xticks(pos)
+        ax.set_xticklabels([str(int(c)) for c in order], fontsize=6 if len(order) > 24 else 8, rotation=90)
+    ax.set_xlabel(f"channel of {result.layer}, in pruning order (dormant on clean data first)")
+    ax.set_ylabel("mean activation")
+    ax.set_title(f"{result.model_name}: where the trigger lives ({result.layer}, {len(order)} channels)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
 # ---------------------------------------------------------------------------------------------- text output
 def format_table(result: SweepResult, thresholds_only: bool = False) -> str:
     """A fixed-width console table of the steps (or only the base row and the threshold rows)."""
@@ -311,6 +350,8 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
         (tmp / SWEEP_JSON).write_text(sweep_json_text(result), encoding="utf-8")
         (tmp / RESULTS_MD).write_text(results_markdown(result), encoding="utf-8")
         plot_sweep(result, tmp / SWEEP_PNG)
+        if getattr(result, "poisoned_mean_activation", None) is not None:
+            plot_channels(result, tmp / CHANNELS_PNG)
         if save_models and result.model is not None:
             reached = [t for t in result.thresholds if t.reached]
             if reached:

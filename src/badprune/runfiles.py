@@ -6,7 +6,7 @@ CLI's start-up use it as they are.
 
 A run folder (the ``--out`` of ``badprune-fast sweep``) holds::
 
-    sweep.csv  sweep.json  results.md  sweep.png
+    sweep.csv  sweep.json  results.md  sweep.png  channels.png (with a poisoned set)
     models/B_prime_X<X>.keras  models/goodnet_X<X>.keras
     tflite/<model>[.float16|.int8].tflite  tflite/export.json      (badprune-fast export)
 
@@ -72,6 +72,7 @@ SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 RESULTS_MD = "results.md"
 SWEEP_PNG = "sweep.png"
+CHANNELS_PNG = "channels.png"
 MODELS_DIR = "models"
 TFLITE_DIR = "tflite"
 EXPORT_JSON = "export.json"
@@ -135,6 +136,10 @@ def check_model_source(model=None, weights=None, arch=None, missing_fix: str | N
 
 
 # --------------------------------------------------------------------------------------- what outputs mean
+#: the name of a GoodNet's single output, (n, N + 1) scores whose argmax is the label (N: backdoor detected)
+GOODNET_OUTPUT = "goodnet_scores"
+
+
 @dataclass
 class Kind:
     """What a model's outputs mean. ``goodnet``: labels in [0, N] with N = backdoor detected.
@@ -150,13 +155,19 @@ class Kind:
         return "GoodNet" if self.goodnet else "classifier"
 
 
-def kind_from_shapes(shapes, goodnet: bool = False, num_classes: int | None = None, what: str = "model") -> Kind:
-    """The :class:`Kind` of a model from its output shapes (each a tuple, batch axis first).
+def kind_from_shapes(shapes, goodnet: bool = False, num_classes: int | None = None, what: str = "model",
+                     names=None) -> Kind:
+    """The :class:`Kind` of a model from its output shapes (each a tuple, batch axis first) and names.
 
-    A model with a rank-1 output (a label per image) is a GoodNet; its N is the width of its (n, K) output minus
-    one, or ``num_classes``. A single (n, K) output is a classifier (B or B'_X) with N = K, unless ``goodnet``
-    says it is a GoodNet (N = K - 1, label = argmax).
+    A single (n, K) output named ``goodnet_scores...`` (:data:`GOODNET_OUTPUT`, how badprune names a GoodNet's
+    output in .keras and .tflite files) is a GoodNet's, with N = K - 1, label = argmax. A model with a rank-1
+    output (a label per image: GoodNets of badprune before 0.2) is a GoodNet; its N is the width of its (n, K)
+    output minus one, or ``num_classes``. Any other single (n, K) output is a classifier (B or B'_X) with N = K,
+    unless ``goodnet`` says it is a GoodNet (N = K - 1, label = argmax).
     """
+    if names is not None and len(names) == len(shapes) == 1 and len(shapes[0]) == 2 \
+            and str(names[0]).startswith(GOODNET_OUTPUT):
+        goodnet = True
     rank1 = [i for i, s in enumerate(shapes) if len(s) == 1]
     rank2 = [i for i, s in enumerate(shapes) if len(s) == 2]
     if len(rank1) + len(rank2) != len(shapes) or len(rank1) > 1 or len(rank2) > 1 or not shapes:
@@ -199,6 +210,14 @@ COLUMNS = ("step", "channel", "mean_activation", "fraction_pruned", "valid_acc",
            "goodnet_test_acc", "goodnet_asr", "goodnet_detection", "goodnet_false_alarm")
 #: columns that hold percentages (two decimals in text, four in the CSV)
 PERCENT_COLUMNS = COLUMNS[4:]
+#: the optional last column, present when the sweep had a poisoned set: the mean activation on it of the channel
+#: pruned at that step (next to ``mean_activation``, its mean on the clean validation set)
+POISONED_MEAN = "poisoned_mean_activation"
+
+
+def table_columns(result) -> tuple:
+    """The columns of ``result``'s table, in output order: :data:`COLUMNS`, then :data:`POISONED_MEAN` if there."""
+    return COLUMNS + ((POISONED_MEAN,) if POISONED_MEAN in result.table else ())
 
 
 def missing(v) -> bool:
@@ -264,12 +283,13 @@ def sweep_record(result) -> dict:
     """The ``sweep.json`` document of a sweep result (a :class:`badprune.sweep.SweepResult`), plain JSON types.
 
     Keys: model_name, layer, conv_layer, n_channels, num_classes, relative, columns, table (column -> values per
-    step), ranking, mean_activation, thresholds (x, reached, step, channels, row), config, timings, versions;
+    step), ranking, mean_activation and poisoned_mean_activation (per channel, by channel index; the latter None
+    without a poisoned set), thresholds (x, reached, step, channels, row), config, timings, versions;
     with fine-tuning also repaired (x, mode, step, channels, row: R_X's metrics, info: how it was trained).
     """
     n = len(np.asarray(result.table["step"]))
     table = {}
-    for c in COLUMNS:
+    for c in table_columns(result):
         if c == "channel":
             table[c] = [table_channel(result, k) for k in range(n)]
         else:
@@ -284,10 +304,12 @@ def sweep_record(result) -> dict:
         "n_channels": int(result.n_channels),
         "num_classes": int(result.num_classes),
         "relative": bool(result.relative),
-        "columns": list(COLUMNS),
+        "columns": list(table_columns(result)),
         "table": table,
         "ranking": [int(c) for c in np.asarray(result.ranking).tolist()],
         "mean_activation": jsonable(np.asarray(result.mean_activation, dtype=float)),
+        "poisoned_mean_activation": None if getattr(result, "poisoned_mean_activation", None) is None else
+        jsonable(np.asarray(result.poisoned_mean_activation, dtype=float)),
         "thresholds": thresholds,
         "config": result.config,
         "timings": result.timings,
@@ -361,6 +383,25 @@ def read_run(run_dir) -> RunRecord:
     if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), list):
         raise BadpruneError("sweep.json has no thresholds", p, "re-run the sweep")
     return RunRecord(run_dir, p, doc)
+
+
+def exported_kind(tflite_path) -> str | None:
+    """The kind (a name of :data:`MODEL_KINDS`) of an exported ``.tflite`` file: as ``badprune-fast export``
+    recorded it in the ``export.json`` next to it, else as its file name says (``goodnet_X4.tflite``), else None.
+    (A .tflite file keeps no output names: this is how an exported GoodNet, whose one output is (n, N + 1) scores,
+    is told from a classifier.)"""
+    name = os.path.basename(str(tflite_path))
+    p = os.path.join(os.path.dirname(os.path.abspath(str(tflite_path))), EXPORT_JSON)
+    try:
+        with open(p, encoding="utf-8") as f:
+            rec = json.load(f).get(name)
+    except (OSError, ValueError, AttributeError):
+        rec = None
+    kind = rec.get("kind") if isinstance(rec, dict) else None
+    if kind in MODEL_KINDS:
+        return kind
+    stem = name.split(".", 1)[0]
+    return next((k for k in sorted(MODEL_KINDS, key=len, reverse=True) if stem.startswith(k + "_X")), None)
 
 
 def find_run(model_path) -> RunRecord | None:

@@ -30,7 +30,8 @@ import numpy as np
 
 from ._console import quiet_fds
 from .errors import BadpruneError
-from .runfiles import Kind, check_model_source, find_run, kind_from_shapes, labels_from_outputs, scale_value
+from .runfiles import (Kind, check_model_source, exported_kind, find_run, kind_from_shapes, labels_from_outputs,
+                       scale_value)
 
 #: the lab's input size (height, width)
 INPUT_SIZE = (55, 47)
@@ -213,6 +214,7 @@ class LiteModel(_Model):
         self._outs = outs
         shapes = [tuple(int(v) for v in o.get("shape_signature", o["shape"])) for o in outs]
         shapes = [(None,) + s[1:] for s in shapes]
+        goodnet = goodnet or exported_kind(path) in ("goodnet", "goodnet_repaired")
         self.kind: Kind = kind_from_shapes(shapes, goodnet, num_classes, what=f"model {os.path.basename(path)}")
         self._n = None
 

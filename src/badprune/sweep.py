@@ -17,7 +17,7 @@ import numpy as np
 import prune_ext
 
 from .errors import BadpruneError, warn
-from .runfiles import COLUMNS, SCALES, check_model_source
+from .runfiles import COLUMNS, POISONED_MEAN, SCALES, check_model_source
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0
@@ -61,13 +61,14 @@ class SweepResult:
     versions: dict = field(default_factory=dict)
     model: object = None              # the Keras model B (for pruned_model)
     repaired: list = field(default_factory=list)   # [badprune.repair.Repaired] when fine-tuning ran
+    poisoned_mean_activation: np.ndarray | None = None   # per channel, on the poisoned set (None without one)
 
     @classmethod
     def from_record(cls, doc: dict, model=None) -> "SweepResult":
         """A result read back from its ``sweep.json`` document (:func:`badprune.runfiles.sweep_record`), with B
         (``model``) given again; the repaired networks are not part of it."""
         table = {}
-        for c in COLUMNS:
+        for c in COLUMNS + ((POISONED_MEAN,) if POISONED_MEAN in doc["table"] else ()):
             v = doc["table"][c]
             if c == "channel":
                 table[c] = np.array([-1 if x is None else int(x) for x in v], np.int64)
@@ -81,7 +82,9 @@ class SweepResult:
                    mean_activation=np.array([np.nan if v is None else v for v in doc["mean_activation"]]),
                    table=table, thresholds=ths, relative=bool(doc["relative"]), num_classes=int(doc["num_classes"]),
                    config=dict(doc.get("config") or {}), timings=dict(doc.get("timings") or {}),
-                   versions=dict(doc.get("versions") or {}), model=model)
+                   versions=dict(doc.get("versions") or {}), model=model,
+                   poisoned_mean_activation=None if doc.get(POISONED_MEAN) is None else
+                   np.array([np.nan if v is None else v for v in doc[POISONED_MEAN]]))
 
     def row(self, step: int) -> dict:
         return {c: self.table[c][step].item() for c in COLUMNS}
@@ -297,10 +300,10 @@ def step_metrics(pred: dict, base: dict, truth: dict, num_classes: int) -> dict:
 
 
 def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes: int, mode: str = "incremental",
-                on_step=None) -> tuple:
+                on_step=None, poisoned_means=None) -> tuple:
     """Mask ``ranking``'s channels one at a time over the activations ``F`` of all sets (``bounds``: set ->
     rows) and record :func:`step_metrics` at every step. ``means``: the mean activation per channel (its column;
-    None leaves it NaN).
+    None leaves it NaN); ``poisoned_means``: the same on the poisoned set (adds the optional column).
 
     Returns ``(table, engine)``: the table as {column: array of C+1 values} (:data:`COLUMNS`) and the
     :class:`~badprune.head.MaskedSweep` that ran (its statistics). ``on_step(k, labels_by_set)`` is called at
@@ -314,6 +317,8 @@ def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes:
     cols["channel"] = np.concatenate([[-1], ranking]).astype(np.int64)
     if means is not None:
         cols["mean_activation"] = np.concatenate([[np.nan], np.asarray(means)[ranking]])
+    if poisoned_means is not None:
+        cols[POISONED_MEAN] = np.concatenate([[np.nan], np.asarray(poisoned_means)[ranking]])
     cols["fraction_pruned"] = np.arange(C + 1) / C
     engine = MaskedSweep(head, F, ranking, mode=mode)
     base = None
@@ -415,6 +420,9 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
     t = time.perf_counter()
     ranking, means = rank_channels(F[bounds["valid"]], order)
+    p_means = None
+    if "poisoned" in bounds:
+        p_means = prune_ext.channel_means(F[bounds["poisoned"]].reshape(-1, F.shape[-1]))
     timings["rank"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -432,7 +440,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
     with stage_progress(len(ranking) + 1, "pruning", "step", enabled=progress, rate=False) as bar:
         cols, _ = sweep_table(d.head, F, ranking, means, bounds, {k: v.labels for k, v in ds.items()},
-                              d.num_classes, mode, on_step)
+                              d.num_classes, mode, on_step, p_means)
     timings["sweep"] = time.perf_counter() - t
 
     ths = select_thresholds(cols["valid_acc"], thresholds, relative, ranking)
@@ -450,7 +458,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     result = SweepResult(model_name=d.name, layer=d.layer, conv_layer=d.conv_layer, n_channels=len(ranking),
                          ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
                          num_classes=d.num_classes, config=config, timings=timings, versions=_versions(),
-                         model=d.model)
+                         model=d.model, poisoned_mean_activation=p_means)
     if fine_tune is not None:
         from .repair import repair_thresholds
 
