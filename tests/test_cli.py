@@ -89,3 +89,18 @@ def test_bare_sweep_runs_the_demo(tmp_path, monkeypatch, capsys):
     assert "outputs:" in out
     js = json.loads((tmp_path / "runs" / "demo" / "sweep.json").read_text())
     assert js["config"]["sizes"]["valid"] > 0 and len(js["table"]["step"]) == js["n_channels"] + 1
+
+
+def test_a_changed_cache_entry_gives_the_clean_runs_sweep_csv_back(lab_files, tmp_path, capsys):
+    cache = tmp_path / "c"
+    assert cli.main(_sweep_args(lab_files, tmp_path / "r1", cache)) == 0
+    entry = max(cache.glob("act-*.npy"), key=lambda p: p.stat().st_size)
+    raw = bytearray(entry.read_bytes())
+    raw[-7] ^= 0x40  # one float of the last image, in place
+    entry.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert cli.main(_sweep_args(lab_files, tmp_path / "r2", cache)) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "checksum mismatch" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: cached activations changed on disk"), err
+    assert (tmp_path / "r2" / "sweep.csv").read_text() == (tmp_path / "r1" / "sweep.csv").read_text()

@@ -253,3 +253,25 @@ def test_detect_scale_real_weights(shared_dir, tmp_path):
     sun = models.load_model(weights=w / "sunglasses_bd_weights.h5")
     name, accs = features.detect_scale(sun, data.open_dataset(raw))
     assert name == "unit" and accs["unit"] > accs["raw"]
+
+
+def test_a_cached_entry_changed_on_disk_is_found_and_recomputed(net, lab_file, tmp_path, counting):
+    """One float edited in place (same size, same marker): the checksum catches it, one warning, recomputed."""
+    from badprune.errors import BadpruneWarning
+
+    cache = tmp_path / "cache"
+    a, _ = _extract(net, lab_file, cache)
+    npy = next(p for p in cache.iterdir() if p.suffix == ".npy")
+    size = npy.stat().st_size
+    i = int(np.flatnonzero(a.reshape(-1))[0])  # a non-zero activation, so the edit is a real change
+    with open(npy, "r+b") as f:
+        f.seek(size - a.nbytes + 4 * i)
+        f.write(np.float32(a.reshape(-1)[i] + 1.0).tobytes())
+    assert npy.stat().st_size == size
+    with pytest.warns(BadpruneWarning, match="checksum mismatch"):
+        b, info = _extract(net, lab_file, cache)
+    assert info["cached"] is False and counting.calls == 2
+    np.testing.assert_array_equal(a, b)
+    c, info = _extract(net, lab_file, cache)  # the entry was rewritten whole
+    assert info["cached"] is True and counting.calls == 2
+    np.testing.assert_array_equal(a, c)

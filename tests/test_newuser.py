@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from badprune import _console, cli
-from badprune.runfiles import fresh_folder
+from badprune.outdir import fresh_folder
 
 BUILDING = "demo: building the small demo BadNet in "
 

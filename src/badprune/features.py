@@ -15,7 +15,8 @@ Engines (``engine=``):
 * ``predict``: ``keras.Model.predict`` per batch (the reference).
 
 Cache entries live in :func:`default_cache_dir` (or ``cache_dir``): ``<key>.npy`` plus a JSON completion marker
-``<key>.json`` written after it; an entry without a marker or whose marker or file size disagrees is rebuilt.
+``<key>.json`` written after it, holding the array's CRC-32; an entry without a marker, or whose marker, file size
+or checksum disagrees (a value changed on disk) is rebuilt, the last with a one-line warning.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import os
 import queue
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
@@ -39,7 +41,7 @@ from .models import model_digest
 from .runfiles import SCALES, cache_home, scale_value
 
 #: bump when the cache layout or the meaning of its content changes
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = "tf"
 DEFAULT_BATCH_SIZE = 512
@@ -254,9 +256,18 @@ def _read_cache(npy, marker, key, shape):
         arr = np.load(npy, allow_pickle=False)
         if arr.shape != tuple(shape) or arr.dtype != np.float32:
             return None
+        if m.get("crc32") != checksum(arr):
+            warn(f"cached activations changed on disk since they were written (checksum mismatch): discarding "
+                 f"{os.path.basename(npy)} and recomputing")
+            return None
         return arr
     except (OSError, ValueError, json.JSONDecodeError):
         return None
+
+
+def checksum(arr: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (C order): the cache's check that an entry is what was written."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
 
 
 def load_cached(npy) -> np.ndarray | None:
@@ -282,7 +293,7 @@ def _write_cache(npy, marker, key, arr, meta):
             np.save(f, arr, allow_pickle=False)
         os.replace(tmp, npy)
         info = dict(meta, key=key, shape=list(arr.shape), dtype="float32", bytes=os.path.getsize(npy),
-                    version=FORMAT_VERSION, created=time.time())
+                    crc32=checksum(arr), version=FORMAT_VERSION, created=time.time())
         mtmp = f"{marker}.tmp{os.getpid()}.{threading.get_ident()}"
         with open(mtmp, "w") as f:
             json.dump(info, f, indent=1, default=str)

@@ -19,8 +19,9 @@ import numpy as np
 
 from .errors import BadpruneError
 from .runfiles import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN, RESULTS_MD, SWEEP_CSV, SWEEP_JSON,
-                       SWEEP_PNG, check_output, fmt_x, goodnet_filename, missing, model_filename, staged_folder,
-                       sweep_json_text, table_channel, table_columns, table_value)
+                       SWEEP_PNG, fmt_x, goodnet_filename, missing, model_filename, sweep_json_text, table_channel,
+                       table_columns, table_value)
+from .outdir import check_output, staged_folder
 from .sweep import SweepResult
 
 __all__ = ["write_outputs", "check_output", "format_table", "summary_line", "results_markdown", "plot_sweep",
@@ -342,7 +343,7 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
     Returns
     -------
     pathlib.Path
-        The run folder, written whole (:func:`badprune.runfiles.staged_folder`): ``sweep.csv``, ``sweep.json``,
+        The run folder, written whole (:func:`badprune.outdir.staged_folder`): ``sweep.csv``, ``sweep.json``,
         ``results.md``, ``sweep.png`` and the models.
     """
     with staged_folder(out_dir, force, keep) as tmp:

@@ -4,26 +4,22 @@ home, what a model's outputs mean, and the run folder with its ``sweep.json`` (o
 Nothing here imports TensorFlow, Keras, h5py or matplotlib: the TF-free runtime (:mod:`badprune.runtime`) and the
 CLI's start-up use it as they are.
 
-A run folder (the ``--out`` of ``badprune-fast sweep``) holds::
+Writing any output folder whole lives next door, in :mod:`badprune.outdir`. A run folder (the ``--out`` of
+``badprune-fast sweep``) holds::
 
     sweep.csv  sweep.json  results.md  sweep.png  channels.png (with a poisoned set)
     models/B_prime_X<X>.keras  models/goodnet_X<X>.keras
     tflite/<model>[.float16|.int8].tflite  tflite/export.json      (badprune-fast export)
 
 :func:`sweep_record` turns a sweep result into the ``sweep.json`` document, :func:`read_run` reads it back as a
-:class:`RunRecord`, and :func:`staged_folder` writes any folder of outputs all at once (a temporary sibling folder
-renamed into place), so no reader ever sees half of one.
+:class:`RunRecord`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -416,126 +412,3 @@ def find_run(model_path) -> RunRecord | None:
                 raise BadpruneError("cannot read the run's sweep.json", p, "re-run the sweep")
             return RunRecord(folder, p, doc)
     return None
-
-
-# ------------------------------------------------------------------------------------- writing a folder whole
-def _is_nonempty_dir(p: Path) -> bool:
-    try:
-        return any(p.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadpruneError("output path exists and is not a folder", out, "choose another --out")
-    if _is_nonempty_dir(out) and not force:
-        raise BadpruneError("output folder already exists", out, "pass --force to replace it or choose another --out")
-
-
-def check_output(out_dir, force: bool = False) -> Path:
-    """Before the work: refuse an output folder that exists (unless ``force``) or could not be written (a part of
-    the path is a file, or the nearest existing folder is not writable). Creates nothing; returns the path."""
-    out = Path(out_dir).expanduser().absolute()
-    _check_target(out, force)
-    anc = out.parent
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise BadpruneError("a part of the output path is a file, not a folder", anc, "choose another --out")
-    try:
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=anc)
-    except OSError as e:
-        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", anc,
-                            "check its permissions or choose another --out") from None
-    os.rmdir(probe)
-    return out
-
-
-def fresh_folder(base) -> Path:
-    """The first free run folder of the names ``base``, ``base-2``, ``base-3``, ... (free: not there, or an empty
-    folder), as given (not made absolute). For a default output folder, which is the tool's choice and so must not
-    be refused; nothing is created (a concurrent run that takes the same name first makes this one's final rename
-    refuse it)."""
-    base = Path(base).expanduser()
-
-    def free(p: Path) -> bool:
-        if not os.path.lexists(p):
-            return True
-        return p.is_dir() and not p.is_symlink() and not _is_nonempty_dir(p)
-
-    if free(base):
-        return base
-    k = 2
-    while not free(base.with_name(f"{base.name}-{k}")):
-        k += 1
-    return base.with_name(f"{base.name}-{k}")
-
-
-def remove(p: Path) -> None:
-    """Remove a file or folder tree if it is there."""
-    p = Path(p)
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
-@contextlib.contextmanager
-def staged_folder(out_dir, force: bool = False, keep=()):
-    """Write a folder all at once: yields a temporary sibling folder ``.<name>.tmp-<pid>`` to fill, renamed to
-    ``out_dir`` when the block ends without error; on any error it is removed and ``out_dir`` is left as it was.
-
-    An existing non-empty ``out_dir`` is an error unless ``force`` (then it is replaced; the entries named in
-    ``keep`` that the block did not write are carried over from it). ``OSError`` inside the block becomes a
-    :class:`BadpruneError` naming ``out_dir``.
-    """
-    out = Path(out_dir).expanduser().absolute()
-    _check_target(out, force)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadpruneError(f"cannot create the output folder's parent ({e.strerror or e})", parent,
-                            "choose another --out") from None
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    remove(tmp)  # a leftover of an earlier run with the same pid
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        raise BadpruneError(f"cannot write to the output folder's parent ({e.strerror or e})", parent,
-                            "check its permissions or choose another --out") from None
-    old = None
-    try:
-        yield tmp
-        for name in keep:
-            if (out / name).exists() and not (tmp / name).exists():
-                shutil.copytree(out / name, tmp / name, symlinks=True) if (out / name).is_dir() \
-                    else shutil.copy2(out / name, tmp / name)
-        # move into place (re-check: the folder may have appeared while we worked)
-        _check_target(out, force)
-        if out.exists():
-            if _is_nonempty_dir(out):
-                old = parent / f".{out.name}.old-{os.getpid()}"
-                remove(old)
-                os.rename(out, old)
-            else:
-                out.rmdir()
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None and not out.exists():
-                os.rename(old, out)  # put the previous output back
-                old = None
-            raise
-    except BaseException as e:
-        remove(tmp)
-        if isinstance(e, OSError):
-            raise BadpruneError(f"cannot write the outputs ({e.strerror or e})", out,
-                                "check free space and permissions or choose another --out") from e
-        raise
-    if old is not None:
-        remove(old)

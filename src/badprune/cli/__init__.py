@@ -2,7 +2,7 @@
 calls the package and prints; every rule about the arguments themselves lives in the library.
 
 * :mod:`~badprune.cli.sweep` -- ``sweep``; :mod:`~badprune.cli.repair` -- ``repair``;
-  :mod:`~badprune.cli.demo` -- ``demo``;
+  :mod:`~badprune.cli.demo` -- ``demo``; :mod:`~badprune.cli.zoo` -- ``zoo``;
 * :mod:`~badprune.cli.deploy` -- ``export``, ``predict``, ``evaluate``;
 * :mod:`~badprune.cli._common` -- the one-line argparse errors (``_Parser``), SIGTERM handling, notes.
 
@@ -16,7 +16,7 @@ import sys
 import threading
 
 from ..errors import BadpruneError, cli_warnings, printable
-from . import deploy, demo, repair, sweep
+from . import deploy, demo, repair, sweep, zoo
 from ._common import Parser as _Parser
 from ._common import Terminated, on_sigterm
 
@@ -32,6 +32,7 @@ def build_parser():
     repair.add_parser(sub)
     demo.add_parser(sub)
     deploy.add_parsers(sub)
+    zoo.add_parser(sub)
     return ap
 
 

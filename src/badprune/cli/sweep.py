@@ -78,7 +78,7 @@ def run(args):
     if out is None:
         # the default folder is the tool's choice: never refuse it, take the first free runs/<name>[-k]
         # (--force still replaces runs/<name> itself)
-        from ..runfiles import fresh_folder
+        from ..outdir import fresh_folder
 
         if default_out is None:
             from ..models import model_name
