@@ -44,3 +44,14 @@ def add_model_args(p, what="model"):
     m.add_argument("--threads", type=int, help="LiteRT threads (default: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no note on stderr about the model and scale")
     return m
+
+
+def add_fine_tune_args(g, default_mode=None):
+    """The fine-pruning flags of ``sweep`` and ``repair`` (mapped to :func:`badprune.repair.check_args`)."""
+    g.add_argument("--fine-tune", choices=["head", "full"], default=default_mode,
+                   help="head" + (" (default)" if default_mode == "head" else "") + ": train the layers after the "
+                        "prune layer over the cached activations (fast); full: train the whole network on the clean "
+                        "images")
+    g.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")
+    g.add_argument("--fine-tune-lr", type=float, help="peak learning rate (default: the recipe's, per mode)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")

@@ -1,7 +1,7 @@
 """``badprune-fast repair``: fine-prune the B'_X of an existing run into R_X (as ``sweep --fine-tune`` does)."""
 from __future__ import annotations
 
-from ._common import note
+from ._common import add_fine_tune_args, note
 
 
 def add_parser(sub):
@@ -11,10 +11,7 @@ def add_parser(sub):
                                    "network on the images) and rewrite the folder with the R_X rows, tables, "
                                    "plot and models/repaired_X<X>.keras.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `badprune-fast sweep`")
-    p.add_argument("--fine-tune", choices=["head", "full"], default="head", help="head (default) or full")
-    p.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")
-    p.add_argument("--fine-tune-lr", type=float, help="peak learning rate (default: the recipe's, per mode)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")
+    add_fine_tune_args(p, default_mode="head")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
     return p

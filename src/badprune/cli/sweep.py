@@ -5,7 +5,7 @@ import os
 import time
 
 from ..errors import BadpruneError
-from ._common import note
+from ._common import add_fine_tune_args, note
 
 
 def add_parser(sub):
@@ -34,12 +34,7 @@ def add_parser(sub):
                    help="incremental (default) or full re-evaluation at every step (reference)")
     s.add_argument("--batch-size", type=int, default=1024, help="trunk batch size (default 1024)")
     f = p.add_argument_group("repair (fine-pruning: each B'_X fine-tuned on clean data into R_X)")
-    f.add_argument("--fine-tune", choices=["head", "full"],
-                   help="head: train the layers after the prune layer over the cached activations (fast); "
-                        "full: train the whole network on the clean images")
-    f.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")
-    f.add_argument("--fine-tune-lr", type=float, help="peak learning rate (default: the recipe's, per mode)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")
+    add_fine_tune_args(f)
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output folder (default: the first free runs/<model name>[-2, -3, ...])")
     o.add_argument("--force", action="store_true",
