@@ -18,7 +18,7 @@ import threading
 from ..errors import BadpruneError, cli_warnings, printable
 from . import deploy, demo, repair, sweep, zoo
 from ._common import Parser as _Parser
-from ._common import Terminated, on_sigterm
+from ._common import TERMINATED, Terminated, on_sigterm
 
 
 def build_parser():
@@ -53,6 +53,7 @@ def main(argv=None):
         ap.print_help()
         return 2
     previous = None
+    TERMINATED.clear()
     if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up like Ctrl-C
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -64,9 +65,9 @@ def main(argv=None):
         print(f"error: {e.line()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"error: {what} (no partial outputs were kept)", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        term = isinstance(e, Terminated) or TERMINATED.is_set()
+        print(f"error: {'terminated' if term else 'interrupted'} (no partial outputs were kept)", file=sys.stderr)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
     except Exception as e:  # an internal fault: one line unless --debug
         if args.debug:
             raise

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 from ..errors import printable
 
@@ -18,7 +19,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that the same clean-up as for Ctrl-C runs."""
 
 
+#: set once SIGTERM arrived: C extensions that catch the interrupt in a blocking call re-raise a plain
+#: KeyboardInterrupt (Ray's ray.wait does), so the exception's class alone cannot say it was SIGTERM
+TERMINATED = threading.Event()
+
+
 def on_sigterm(signum, frame):
+    TERMINATED.set()
     raise Terminated()
 
 

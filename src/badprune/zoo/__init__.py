@@ -43,7 +43,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,6 +179,13 @@ def _run_tasks(todo, cpus_per_run, progress, say) -> None:
     from .._console import progress as stage_progress
 
     task = ray.remote(num_cpus=cpus_per_run, max_retries=1)(_run_entry)
+    # the CLI's SIGTERM handler (SIGTERM -> its Terminated interrupt); Ray may install its own when tasks start
+    on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+
+    def keep_on_term():
+        if callable(on_term) and signal.getsignal(signal.SIGTERM) is not on_term:
+            signal.signal(signal.SIGTERM, on_term)
+
     pending = {}
     submitted = {}
     for entry, row in todo:
@@ -194,6 +203,7 @@ def _run_tasks(todo, cpus_per_run, progress, say) -> None:
     try:
         with stage_progress(len(todo), "zoo", "run", enabled=progress, rate=False) as bar:
             while pending:
+                keep_on_term()
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 for ref in ready:
                     entry, row, inputs = pending.pop(ref)
