@@ -256,7 +256,9 @@ def _read_cache(npy, marker, key, shape):
         arr = np.load(npy, allow_pickle=False)
         if arr.shape != tuple(shape) or arr.dtype != np.float32:
             return None
-        if m.get("crc32") != checksum(arr):
+        if "crc32" not in m:  # written by an older badprune: not checkable, so not used
+            return None
+        if m["crc32"] != checksum(arr):
             warn(f"cached activations changed on disk since they were written (checksum mismatch): discarding "
                  f"{os.path.basename(npy)} and recomputing")
             return None
