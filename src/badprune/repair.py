@@ -163,14 +163,14 @@ def _logits(model):
         out_layer.activation = act
 
 
-def head_model(model, layer: str, start_layer: str | None = None):
+def head_model(model, layer: str):
     """The layers after ``layer`` as their own Keras model over prune-layer activations (on a clone: ``model`` is
-    not touched), with the layer names of ``model``. ``start_layer``: trace from that layer's output instead."""
+    not touched), with the layer names of ``model``."""
     keras = _keras()
     from .models import prune_output, replay, surgery, trace
 
     c = surgery.clone(model)
-    start = prune_output(c, start_layer or layer)
+    start = prune_output(c, layer)
     x = keras.Input(shape=tuple(int(v) for v in start.shape[1:]), name=f"{layer}_activations")
     memo = replay(trace(c.outputs[0], start, layer), start, x)
     return keras.Model(x, memo[id(c.outputs[0])], name="head")
