@@ -17,9 +17,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 GB = 1e9
-#: the issue's targets
-TARGETS = {"cli_seconds": 5.0, "cli_vs_seed": 100.0, "sweep_seconds": 1.0, "extract_img_s": 8000.0,
-           "tflite_vs_keras": 3.0, "rss_bytes": 1.5 * GB}
+#: the targets of the speed-and-memory issue (v2) and of the repair issue; TFLite is the first issue's
+TARGETS = {"cli_seconds": 10.0, "cli_vs_seed": 45.0, "warm_seconds": 6.5, "sweep_seconds": 2.0,
+           "extract_img_s": 11000.0, "rss_bytes": 1.2 * GB, "repair_head_seconds": 15.0, "tflite_vs_keras": 3.0}
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -165,36 +165,43 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
     w("")
     w("| target | measured (median) | result |")
     w("|---|---:|---|")
+    T = TARGETS
     if cold is not None:
         r = seed_whole / cold if seed_whole else None
-        res["cli"] = cold <= TARGETS["cli_seconds"] and (r or 0) >= TARGETS["cli_vs_seed"]
+        res["cli"] = cold <= T["cli_seconds"] and (r or 0) >= T["cli_vs_seed"]
         steps = run.x("test_sweep_stage[incremental]", "steps", "?")
-        w(f"| whole `badprune-fast sweep` (cold activation cache: extraction + {steps} "
-          f"steps × 3 sets + GoodNet metrics + outputs) ≤ 5 s and ≥ 100× the seed-style loop | {fs(cold)}; "
-          f"{fx(r)} the seed-style loop ({fs(seed_whole)}, extrapolated) | {ok(cold <= 5)} (≤ 5 s), "
-          f"{ok((r or 0) >= 100)} (≥ 100×) |")
+        w(f"| whole cold `badprune-fast sweep` (extraction + {steps} steps × 3 sets + GoodNet metrics + outputs) "
+          f"≤ {T['cli_seconds']:.0f} s and ≥ {T['cli_vs_seed']:.0f}× the seed-style loop | {fs(cold)}; {fx(r)} the "
+          f"seed-style loop ({fs(seed_whole)}, extrapolated) | {ok(cold <= T['cli_seconds'])} "
+          f"(≤ {T['cli_seconds']:.0f} s), {ok((r or 0) >= T['cli_vs_seed'])} (≥ {T['cli_vs_seed']:.0f}×) |")
     if warm is not None:
         r = seed_whole / warm if seed_whole else None
-        w(f"| (same, warm activation cache; not a target) | {fs(warm)}; {fx(r)} the seed-style loop | – |")
+        res["warm"] = warm <= T["warm_seconds"]
+        w(f"| whole warm sweep (cached activations) ≤ {T['warm_seconds']} s | {fs(warm)}; {fx(r)} the seed-style "
+          f"loop | {ok(res['warm'])} |")
     if sweep_inc is not None:
-        res["sweep"] = sweep_inc <= TARGETS["sweep_seconds"]
-        w(f"| sweep stage after extraction ≤ 1 s | {fs(sweep_inc)} | {ok(res['sweep'])} |")
+        res["sweep"] = sweep_inc <= T["sweep_seconds"]
+        w(f"| sweep stage (all steps × 3 sets, all metrics) ≤ {T['sweep_seconds']:.1f} s | {fs(sweep_inc)} | "
+          f"{ok(res['sweep'])} |")
     if ext_rate is not None:
-        res["extract"] = ext_rate >= TARGETS["extract_img_s"]
-        w(f"| feature extraction ≥ 8,000 img/s (engine tf, all three sets) | {ext_rate:,.0f} img/s | "
-          f"{ok(res['extract'])} |")
+        res["extract"] = ext_rate >= T["extract_img_s"]
+        w(f"| extraction, three sets including the h5 reads ≥ {T['extract_img_s']:,.0f} img/s (engine tf) | "
+          f"{ext_rate:,.0f} img/s | {ok(res['extract'])} |")
+    if rss is not None:
+        res["rss"] = rss <= T["rss_bytes"]
+        w(f"| peak RSS, cold (the command's own process) ≤ {T['rss_bytes'] / GB:.1f} GB | {rss / GB:.2f} GB"
+          f"{f' (warm cache: {rss_warm / GB:.2f} GB)' if rss_warm else ''} | {ok(res['rss'])} |")
+    rep = run.med("test_repair_head")
+    if rep is not None:
+        res["repair"] = rep <= T["repair_head_seconds"]
+        w(f"| `--fine-tune head` adds ≤ {T['repair_head_seconds']:.0f} s (R_X for the thresholds reached, with their "
+          f"exact evaluation) | {fs(rep)} for {run.x('test_repair_head', 'thresholds', '?')} thresholds | "
+          f"{ok(res['repair'])} |")
     if tfl32 is not None and keras_b is not None:
         r = keras_b / tfl32
-        res["tflite"] = r >= TARGETS["tflite_vs_keras"]
-        w(f"| TFLite GoodNet float32 ≥ 3× Keras predict of B alone | {fx(r, 2)} ({fs(tfl32)} vs {fs(keras_b)} "
-          f"for {run.x('test_keras_b', 'images', 0):,} images) | {ok(res['tflite'])} |")
-    else:
-        w("| TFLite GoodNet float32 ≥ 3× Keras predict of B alone | not measured (badprune.export / runtime "
-          "absent) | – |")
-    if rss is not None:
-        res["rss"] = rss <= TARGETS["rss_bytes"]
-        w(f"| peak RSS of the whole sweep (cold cache, the command's own process) ≤ 1.5 GB | {rss / GB:.2f} GB"
-          f"{f' (warm cache: {rss_warm / GB:.2f} GB)' if rss_warm else ''} | {ok(res['rss'])} |")
+        res["tflite"] = r >= T["tflite_vs_keras"]
+        w(f"| (first issue) TFLite GoodNet float32 ≥ 3× Keras predict of B alone | {fx(r, 2)} ({fs(tfl32)} vs "
+          f"{fs(keras_b)} for {run.x('test_keras_b', 'images', 0):,} images) | {ok(res['tflite'])} |")
     w("")
 
     # ---- all medians
@@ -312,8 +319,8 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
                   f"{100 * f_first / e['flops']:.0f} %. The other {fs(other)} "
                   f"({100 * other / prof['seconds']:.0f} %) is not arithmetic-bound: argmax and top-k over every "
                   f"exactly computed logit row ({st.get('exact_final', 0) * (n_out or 0) * 4 / 1e9:.1f} GB of "
-                  f"logits), taking the channel out of conv_4's pre-activations, row gathers and copies. So ≤ 1 s "
-                  f"needs both ≥ {e['flops'] / (hr * 1e9):.1f}× fewer FLOPs and a several-fold cut of that memory "
+                  f"logits), taking the channel out of conv_4's pre-activations, row gathers and copies. So ≤ "
+                  f"{TARGETS['sweep_seconds']:.0f} s needs both ≥ {e['flops'] / (hr * 1e9 * TARGETS['sweep_seconds']):.1f}× fewer FLOPs and a several-fold cut of that memory "
                   f"traffic, i.e. fewer exact final-layer rows (a screen that answers more often, or skipping rows "
                   f"whose label cannot change) — an algorithmic change, not faster kernels.")
                 w("")
@@ -363,12 +370,13 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
         if ef is not None and sf is not None and imp is not None:
             w(f"  Its floor with this algorithm: import {fs(imp)} + extraction floor {fs(ef)} + sweep floor "
               f"{fs(sf)} = {fs(imp + ef + sf)} before any output is written"
-              + (", above the 5 s target: the target needs both a cheaper sweep algorithm and an import-light "
-                 "process (no TensorFlow import on the sweep path)." if imp + ef + sf > 5 else "."))
+              + (f", above the {TARGETS['cli_seconds']:.0f} s target." if imp + ef + sf > TARGETS["cli_seconds"]
+                 else "."))
         if seed_whole:
             w(f"  Against the seed-style loop ({fs(seed_whole)}: {run.x('test_seed_style_step', 'extrapolate')} "
               f"× {fs(run.med('test_seed_style_step'))} per step + reading) the command is "
-              f"{seed_whole / cold:.0f}× faster cold; ≥ 100× needs ≤ {fs(seed_whole / 100)}.")
+              f"{seed_whole / cold:.0f}× faster cold; ≥ {TARGETS['cli_vs_seed']:.0f}× needs ≤ "
+              f"{fs(seed_whole / TARGETS['cli_vs_seed'])}.")
     if rss is not None:
         imp_rss = i.get("import_rss_bytes")
         fb = run.x("test_sweep_stage[incremental]", "features_bytes")
@@ -416,10 +424,11 @@ def plot(run: Run, png: str):
     ax.invert_yaxis()
     for y, t in enumerate(items):
         ax.text(t[1], y, f" {fs(t[1])}", va="center", fontsize=8)
-    ax.axvline(5, color="k", ls=":", lw=1)
-    ax.axvline(1, color="g", ls=":", lw=1)
+    ax.axvline(TARGETS["cli_seconds"], color="k", ls=":", lw=1)
+    ax.axvline(TARGETS["sweep_seconds"], color="g", ls=":", lw=1)
     ax.set_xlim(left=min([0.5] + [t[1] / 2 for t in items]))
-    ax.set_xlabel("seconds, whole lab-scale sweep (log); dotted: 5 s (command), 1 s (sweep stage) targets")
+    ax.set_xlabel(f"seconds, whole lab-scale sweep (log); dotted: {TARGETS['cli_seconds']:.0f} s (command), "
+                  f"{TARGETS['sweep_seconds']:.0f} s (sweep stage) targets")
     ax.set_title("pruning sweep, 3 sets x all steps")
     # extraction
     ax = axes[1]
@@ -428,10 +437,10 @@ def plot(run: Run, png: str):
     ex.sort(key=lambda t: -t[1])
     ax.barh([e for e, _ in ex], [r for _, r in ex], color="#1f77b4")
     ax.invert_yaxis()
-    ax.axvline(8000, color="k", ls=":", lw=1)
+    ax.axvline(TARGETS["extract_img_s"], color="k", ls=":", lw=1)
     for y, (_, r) in enumerate(ex):
         ax.text(r, y, f" {r:,.0f}", va="center", fontsize=8)
-    ax.set_xlabel("images / s (dotted: 8,000 target)")
+    ax.set_xlabel(f"images / s (dotted: {TARGETS['extract_img_s']:,.0f} target)")
     ax.set_title("feature extraction (trunk to pool_3) by engine")
     # goodnet
     ax = axes[2]
