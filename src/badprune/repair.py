@@ -15,12 +15,16 @@ The recipe (:data:`DEFAULTS`; how it was chosen is in the README):
    with z_B the unpruned B's logits on the same clean input (d = 0.5, T = 4): the pruned head re-learns the clean
    task from B's clean behaviour while the backdoor, which clean inputs never show, is not taught back.
 2. **AdamW** (decoupled weight decay 1.0) with a **one-cycle** learning rate: a cosine warm-up from lr/25 to lr over
-   the first 30 % of the steps, then cosine decay to 0; batch 64, seeded shuffles; the last epoch is kept.
+   the first 30 % of the steps, then cosine decay to 0; batch 64, seeded shuffles; the last epoch is kept. With
+   fewer training images per class than the recipe was tuned at (:data:`TUNED_PER_CLASS`), the default lr and
+   weight decay are scaled down (decided from the split's size and the class count, before any training).
 3. **Clean-range reset** (frozen, inserted right after the prune layer): a prune-layer feature (h, w, c) above
    its largest value on the clean training split is replaced by its clean mean. Trigger activations overshoot
    the clean range at the trigger's place, several-fold; clean inputs almost never do (the share of held-out
    clean features it touches is recorded). In R_X it is two ``keras.ops`` nodes (``greater``, ``where``) with
    constant arrays and an ``Identity`` layer named ``<layer>_reset``; plain Keras loads it with ``safe_mode`` on.
+
+The training itself is in :mod:`badprune._train` (head mode: one traced loop per setting, shared by all X).
 
 No peeking: the defender has only clean data. A seeded, class-stratified part of the clean validation set
 (:data:`HOLDOUT`) is held out; training and the reset's statistics use the rest; the held-out accuracy and reset
@@ -28,7 +32,6 @@ rate are reported. The poisoned set is never seen here: it only measures the att
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,6 +55,11 @@ DEFAULTS = {
 #: accuracy of R_X is more than :data:`TOLERANCE` points below B'_X's
 BACKOFF = ((1e-3, 0.0), (3e-4, 0.0))
 TOLERANCE = 2.0
+#: training images per class the default was tuned at (the demo's 2,880 / 40). With fewer (many classes, few
+#: images each: every class's output weights get a gradient in a few steps only, while Adam moves and the decay
+#: shrinks all of them every step), r = images per class / this scales the default lr by sqrt(r) and the weight
+#: decay by r; at r >= 1 the recipe is unchanged
+TUNED_PER_CLASS = 72.0
 #: epochs when ``epochs`` is not given: the step budget over the training split, within these bounds
 EPOCH_RANGE = (1, 30)
 #: suffix of the reset's Identity layer after the prune layer
@@ -123,99 +131,6 @@ def holdout_split(y, seed: int, fraction: float = HOLDOUT) -> tuple:
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(ho))
 
 
-def _keras():
-    from . import _tf  # noqa: F401
-    import keras
-
-    return keras
-
-
-def _seed(seed):
-    keras = _keras()
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(int(seed))
-    try:
-        tf.config.experimental.enable_op_determinism()
-    except Exception:  # pragma: no cover  (older TensorFlow)
-        pass
-
-
-@contextlib.contextmanager
-def _logits(model):
-    """``model`` with its output as logits for the block: a final Dense's softmax is switched to linear (and back
-    afterwards); a final Softmax / softmax Activation layer is cut off. Yields the logits model (its layers are
-    ``model``'s)."""
-    keras = _keras()
-    out_layer = model.outputs[0]._keras_history[0]
-    act = getattr(out_layer, "activation", None)
-    if type(out_layer).__name__ in ("Softmax", "Activation") and \
-            (type(out_layer).__name__ == "Softmax" or getattr(act, "__name__", "") == "softmax"):
-        yield keras.Model(model.inputs, out_layer.input)
-        return
-    if getattr(act, "__name__", "") != "softmax":
-        yield model
-        return
-    out_layer.activation = keras.activations.linear
-    try:
-        yield model
-    finally:
-        out_layer.activation = act
-
-
-def head_model(model, layer: str):
-    """The layers after ``layer`` as their own Keras model over prune-layer activations (on a clone: ``model`` is
-    not touched), with the layer names of ``model``."""
-    keras = _keras()
-    from .models import prune_output, replay, surgery, trace
-
-    c = surgery.clone(model)
-    start = prune_output(c, layer)
-    x = keras.Input(shape=tuple(int(v) for v in start.shape[1:]), name=f"{layer}_activations")
-    memo = replay(trace(c.outputs[0], start, layer), start, x)
-    return keras.Model(x, memo[id(c.outputs[0])], name="head")
-
-
-def _predict_logits(model, X, batch_size=1024):
-    with _logits(model) as m:
-        return m.predict(X, batch_size=batch_size, verbose=0)
-
-
-def _fit(net, X, y, Z, p, callbacks=(), steps_per_execution=1):
-    """Train ``net`` on inputs ``X``, labels ``y`` and teacher logits ``Z`` by the recipe ``p`` (its output is
-    switched to logits while training). Returns the per-epoch losses. ``steps_per_execution`` > 1 runs that many
-    batches per call (much less overhead for a small head; per-batch callbacks then run once per call)."""
-    keras = _keras()
-    import tensorflow as tf
-
-    K = int(net.outputs[0].shape[-1])
-    T, d = float(p["temperature"]), float(p["distill"])
-
-    def loss(t, z):
-        ce = keras.losses.sparse_categorical_crossentropy(tf.cast(t[:, 0], tf.int32), z, from_logits=True)
-        if not d:
-            return ce
-        kd = keras.losses.categorical_crossentropy(tf.nn.softmax(t[:, 1:] / T), z / T, from_logits=True) * (T * T)
-        return (1.0 - d) * ce + d * kd
-
-    targets = np.empty((len(y), 1 + (K if d else 0)), np.float32)
-    targets[:, 0] = y
-    if d:
-        targets[:, 1:] = Z
-    steps = -(-len(X) // p["batch_size"]) * p["epochs"]  # p["epochs"] is set: see _epochs
-    warm = max(1, int(round(p["warmup"] * steps)))
-    lr = keras.optimizers.schedules.CosineDecay(p["lr"] / 25.0, decay_steps=max(1, steps - warm),
-                                                warmup_target=p["lr"], warmup_steps=warm)
-    opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=p["weight_decay"]) if p["weight_decay"] else \
-        keras.optimizers.Adam(learning_rate=lr)
-    ds = tf.data.Dataset.from_tensor_slices((X, targets))
-    ds = ds.shuffle(len(X), seed=p["seed"], reshuffle_each_iteration=True).batch(p["batch_size"]).prefetch(2)
-    with _logits(net) as train:
-        train.compile(optimizer=opt, loss=loss, steps_per_execution=steps_per_execution)
-        h = train.fit(ds, epochs=p["epochs"], verbose=0, shuffle=False, callbacks=list(callbacks))
-    return [round(float(v), 5) for v in h.history.get("loss", [])]
-
-
 def _epochs(p, n: int) -> int:
     """The epochs to run over ``n`` training images: as given, else the step budget ``p['steps']`` (which the
     recipe was tuned for) in whole epochs, within :data:`EPOCH_RANGE`."""
@@ -225,11 +140,15 @@ def _epochs(p, n: int) -> int:
     return int(min(max(round(p["steps"] / per), EPOCH_RANGE[0]), EPOCH_RANGE[1]))
 
 
-def _attempts(p):
-    """The (lr, weight decay) settings to try in turn: the recipe's, then :data:`BACKOFF` when lr is the
-    default."""
-    first = [(p["lr"], p["weight_decay"])]
-    return first + [a for a in BACKOFF if a != first[0]] if p.get("backoff") else first
+def _attempts(p, n: int, classes: int):
+    """The (lr, weight decay) settings to try in turn over ``n`` training images of ``classes`` classes: the
+    recipe's, scaled for few images per class when lr is the default (:data:`TUNED_PER_CLASS`), then the gentler
+    ones of :data:`BACKOFF`."""
+    if not p.get("backoff"):
+        return [(p["lr"], p["weight_decay"])]
+    r = min(1.0, n / max(1, classes) / TUNED_PER_CLASS)
+    first = (float(f"{p['lr'] * r ** 0.5:.3g}"), float(f"{p['weight_decay'] * r:.3g}"))
+    return [first] + [a for a in BACKOFF if a[0] < first[0]]
 
 
 def _reset_stats(F_train):
@@ -244,9 +163,10 @@ def apply_reset(F, cap, mean):
 
 def _with_reset(R, layer, cap, mean):
     """R with the clean-range reset after ``layer`` (an ``Identity`` named ``<layer>_reset`` holds its output)."""
-    keras = _keras()
+    from ._train import keras_
     from .models import insert_after
 
+    keras = keras_()
     cap = np.asarray(cap, np.float32)
     mean = np.asarray(mean, np.float32)
 
@@ -273,36 +193,45 @@ def _info(p, tried, F_hold, stats, t0):
     return info
 
 
-def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict):
+def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, shared: dict | None = None):
     """R_X by the head mode: the head trained over the clean validation activations ``F_valid`` with ``channels``
     zeroed. Returns ``(R_X, info, reset statistics or None)``.
 
     With the default learning rate, a setting that leaves R_X's held-out clean accuracy more than
     :data:`TOLERANCE` points below B'_X's is replaced by the next, gentler one of :data:`BACKOFF` (clean data
-    only decides).
+    only decides). ``shared``: a dict kept across the thresholds of one sweep (same ``F_valid``), holding B's soft
+    targets and the traced trainers, which do not depend on X.
     """
+    from ._train import HeadTrainer, head_model, predict_logits, seed_all, soft_targets
     from .head import compile_head
     from .models import channel_mask, prune_model
 
     t0 = time.perf_counter()
+    shared = {} if shared is None else shared
     y_valid = np.asarray(y_valid, np.int64)
     keep = channel_mask(F_valid.shape[-1], channels).astype(bool)
     tr, ho = holdout_split(y_valid, params["seed"])
     Xm = np.array(F_valid, np.float32)
     Xm[..., ~keep] = 0
     p = dict(params, epochs=_epochs(params, len(tr)))
-    teacher = _predict_logits(head_model(model, layer), np.asarray(F_valid[tr], np.float32)) if p["distill"] else None
+    K = int(model.outputs[0].shape[-1])
+    if "soft" not in shared:
+        z = predict_logits(head_model(model, layer), np.asarray(F_valid[tr], np.float32)) if p["distill"] \
+            else None
+        shared["soft"] = soft_targets(z, p["temperature"]) if z is not None else None
     stats = _reset_stats(Xm[tr]) if p["reset"] else None
     Fh, yh = Xm[ho], y_valid[ho]
     b_prime = _pct(compile_head(model, layer).labels(Fh), yh)
     tried = []
-    for lr, wd in _attempts(p):
+    for lr, wd in _attempts(p, len(tr), K):
         p.update(lr=lr, weight_decay=wd)
-        _seed(p["seed"])
-        net = head_model(model, layer)
-        losses = _fit(net, Xm[tr], y_valid[tr], teacher, p, steps_per_execution=32)
+        seed_all(p["seed"])
+        if (lr, wd) not in shared:
+            shared[(lr, wd)] = HeadTrainer(model, layer, len(tr), p)
+        trainer = shared[(lr, wd)]
+        losses = trainer.train(Xm[tr], y_valid[tr], shared["soft"], p["seed"])
         R = prune_model(model, layer, channels)
-        for lay in net.layers:
+        for lay in trainer.net.layers:
             if lay.weights:
                 R.get_layer(lay.name).set_weights(lay.get_weights())
         if stats is not None:
@@ -322,12 +251,13 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
     """R_X by the full mode: all of B'_X trained on the clean validation images ``X_valid`` (scaled float32
     NHWC); the pruned channels' producing convolution is re-zeroed after every batch. Returns ``(R_X, info,
     reset statistics or None)``."""
-    keras = _keras()
+    from ._train import fit, keras_, predict_logits, seed_all
     from .features import trunk
     from .models import conv_producer, prune_model
 
+    keras = keras_()
     t0 = time.perf_counter()
-    _seed(params["seed"])
+    seed_all(params["seed"])
     conv = conv_producer(model, layer)
     if conv is None:
         raise BadpruneError(f"--fine-tune full needs a convolution producing '{layer}' (to keep its pruned channels "
@@ -336,7 +266,8 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
     y_valid = np.asarray(y_valid, np.int64)
     tr, ho = holdout_split(y_valid, params["seed"])
     p = dict(params, epochs=_epochs(params, len(tr)))
-    teacher = _predict_logits(model, X_valid[tr], 512) if p["distill"] else None
+    p["lr"], p["weight_decay"] = _attempts(p, len(tr), int(model.outputs[0].shape[-1]))[0]
+    teacher = predict_logits(model, X_valid[tr], 512) if p["distill"] else None
     chans = sorted(int(c) for c in channels)
     cl = R.get_layer(conv)
 
@@ -355,7 +286,7 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
                 progress(f"fine-tune full: epoch {epoch + 1}/{p['epochs']} (loss {(logs or {}).get('loss', 0):.4f})")
 
     b_prime = _pct(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
-    losses = _fit(R, X_valid[tr], y_valid[tr], teacher, p, callbacks=[Rezero()])
+    losses = fit(R, X_valid[tr], y_valid[tr], teacher, p, callbacks=[Rezero()])
     trained, R = R, prune_model(model, layer, channels)  # an uncompiled copy holding the trained weights
     R.set_weights(trained.get_weights())
     stats = None
@@ -378,19 +309,28 @@ def repaired_labels(R, layer: str, channels, F, stats=None, chunk: int = 4096) -
 
     head = compile_head(R, layer + RESET_SUFFIX if stats is not None else layer)
     keep = channel_mask(F.shape[-1], channels).astype(bool)
+    if stats is not None:  # one pass: a pruned channel's cap is -inf and its mean 0, so it becomes exactly 0
+        cap = np.where(keep, stats[0], -np.inf).astype(np.float32)
+        mean = np.where(keep, stats[1], 0).astype(np.float32)
     out = np.empty(len(F), np.int64)
     for lo in range(0, len(F), chunk):
-        x = np.array(F[lo:lo + chunk], np.float32)
-        x[..., ~keep] = 0
         if stats is not None:
-            x = apply_reset(x, *stats)
+            x = apply_reset(np.asarray(F[lo:lo + chunk], np.float32), cap, mean)
+        else:
+            x = np.array(F[lo:lo + chunk], np.float32)
+            x[..., ~keep] = 0
         out[lo:lo + chunk] = head.labels(x)
     return out
 
 
 def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cache_dir=None, log=None) -> list:
     """R_X for every reached threshold of a sweep result, with its metrics. ``F``: the activations of all sets
-    (``bounds``: set -> rows, 'valid' first); ``datasets``: {set: Dataset} (images for the full mode)."""
+    (``bounds``: set -> rows, 'valid' first); ``datasets``: {set: Dataset} (images for the full mode).
+
+    The evaluations (B's labels, then each R_X's, by prune_ext, which releases the GIL) run in one worker thread
+    while the next R_X trains; the results do not depend on that overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from . import features
     from .head import compile_head
     from .sweep import step_metrics
@@ -399,30 +339,44 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
     B, layer = result.model, result.layer
     scale = result.config.get("scale_value", 1.0)
     truth = {k: d.labels for k, d in datasets.items()}
-    base_all = compile_head(B, layer).labels(F)
-    base = {k: base_all[s] for k, s in bounds.items()}
     X_valid = datasets["valid"].read(scale) if params["mode"] == "full" else None
-    out = []
-    for t in result.thresholds:
-        if not t.reached:
-            continue
+
+    def evaluate(R, channels, stats):
         t0 = time.perf_counter()
         if params["mode"] == "head":
-            R, info, stats = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params)
-            lab = repaired_labels(R, layer, t.channels, F, stats)
+            lab = repaired_labels(R, layer, channels, F, stats)
         else:
-            R, info, stats = repair_full(B, layer, t.channels, X_valid, truth["valid"], params, progress=say)
             lab = np.empty(len(F), np.int64)
             for k, dset in datasets.items():
                 Fr = features.extract(R, layer, dset, scale, cache_dir=cache_dir, progress=False)
-                lab[bounds[k]] = repaired_labels(R, layer, t.channels, Fr, stats)
-        row = step_metrics({k: lab[s] for k, s in bounds.items()}, base, truth, result.num_classes)
-        info["total_seconds"] = round(time.perf_counter() - t0, 3)
-        rep = Repaired(float(t.x), params["mode"], int(t.step), list(t.channels), row, info, R, stats)
-        say(f"R_{t.x:g} ({params['mode']}): valid {row['valid_acc']:.2f}%"
-            + (f", test {row['test_acc']:.2f}%" if "test_acc" in row else "")
-            + (f", ASR {row['asr']:.2f}%" if "asr" in row else "") + f" ({info['total_seconds']:.1f} s)")
-        out.append(rep)
+                lab[bounds[k]] = repaired_labels(R, layer, channels, Fr, stats)
+        return lab, time.perf_counter() - t0
+
+    pending, shared = [], {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        base_all = pool.submit(compile_head(B, layer).labels, F)
+        for t in result.thresholds:
+            if not t.reached:
+                continue
+            if params["mode"] == "head":
+                R, info, stats = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params,
+                                               shared)
+                pending.append((t, R, info, stats, pool.submit(evaluate, R, t.channels, stats)))
+            else:  # the trunk pass of the evaluation uses TensorFlow: no overlap
+                R, info, stats = repair_full(B, layer, t.channels, X_valid, truth["valid"], params, progress=say)
+                pending.append((t, R, info, stats, pool.submit(evaluate, R, t.channels, stats)))
+                pending[-1][-1].result()
+        base = {k: base_all.result()[s] for k, s in bounds.items()}
+        out = []
+        for t, R, info, stats, fut in pending:
+            lab, secs = fut.result()
+            row = step_metrics({k: lab[s] for k, s in bounds.items()}, base, truth, result.num_classes)
+            info["total_seconds"] = round(info["seconds"] + secs, 3)   # training + this R_X's evaluation
+            rep = Repaired(float(t.x), params["mode"], int(t.step), list(t.channels), row, info, R, stats)
+            say(f"R_{t.x:g} ({params['mode']}): valid {row['valid_acc']:.2f}%"
+                + (f", test {row['test_acc']:.2f}%" if "test_acc" in row else "")
+                + (f", ASR {row['asr']:.2f}%" if "asr" in row else "") + f" ({info['total_seconds']:.1f} s)")
+            out.append(rep)
     return out
 
 
