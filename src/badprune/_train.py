@@ -8,7 +8,7 @@ distillation loss, and the two ways of running the recipe.
 * :func:`fit` (full mode): ``model.fit`` over images, with per-batch callbacks.
 
 Both use the recipe's loss ``(1 - d) * CE(label, z) + d * T^2 * CE(softmax(z_B / T), softmax(z / T))`` and AdamW
-(Adam without weight decay) with a one-cycle learning rate (cosine warm-up from lr/25 over ``warmup`` of the
+(plain Adam when the weight decay is 0) with a one-cycle learning rate (cosine warm-up from lr/25 over ``warmup`` of the
 steps, then cosine decay to 0).
 """
 from __future__ import annotations
