@@ -119,7 +119,7 @@ class HeadTrainer:
     """
 
     def __init__(self, model, layer: str, n: int, p: dict):
-        keras = keras_()
+        keras_()  # badprune._tf first: TensorFlow quiet and configured
         import tensorflow as tf
 
         self.net = head_model(model, layer)
