@@ -92,18 +92,21 @@ def test_bad_arguments(net, lab_file, tmp_path):
 # ------------------------------------------------------------------------------------------------ the cache
 
 
-class CountingRunner(features._Runner):
+class CountingRunner:
+    """Counts the trunk passes (``_Runner.run`` calls)."""
     calls = 0
-
-    def __init__(self, *a, **k):
-        type(self).calls += 1
-        super().__init__(*a, **k)
 
 
 @pytest.fixture
 def counting(monkeypatch):
     CountingRunner.calls = 0
-    monkeypatch.setattr(features, "_Runner", CountingRunner)
+    real = features._Runner.run
+
+    def run(self, *a, **k):
+        CountingRunner.calls += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(features._Runner, "run", run)
     return CountingRunner
 
 
@@ -275,3 +278,89 @@ def test_a_cached_entry_changed_on_disk_is_found_and_recomputed(net, lab_file, t
     c, info = _extract(net, lab_file, cache)  # the entry was rewritten whole
     assert info["cached"] is True and counting.calls == 2
     np.testing.assert_array_equal(a, c)
+
+
+def test_activations_do_not_depend_on_the_batch_size(net, lab_file):
+    """The engines cap the batch (MAX_BATCH) on this: every batch size gives the same bits."""
+    ds = data.open_dataset(lab_file)
+    ref = features.extract(net, "pool_3", ds, "raw", batch_size=50, progress=False)
+    for bs in (1, 7, 16, features.MAX_BATCH + 1, 4096):
+        got = features.extract(net, "pool_3", ds, "raw", batch_size=bs, progress=False)
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+def test_a_model_is_freed_with_its_traced_trunk(lab_file, random_deepid):
+    import gc
+    import weakref
+
+    ds = data.open_dataset(lab_file)
+    m = random_deepid(5, seed=3)
+    a = features.extract(m, "pool_3", ds, "raw", progress=False)
+    features.detect_scale(m, ds, n=10)
+    assert len(features._RUNNERS.get(m, {})) == 1  # the trunk's runner is kept with the model ...
+    b = features.extract(m, "pool_3", ds, "raw", progress=False)
+    np.testing.assert_array_equal(a, b)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None  # ... and does not keep it alive
+
+
+@pytest.fixture
+def counting_calls(monkeypatch):
+    """Counts the engines' batch calls (detect_scale runs the model batch by batch)."""
+    calls = []
+    real = features._Runner.__call__
+
+    def call(self, x):
+        calls.append(len(x))
+        return real(self, x)
+
+    monkeypatch.setattr(features._Runner, "__call__", call)
+    return calls
+
+
+def test_detect_scale_equals_predict_at_each_scale(tmp_path):
+    rng = np.random.default_rng(4)
+    x = np.clip(rng.random(30)[:, None, None, None] * 255 + rng.normal(0, 3, (30, 55, 47, 3)), 0, 255)
+    path = tmp_path / "c.h5"
+    data.write_lab_h5(path, x, (x.mean(axis=(1, 2, 3)) > 127.5).astype(int), dtype=np.float64)
+    ds = data.open_dataset(path)
+    m = brightness_model(60.0)
+    _, accs = features.detect_scale(m, ds, n=25, batch_size=7)
+    for name, value in features.SCALES.items():
+        pred = features.predict(m, ds, value, stop=25).argmax(axis=1)
+        assert accs[name] == float((pred == ds.labels[:25]).mean())
+
+
+def test_detect_scale_decision_is_cached(tmp_path, counting_calls):
+    rng = np.random.default_rng(3)
+    x = np.clip(rng.random(40)[:, None, None, None] * 255 + rng.normal(0, 3, (40, 55, 47, 3)), 0, 255)
+    path = tmp_path / "b.h5"
+    data.write_lab_h5(path, x.astype(np.float32), (x.mean(axis=(1, 2, 3)) > 127.5).astype(int))
+    cache = tmp_path / "cache"
+    m = brightness_model(0.5)
+    first = features.detect_scale(m, data.open_dataset(path), n=40, cache_dir=cache)
+    assert first[0] == "unit" and counting_calls and len(list(cache.glob("scale-*.json"))) == 1
+    n_calls = len(counting_calls)
+    assert features.detect_scale(m, data.open_dataset(path), n=40, cache_dir=cache) == first
+    assert len(counting_calls) == n_calls  # the model did not run
+    # another n, another model or other data: decided again
+    features.detect_scale(m, data.open_dataset(path), n=20, cache_dir=cache)
+    assert len(counting_calls) > n_calls
+    n_calls = len(counting_calls)
+    assert features.detect_scale(brightness_model(127.5), data.open_dataset(path), n=40, cache_dir=cache)[0] == "raw"
+    assert len(counting_calls) > n_calls
+    # an entry that does not hold together (its scale is not the best of its accuracies) is not used
+    entry = next(p for p in cache.glob("scale-*.json") if json.loads(p.read_text())["n"] == 40
+                 and json.loads(p.read_text())["scale"] == "unit")
+    doc = json.loads(entry.read_text())
+    doc["scale"] = "raw"
+    entry.write_text(json.dumps(doc))
+    n_calls = len(counting_calls)
+    assert features.detect_scale(m, data.open_dataset(path), n=40, cache_dir=cache) == first
+    assert len(counting_calls) > n_calls
+    data.write_lab_h5(path, x[::-1].astype(np.float32), np.zeros(40))  # the file rewritten
+    n_calls = len(counting_calls)
+    features.detect_scale(m, data.open_dataset(path), n=40, cache_dir=cache)
+    assert len(counting_calls) > n_calls

@@ -2,7 +2,9 @@
 
 A lab file holds ``data`` of shape (N, 3, 55, 47) channels-first (or (N, 55, 47, 3) channels-last) in float64,
 float32 or uint8, and ``label`` (N,) stored as floats. Files can be large (the lab's valid.h5 is 716 MB of float64),
-so nothing here reads a whole set at once: :meth:`Dataset.batches` yields float32 NHWC batches.
+so nothing here reads a whole set at once: :meth:`Dataset.batches` yields float32 NHWC batches, and
+:meth:`Dataset.reader` fills a caller's buffers (the trunk pass reuses a few), converting float32 / float64 pixels
+in one native pass (:mod:`prune_ext._convert`) with numpy's arithmetic.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
+from prune_ext import _convert
 
 from .errors import BadpruneError, short
 
@@ -77,44 +80,19 @@ class Dataset:
                 "n": self.n, "layout": self.layout}
 
     def batches(self, batch_size: int = 1024, scale: float = 1.0, start: int = 0, stop: int | None = None):
-        """Yield (offset, float32 NHWC batch * scale) over images [start, stop), reading one chunk at a time."""
+        """Yield (offset, float32 NHWC batch * scale) over images [start, stop), reading one batch at a time."""
         stop = self.n if stop is None else min(stop, self.n)
         batch_size = int(batch_size)
         if batch_size < 1:
             raise BadpruneError(f"batch size must be positive, got {batch_size}")
-        try:
-            f = h5py.File(self.path, "r")
-        except Exception as e:
-            raise BadpruneError(f"cannot open the data file again ({short(e, 160)})", self.path,
-                                "the file changed or vanished while in use") from None
-        with f:
-            try:
-                ds = f[self.data_key]
-            except Exception as e:
-                raise BadpruneError(f"cannot read '{self.data_key}' ({short(e, 160)})", self.path,
-                                    "the file is damaged") from None
+        with self.reader() as rd:
             for lo in range(start, stop, batch_size):
                 hi = min(lo + batch_size, stop)
-                try:
-                    x = np.asarray(ds[lo:hi])
-                except Exception as e:  # damaged chunks, failing filters, I/O errors
-                    raise BadpruneError(f"cannot read images {lo}..{hi - 1} ({short(e, 160)})", self.path,
-                                        "the file is damaged or incomplete: copy it again") from None
-                if x.shape[1:] != self._stored_shape():
-                    raise BadpruneError(f"images {lo}..{hi - 1} have shape {x.shape[1:]}, expected "
-                                        f"{self._stored_shape()}", self.path, "the file changed while in use")
-                if self.layout == "nchw":
-                    x = x.transpose(0, 2, 3, 1)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    x = np.ascontiguousarray(x, dtype=np.float32)
-                    if scale != 1.0:
-                        x *= np.float32(scale)
-                ok = np.isfinite(x)
-                if not ok.all():
-                    bad = lo + int(np.flatnonzero(~ok.reshape(len(x), -1).all(axis=1))[0])
-                    raise BadpruneError(f"NaN, infinite or out-of-range pixels (beyond float32), first in image "
-                                        f"{bad}", self.path, "clean the data set")
-                yield lo, x
+                yield lo, rd.read_into(np.empty((hi - lo,) + tuple(self.image_shape), np.float32), lo, scale)
+
+    def reader(self) -> "Reader":
+        """The file opened for :meth:`Reader.read_into` (a context manager; one thread at a time)."""
+        return Reader(self)
 
     def _stored_shape(self) -> tuple:
         h, w, c = self.image_shape
@@ -122,10 +100,95 @@ class Dataset:
 
     def read(self, scale: float = 1.0, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Read images [start, stop) as one float32 NHWC array (for small sets and samples)."""
-        parts = [x for _, x in self.batches(4096, scale, start, stop)]
-        if not parts:
-            return np.zeros((0,) + tuple(self.image_shape), np.float32)
-        return np.concatenate(parts)
+        stop = self.n if stop is None else min(stop, self.n)
+        out = np.empty((max(stop - start, 0),) + tuple(self.image_shape), np.float32)
+        with self.reader() as rd:
+            for lo in range(start, stop, 4096):
+                rd.read_into(out[lo - start: min(lo + 4096, stop) - start], lo, scale)
+        return out
+
+
+class Reader:
+    """An open lab file that writes images [lo, lo + len(dst)) into a caller's float32 NHWC buffer, times a scale.
+
+    float32 and float64 pixels are read straight into a reused buffer of the stored type and converted, transposed,
+    scaled and checked (finite) in one native pass (:func:`prune_ext._convert.to_nhwc`, numpy's arithmetic); other
+    types (integers, float16) go through numpy. Every read error is a :class:`BadpruneError`.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        path = dataset.path
+        try:
+            self._file = h5py.File(path, "r")
+        except Exception as e:
+            raise BadpruneError(f"cannot open the data file again ({short(e, 160)})", path,
+                                "the file changed or vanished while in use") from None
+        try:
+            self._ds = self._file[dataset.data_key]
+            stored = tuple(self._ds.shape[1:])
+            dtype = self._ds.dtype
+        except Exception as e:
+            self._file.close()
+            raise BadpruneError(f"cannot read '{dataset.data_key}' ({short(e, 160)})", path,
+                                "the file is damaged") from None
+        if stored != dataset._stored_shape():
+            self._file.close()
+            raise BadpruneError(f"images have shape {stored}, expected {dataset._stored_shape()}", path,
+                                "the file changed while in use")
+        # float32 / float64 in either byte order: read as native floats (HDF5 swaps bytes exactly)
+        self._native = np.dtype(dtype.char) if dtype.kind == "f" and dtype.char in "fd" else None
+        self._raw = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._file.close()
+
+    def read_into(self, dst: np.ndarray, lo: int, scale: float = 1.0) -> np.ndarray:
+        """Fill ``dst`` (C-contiguous float32 (n, H, W, C)) with images [lo, lo + n) times ``scale``; returns it."""
+        n = len(dst)
+        hi = lo + n
+        ds, path = self._ds, self.dataset.path
+        if n == 0:
+            return dst
+        try:
+            if self._native is not None:
+                if self._raw is None or len(self._raw) < n:
+                    self._raw = np.empty((n,) + tuple(ds.shape[1:]), self._native)
+                raw = self._raw[:n]
+                ds.read_direct(raw, np.s_[lo:hi], np.s_[0:n])
+            else:
+                raw = np.asarray(ds[lo:hi])
+        except Exception as e:  # damaged chunks, failing filters, I/O errors
+            raise BadpruneError(f"cannot read images {lo}..{hi - 1} ({short(e, 160)})", path,
+                                "the file is damaged or incomplete: copy it again") from None
+        if raw.shape != (n,) + self.dataset._stored_shape():
+            raise BadpruneError(f"images {lo}..{hi - 1} have shape {raw.shape[1:]}, expected "
+                                f"{self.dataset._stored_shape()}", path, "the file changed while in use")
+        if self._native is not None:
+            bad = _convert.to_nhwc(raw, dst, float(scale), self.dataset.layout == "nchw")
+        else:
+            bad = _convert_numpy(raw, dst, scale, self.dataset.layout)
+        if bad >= 0:
+            raise BadpruneError(f"NaN, infinite or out-of-range pixels (beyond float32), first in image "
+                                f"{lo + bad}", path, "clean the data set")
+        return dst
+
+
+def _convert_numpy(raw, dst, scale, layout) -> int:
+    """:func:`prune_ext._convert.to_nhwc` for any numeric type (integers, float16): the first non-finite image."""
+    x = raw.transpose(0, 2, 3, 1) if layout == "nchw" else raw
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(dst, x, casting="unsafe")
+        if scale != 1.0:
+            dst *= np.float32(scale)
+    ok = np.isfinite(dst.reshape(len(dst), -1)).all(axis=1)
+    return -1 if ok.all() else int(np.flatnonzero(~ok)[0])
 
 
 #: more images than this in one file is refused (a tiny hostile file can declare billions of unwritten rows)

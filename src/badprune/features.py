@@ -1,8 +1,10 @@
 """The trunk pass: a model's activations at the prune layer over a data set, computed once and cached on disk.
 
 The trunk (input -> prune layer) is the expensive part of the network; the pruning sweep only re-runs the head.
-:func:`extract` streams a :class:`badprune.data.Dataset` chunk by chunk through the trunk (a reader thread
-prefetches batches while two batches run in parallel) and writes one float32 (N, H, W, C) array.
+:func:`extract` streams a :class:`badprune.data.Dataset` batch by batch through the trunk (a reader thread
+converts the next batches into a few reused buffers while two batches run in parallel) and writes one float32
+(N, H, W, C) array. Batches hold at most :data:`MAX_BATCH` images (the activations do not depend on the batch size;
+larger ones only cost memory). A model's TensorFlow function is traced once per layer and engine and kept with it.
 
 Engines (``engine=``):
 
@@ -16,7 +18,8 @@ Engines (``engine=``):
 
 Cache entries live in :func:`default_cache_dir` (or ``cache_dir``): ``<key>.npy`` plus a JSON completion marker
 ``<key>.json`` written after it, holding the array's CRC-32; an entry without a marker, or whose marker, file size
-or checksum disagrees (a value changed on disk) is rebuilt, the last with a one-line warning.
+or checksum disagrees (a value changed on disk) is rebuilt, the last with a one-line warning. :func:`detect_scale`
+keeps its decision (and the accuracies behind it) in ``scale-<key>.json`` beside them.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,7 +48,10 @@ from .runfiles import SCALES, cache_home, scale_value
 FORMAT_VERSION = 2
 ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = "tf"
-DEFAULT_BATCH_SIZE = 512
+DEFAULT_BATCH_SIZE = 128
+#: the largest batch the engines run: the activations do not depend on the batch size, and larger batches only
+#: cost memory (TensorFlow's buffers grow with the batch: 1024 images hold ~190 MB in conv_1 alone) and time
+MAX_BATCH = 128
 #: batches in flight for the TensorFlow engines (each call also uses TF's intra-op threads)
 WORKERS = 2
 
@@ -155,19 +162,39 @@ class _Runner:
         return self._call(np.ascontiguousarray(x, dtype=np.float32))
 
     def run(self, dataset, batch_size, scale, out, start=0, stop=None, on_batch=None):
-        """Fill ``out[i - start]`` for images [start, stop) of ``dataset``; reading overlaps computing."""
+        """Fill ``out[i - start]`` for images [start, stop) of ``dataset``; reading overlaps computing.
+
+        Batches hold at most :data:`MAX_BATCH` images. A reader thread converts them into a few reused buffers
+        (:meth:`badprune.data.Reader.read_into`) while the engine's workers run the previous ones; a buffer goes
+        back to the reader once its batch is computed.
+        """
         stop = dataset.n if stop is None else min(stop, dataset.n)
-        q: queue.Queue = queue.Queue(maxsize=self.workers + 2)
+        if stop <= start:
+            return out
+        bs = min(int(batch_size), MAX_BATCH, stop - start)
+        free: queue.Queue = queue.Queue()
+        for _ in range(self.workers + 2):
+            free.put(np.empty((bs,) + tuple(dataset.image_shape), np.float32))
+        q: queue.Queue = queue.Queue()
         done = object()
         failure = []
         halt = threading.Event()
 
         def reader():
             try:
-                for lo, x in dataset.batches(batch_size, scale, start, stop):
-                    if halt.is_set():
-                        break
-                    q.put((lo, x))
+                with dataset.reader() as rd:
+                    for lo in range(start, stop, bs):
+                        buf = None
+                        while buf is None and not halt.is_set():
+                            try:
+                                buf = free.get(timeout=0.05)
+                            except queue.Empty:
+                                pass
+                        if buf is None:
+                            break
+                        n = min(bs, stop - lo)
+                        rd.read_into(buf[:n], lo, scale)
+                        q.put((lo, n, buf))
             except BaseException as e:  # handed to the main thread
                 failure.append(e)
             finally:
@@ -177,10 +204,11 @@ class _Runner:
         th.start()
 
         def compute(item):
-            lo, x = item
-            y = self(x)
-            out[lo - start: lo - start + len(x)] = y.reshape((len(x),) + out.shape[1:])
-            return len(x)
+            lo, n, buf = item
+            y = self(buf[:n])
+            out[lo - start: lo - start + n] = y.reshape((n,) + out.shape[1:])
+            free.put(buf)
+            return n
 
         try:
             if self.workers == 1:
@@ -202,13 +230,7 @@ class _Runner:
                         if on_batch:
                             on_batch(n)
         finally:
-            # let the reader finish if we stopped early
-            halt.set()
-            while th.is_alive():
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+            halt.set()  # the reader stops at its next batch if we stopped early
             th.join()
         if failure:
             raise failure[0]
@@ -222,19 +244,51 @@ def _check_input(model, dataset):
                             dataset.path, "use data made for this model")
 
 
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(layer, engine): _Runner}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def _runner(model, layer, engine, net=None) -> _Runner:
+    """A :class:`_Runner` for ``model`` up to ``layer`` (None: the whole model). The TensorFlow engines' trunk
+    runners are kept with the model (weakly: a trunk shares the model's layers, not the model), so a model is traced
+    once per layer and engine; the others (the whole model, which its runner would keep alive; LiteRT, which
+    converts the weights it sees) are built anew."""
+    engine = engine or DEFAULT_ENGINE
+    build = (lambda: _Runner(net if net is not None else (trunk(model, layer) if layer else model), engine))
+    if layer is None or engine not in ENGINES or not engine.startswith("tf"):
+        return build()
+    with _RUNNERS_LOCK:
+        try:
+            per = _RUNNERS.setdefault(model, {})
+        except TypeError:  # not weakly referenceable
+            return build()
+        r = per.get((layer, engine))
+        if r is None:
+            r = per[(layer, engine)] = build()
+    return r
+
+
 # --------------------------------------------------------------------------------------------------------------
 # cache
+
+
+def _data_identity(dataset) -> dict:
+    st = os.stat(dataset.path)
+    ident = dict(dataset.identity())
+    ident.update(ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+    return ident
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(dict(payload, version=FORMAT_VERSION), sort_keys=True,
+                                     default=str).encode()).hexdigest()
 
 
 def cache_key(model, layer, dataset, scale, engine=None, digest=None) -> str:
     """sha256 of what determines the activations: model (weights + architecture), layer, data file, scale,
     engine and cache format version."""
-    st = os.stat(dataset.path)
-    ident = dict(dataset.identity())
-    ident.update(ino=st.st_ino, ctime_ns=st.st_ctime_ns)
-    payload = {"model": digest or model_digest(model), "layer": layer, "data": ident,
-               "scale": repr(scale_value(scale)), "engine": engine or DEFAULT_ENGINE, "version": FORMAT_VERSION}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return _key({"model": digest or model_digest(model), "layer": layer, "data": _data_identity(dataset),
+                 "scale": repr(scale_value(scale)), "engine": engine or DEFAULT_ENGINE})
 
 
 def _npy_size(shape, dtype=np.float32) -> int:
@@ -244,20 +298,32 @@ def _npy_size(shape, dtype=np.float32) -> int:
     return buf.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
-def _read_cache(npy, marker, key, shape):
+def _read_cache(npy, marker, key, shape, out=None):
+    """The entry's array when its marker, size, header and checksum agree, else None. With ``out`` (C-contiguous
+    float32 of ``shape``) the values are read straight into it (no second copy); on None it holds garbage."""
     try:
         with open(marker) as f:
             m = json.load(f)
         if m.get("key") != key or tuple(m.get("shape", ())) != tuple(shape) or m.get("dtype") != "float32":
             return None
+        if "crc32" not in m:  # written by an older badprune: not checkable, so not used
+            return None
         size = os.path.getsize(npy)
         if size != m.get("bytes") or size != _npy_size(shape):
             return None
-        arr = np.load(npy, allow_pickle=False)
-        if arr.shape != tuple(shape) or arr.dtype != np.float32:
-            return None
-        if "crc32" not in m:  # written by an older badprune: not checkable, so not used
-            return None
+        arr = np.empty(shape, np.float32) if out is None else out
+        with open(npy, "rb") as f:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                return None
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            hshape, fortran, dtype = read_header(f)
+            if tuple(hshape) != tuple(shape) or fortran or dtype != np.dtype("<f4") \
+                    or f.tell() + arr.nbytes != size:
+                return None
+            if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                return None
         if m["crc32"] != checksum(arr):
             warn(f"cached activations changed on disk since they were written (checksum mismatch): discarding "
                  f"{os.path.basename(npy)} and recomputing")
@@ -296,14 +362,23 @@ def _write_cache(npy, marker, key, arr, meta):
         os.replace(tmp, npy)
         info = dict(meta, key=key, shape=list(arr.shape), dtype="float32", bytes=os.path.getsize(npy),
                     crc32=checksum(arr), version=FORMAT_VERSION, created=time.time())
-        mtmp = f"{marker}.tmp{os.getpid()}.{threading.get_ident()}"
-        with open(mtmp, "w") as f:
-            json.dump(info, f, indent=1, default=str)
-        os.replace(mtmp, marker)
+        _write_json(marker, info)
         return True
     except OSError as e:
         warn(f"cannot write the activation cache ({e.strerror or e}); continuing without it")
         return False
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path, obj):
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary name, then a rename); raises OSError."""
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -318,7 +393,8 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
             out: np.ndarray | None = None):
     """Activations of ``layer`` over every image of ``dataset`` (pixels times ``scale``), float32 (N, H, W, C).
 
-    ``scale`` is a name of :data:`badprune.runfiles.SCALES` or a number. With ``cache_dir`` the result is cached on
+    ``scale`` is a name of :data:`badprune.runfiles.SCALES` or a number; ``batch_size`` images per trunk call (at
+    most :data:`MAX_BATCH`). With ``cache_dir`` the result is cached on
     disk. With ``return_info`` returns ``(array, {'cached', 'seconds', 'img_per_s', 'engine', 'path'})``.
     ``out``: a C-contiguous float32 array of the result's shape to write into (e.g. a slice of a larger array).
     """
@@ -341,20 +417,17 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         cache_dir = str(cache_dir)
         npy = os.path.join(cache_dir, f"act-{key[:40]}.npy")
         marker = os.path.join(cache_dir, f"act-{key[:40]}.json")
-        arr = _read_cache(npy, marker, key, out_shape)
+        arr = _read_cache(npy, marker, key, out_shape, out)
         if arr is not None:
             with stage_progress(dataset.n, desc or f"{dataset.name}: {layer}", "img", enabled=progress,
                                 rate=False, how="from the cache") as bar:
                 bar.update(dataset.n)
-            if out is not None:
-                out[...] = arr
-                arr = out
             dt = time.perf_counter() - t0
             info = {"cached": True, "seconds": dt, "img_per_s": dataset.n / max(dt, 1e-9), "engine": engine,
                     "path": npy}
             return (arr, info) if return_info else arr
 
-    runner = _Runner(net, engine)
+    runner = _runner(model, layer, engine, net)
     if out is None:
         out = np.empty(out_shape, np.float32)
 
@@ -382,16 +455,19 @@ def predict(model, dataset, scale, batch_size: int | None = DEFAULT_BATCH_SIZE, 
     _check_input(model, dataset)
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     stop = dataset.n if stop is None else min(stop, dataset.n)
-    runner = _Runner(model, engine)
+    runner = _runner(model, None, engine)
     out = np.empty((max(stop - start, 0),) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
     return runner.run(dataset, int(batch_size), scale_value(scale), out, start, stop)
 
 
 def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT_BATCH_SIZE,
-                 engine: str | None = None):
+                 engine: str | None = None, cache_dir=None):
     """Pick the pixel scale (``data.SCALES``) under which the model classifies the first ``n`` images best.
 
-    Returns ``(scale_name, {scale_name: accuracy})``; ties go to the first scale ('raw').
+    Returns ``(scale_name, {scale_name: accuracy})``; ties go to the first scale ('raw'). The images are read
+    once and multiplied per scale (the same float32 values :meth:`badprune.data.Dataset.batches` gives). With
+    ``cache_dir`` the decision is kept in a small entry keyed like the activations (model, data file, ``n``,
+    engine), so a warm run does not run the model at all.
     """
     n = min(int(n), dataset.n)
     batch_size = batch_size or DEFAULT_BATCH_SIZE
@@ -399,11 +475,54 @@ def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT
         raise BadpruneError("no images to detect the pixel scale on", dataset.path)
     labels = np.asarray(dataset.labels[:n])
     _check_input(model, dataset)
-    runner = _Runner(model, engine)
+    engine = engine or DEFAULT_ENGINE
+    path = key = None
+    if cache_dir is not None:
+        key = _key({"model": model_digest(model), "data": _data_identity(dataset), "n": n, "engine": engine,
+                    "scales": {k: repr(float(v)) for k, v in SCALES.items()}, "what": "scale"})
+        path = os.path.join(str(cache_dir), f"scale-{key[:40]}.json")
+        hit = _read_scale(path, key)
+        if hit is not None:
+            return hit
+    runner = _runner(model, None, engine)
+    x1 = dataset.read(1.0, 0, n)
+    out = np.empty((n,) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
+    bs = max(1, min(int(batch_size), MAX_BATCH, n))
     accs = {}
     for name, value in SCALES.items():
-        out = np.empty((n,) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
-        runner.run(dataset, int(batch_size), float(value), out, 0, n)
+        for lo in range(0, n, bs):
+            x = x1[lo:lo + bs]
+            if float(value) != 1.0:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    x = x * np.float32(value)
+            out[lo:lo + len(x)] = runner(x).reshape((len(x),) + out.shape[1:])
         accs[name] = float((out.reshape(n, -1).argmax(axis=1) == labels).mean())
-    best = max(accs, key=lambda k: (accs[k], -list(accs).index(k)))
+    best = _best_scale(accs)
+    if path is not None:
+        try:  # a cache that cannot be written is reported once, by the extraction that follows
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_json(path, {"key": key, "scale": best, "accuracy": accs, "n": n, "version": FORMAT_VERSION})
+        except OSError:
+            pass
     return best, accs
+
+
+def _best_scale(accs: dict) -> str:
+    names = list(SCALES)
+    return max(accs, key=lambda k: (accs[k], -names.index(k)))
+
+
+def _read_scale(path, key):
+    """A stored scale decision ``(name, accuracies)`` when it is for ``key`` and consistent, else None."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        accs = m["accuracy"]
+        if m.get("key") != key or not isinstance(accs, dict) or set(accs) != set(SCALES):
+            return None
+        accs = {k: float(accs[k]) for k in SCALES}
+        if not all(0.0 <= v <= 1.0 for v in accs.values()) or m.get("scale") != _best_scale(accs):
+            return None
+        return m["scale"], accs
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None

@@ -241,12 +241,13 @@ def _open_sets(B, sets: dict, num_classes: int) -> dict:
             if p is not None}
 
 
-def _settle_scale(B, valid, scale, say) -> tuple:
-    """(scale name, multiplier): detected on the validation set for 'auto'."""
+def _settle_scale(B, valid, scale, say, cache_dir=None) -> tuple:
+    """(scale name, multiplier): detected on the validation set for 'auto' (the decision is cached in
+    ``cache_dir``, so a warm run prints the same line without running the model)."""
     from . import features
 
     if isinstance(scale, str) and scale == "auto":
-        scale_name, accs = features.detect_scale(B, valid)
+        scale_name, accs = features.detect_scale(B, valid, cache_dir=cache_dir)
         say(f"scale: {scale_name} (accuracy on up to 1,000 validation images: raw {100 * accs['raw']:.1f}%, "
             f"/255 {100 * accs['unit']:.1f}%)")
         return scale_name, SCALES[scale_name]
@@ -409,12 +410,12 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         f"{', conv ' + d.conv_layer if d.conv_layer else ''}); {d.head.describe()}")
     ds = _open_sets(d.model, {"valid": valid, "test": test, "poisoned": poisoned}, d.num_classes)
 
-    t = time.perf_counter()
-    scale_name, scale_value = _settle_scale(d.model, ds["valid"], scale, say)
-    timings["scale"] = time.perf_counter() - t
-
     if use_cache and cache_dir is None:
         cache_dir = default_cache_dir()
+    t = time.perf_counter()
+    scale_name, scale_value = _settle_scale(d.model, ds["valid"], scale, say, cache_dir if use_cache else None)
+    timings["scale"] = time.perf_counter() - t
+
     F, bounds, extract_info = _extract_all(d, ds, scale_value, cache_dir if use_cache else None, batch_size,
                                            progress, timings)
 
