@@ -348,6 +348,45 @@ def test_import_badprune_does_not_import_tensorflow():
     assert p.stdout.split() == ["False", "False"]
 
 
+_HELP_AND_EVALUATE = """
+import contextlib, io, json, sys
+for name in ("tensorflow", "keras"):
+    sys.modules[name] = None      # any import of these now fails
+from badprune import cli
+helps = {{}}
+for argv in (["--help"], *([c, "--help"] for c in {commands!r})):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rc = cli.main(argv)
+    helps[" ".join(argv)] = [rc, "usage:" in out.getvalue()]
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    rc = cli.main(["evaluate", "--model", {model!r}, "--clean", {clean!r}, "--poisoned", {poisoned!r}, "--json", "-q"])
+print(json.dumps({{"helps": helps, "rc": rc, "evaluate": json.loads(out.getvalue())}}))
+"""
+
+
+def test_help_and_evaluate_on_tflite_without_tensorflow(run):
+    """`--help` of every command, and `evaluate` of a .tflite GoodNet, with TensorFlow and Keras unimportable:
+    the same rates as in the run's table."""
+    commands = sorted(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert {"sweep", "repair", "export", "predict", "evaluate"} <= set(commands)
+    x = _xs(run)[0]
+    f = run["files"]
+    code = _HELP_AND_EVALUATE.format(commands=commands, model=str(run["dir"] / "tflite" / f"goodnet_X{x}.tflite"),
+                                     clean=f["test"], poisoned=f["bd_test"])
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=SRC), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["helps"] == {a: [0, True] for a in ["--help"] + [f"{c} --help" for c in commands]}
+    assert got["rc"] == 0
+    row = run["reached"][0]["row"]
+    ev = got["evaluate"]
+    assert ev["kind"] == "GoodNet"
+    assert ev["clean_acc"] == pytest.approx(row["goodnet_test_acc"], abs=1e-9)
+    assert ev["asr"] == pytest.approx(row["goodnet_asr"], abs=1e-9)
+    assert ev["detection"] == pytest.approx(row["goodnet_detection"], abs=1e-9)
+
+
 def test_interpreter_fallbacks(run, monkeypatch):
     """With ai_edge_litert (and tflite_runtime) unavailable, the runtime falls back on tf.lite: same labels."""
     from badprune import runtime

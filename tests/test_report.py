@@ -270,17 +270,18 @@ def test_failure_leaves_nothing(result, tmp_path, monkeypatch):
     assert _siblings(out) == []
 
 
-def test_failure_while_saving_models_leaves_nothing(tmp_path, monkeypatch):
+def test_failure_while_saving_models_leaves_nothing(result, tmp_path, monkeypatch):
     from badprune import models
 
-    def bad_prune(model, layer, channels):
-        raise BadpruneError("cannot prune", None, None)
+    def bad_save(model, variants):  # the first file written, then a failure
+        with open(variants[0][0], "wb") as f:
+            f.write(b"half")
+        raise BadpruneError("cannot save", None, None)
 
-    monkeypatch.setattr(models, "prune_model", bad_prune, raising=False)
-    res = make_result(model=object())
+    monkeypatch.setattr(models, "save_variants", bad_save)
     out = tmp_path / "out"
-    with pytest.raises(BadpruneError, match="cannot prune"):
-        report.write_outputs(res, out)
+    with pytest.raises(BadpruneError, match="cannot save"):
+        report.write_outputs(result, out)
     assert list(tmp_path.iterdir()) == []
 
 

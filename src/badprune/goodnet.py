@@ -100,6 +100,11 @@ def build_goodnet(model, layer: str, channels, name: str | None = None, repaired
     keras.Model
         One output, ``goodnet_scores`` (n, N + 1), whose argmax is the label (see the module docstring).
     """
+    return _build(model, layer, channels, name, repaired, shared_trunk)[0]
+
+
+def _build(model, layer, channels, name, repaired, shared_trunk) -> tuple:
+    """(:func:`build_goodnet`'s model, the name of its mask layer)."""
     if len(model.inputs) != 1:
         raise BadpruneError(f"the model has {len(model.inputs)} inputs", fix="use a model with one image input")
     keras = _keras()
@@ -137,7 +142,7 @@ def build_goodnet(model, layer: str, channels, name: str | None = None, repaired
     a = ops.cast(ops.expand_dims(agree, -1), probs.dtype)
     scores = keras.layers.Concatenate(axis=-1, name=surgery.unique_name(existing, GOODNET_OUTPUT))(
         [ops.multiply(probs, a), ops.subtract(1.0, a)])
-    return keras.Model(Bc.inputs, scores, name=name or "goodnet")
+    return keras.Model(Bc.inputs, scores, name=name or "goodnet"), mask_layer.name
 
 
 def from_sweep(result, x):
@@ -148,6 +153,21 @@ def from_sweep(result, x):
     if result.model is None:
         raise BadpruneError("the sweep result holds no model")
     return build_goodnet(result.model, result.layer, t.channels, name=goodnet_filename(x, ""))
+
+
+def sweep_variants(result, xs) -> tuple:
+    """G_X for each threshold X of ``xs`` (all reached) as one graph and what differs per X:
+    ``(template, [(name, {mask layer name: [mask weights]})])`` for :func:`badprune.models.save_variants`. The
+    graph is built once: G_X differ only in their 0/1 mask (and name)."""
+    if result.model is None:
+        raise BadpruneError("the sweep result holds no model")
+    ts = [result.threshold(x) for x in xs]
+    template, mask_name = _build(result.model, result.layer, ts[0].channels, goodnet_filename(xs[0], ""), None,
+                                 True)
+    from .models.surgery import mask_weights
+
+    C = int(template.get_layer(mask_name).get_weights()[0].shape[2])
+    return template, [(goodnet_filename(t.x, ""), {mask_name: mask_weights(C, t.channels)}) for t in ts]
 
 
 def from_repaired(result, rep):

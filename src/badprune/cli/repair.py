@@ -1,7 +1,7 @@
 """``badprune-fast repair``: fine-prune the B'_X of an existing run into R_X (as ``sweep --fine-tune`` does)."""
 from __future__ import annotations
 
-from ._common import add_fine_tune_args, note
+from ._common import add_fine_tune_args, load_tensorflow, note
 
 
 def add_parser(sub):
@@ -22,6 +22,7 @@ def run(args):
     from .. import report
     from ..repair import repair_run
 
+    load_tensorflow()
     result = repair_run(args.run_dir, args.fine_tune, args.fine_tune_epochs, args.fine_tune_lr, args.seed,
                         log=lambda m: note(args, m))
     print(report.summary_line(result))

@@ -5,7 +5,7 @@ import os
 import time
 
 from ..errors import BadpruneError
-from ._common import add_fine_tune_args, note
+from ._common import add_fine_tune_args, load_tensorflow, note
 
 
 def add_parser(sub):
@@ -92,6 +92,7 @@ def run(args):
     report.check_output(out, force=args.force)
 
     t0 = time.perf_counter()
+    load_tensorflow()
     result = _sweep.run(model=model, weights=weights, arch=arch, valid=valid, test=test, poisoned=poisoned,
                         layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
                         scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,

@@ -8,7 +8,9 @@ One file per concern, like Keras' ``saving`` package:
 * :mod:`~badprune.models.loading` -- :func:`load_model`, :func:`model_name`, :func:`num_classes`;
 * :mod:`~badprune.models.graph` -- layer connectivity (:func:`find_prune_layer`, :func:`conv_producer`) and the
   tensor trace between two tensors (:func:`trace`);
-* :mod:`~badprune.models.surgery` -- :func:`prune_model`, the channel mask layer, :func:`clone`, :func:`replay`;
+* :mod:`~badprune.models.surgery` -- :func:`prune_model` / :func:`prune_variants`, the channel mask layer,
+  :func:`clone`, :func:`replay`;
+* :mod:`~badprune.models.saving` -- :func:`save_variants` (many ``.keras`` files from one Keras save);
 * :mod:`~badprune.models.archs` -- :func:`build_deepid`;
 * :mod:`~badprune.models.digest` -- :func:`model_digest` (cache keys).
 
@@ -22,8 +24,10 @@ from .graph import Graph, conv_producer, find_prune_layer, prune_output, trace
 from .keras2 import read_weight_file
 from .loading import load_model, model_name, num_classes
 from .safety import GRAPH_OPS, check_config
-from .surgery import channel_mask, check_channels, clone, insert_after, prune_model, replay
+from .saving import save_variants
+from .surgery import channel_mask, check_channels, clone, insert_after, prune_model, prune_variants, replay
 
 __all__ = ["ARCHS", "GRAPH_OPS", "Graph", "build_deepid", "channel_mask", "check_channels", "check_config",
-           "check_file", "clone", "insert_after", "conv_producer", "find_prune_layer", "load_model", "model_digest", "model_name",
-           "num_classes", "prune_model", "prune_output", "read_model_config", "read_weight_file", "replay", "trace"]
+           "check_file", "clone", "insert_after", "conv_producer", "find_prune_layer", "load_model", "model_digest",
+           "model_name", "num_classes", "prune_model", "prune_variants", "prune_output", "read_model_config",
+           "read_weight_file", "replay", "save_variants", "trace"]

@@ -1,5 +1,6 @@
-"""Model surgery: copies of a model with channels of the prune layer pruned (B'_X), the 0/1 channel-mask layer,
-fresh clones, and replaying a model's layers from a new tensor (one graph, shared weights).
+"""Model surgery: copies of a model with channels of the prune layer pruned (B'_X) or the weights that prune them
+(:func:`prune_variants`), the 0/1 channel-mask layer, fresh clones, and replaying a model's layers from a new
+tensor (one graph, shared weights).
 """
 from __future__ import annotations
 
@@ -41,15 +42,11 @@ def prune_model(model, layer: str, channels) -> keras.Model:
     if conv is not None:
         new = clone(model)
         cl = new.get_layer(conv)
-        ws = [np.array(w) for w in cl.get_weights()]
-        ws[0][..., chans] = 0
-        if cl.use_bias:
-            ws[1][chans] = 0
-        cl.set_weights(ws)
+        cl.set_weights(_zeroed(cl, chans))
         return new
 
     mask = channel_mask(n, chans)
-    mname = unique_name({l.name for l in model.layers}, f"{layer}_prune_mask")
+    mname = _mask_name(model, layer)
 
     def make_mask():
         return mask_layer(mname)
@@ -80,6 +77,39 @@ def prune_model(model, layer: str, channels) -> keras.Model:
             new.get_layer(l.name).set_weights(l.get_weights())
     set_mask(mask_l, mask)
     return new
+
+
+def _zeroed(conv, chans) -> list:
+    """The convolution ``conv``'s weights with output channels ``chans`` zeroed (kernel[..., c] and bias[c])."""
+    ws = [np.array(w) for w in conv.get_weights()]
+    ws[0][..., chans] = 0
+    if conv.use_bias:
+        ws[1][chans] = 0
+    return ws
+
+
+def _mask_name(model, layer: str) -> str:
+    return unique_name({l.name for l in model.layers}, f"{layer}_prune_mask")
+
+
+def prune_variants(model, layer: str, channel_sets) -> tuple:
+    """One model and, per set of ``layer``'s channels, the weights that make it :func:`prune_model`'s B' for that
+    set: ``(template, [{layer name: [arrays]}])``, for :func:`badprune.models.saving.save_variants`.
+
+    With a producing convolution the template is ``model`` itself (a fresh clone if ``model`` is compiled, so no
+    training state is saved) and the weights are the convolution's with the channels zeroed; otherwise it is
+    ``model`` with the mask inserted (all ones) and the weights are the mask's.
+    """
+    n = int(model.get_layer(layer).output.shape[-1])
+    sets = [check_channels(c, n, layer) for c in channel_sets]
+    conv = conv_producer(model, layer)
+    if conv is not None:
+        template = clone(model) if getattr(model, "compiled", False) else model
+        cl = template.get_layer(conv)
+        return template, [{conv: _zeroed(cl, chans)} for chans in sets]
+    template = prune_model(model, layer, [])
+    mname = _mask_name(model, layer)
+    return template, [{mname: mask_weights(n, chans)} for chans in sets]
 
 
 def insert_after(model, layer: str, fn, copy_weights: bool = True):
@@ -114,6 +144,11 @@ def channel_mask(n: int, pruned) -> np.ndarray:
     mask = np.ones(n, np.float32)
     mask[list(pruned)] = 0
     return mask
+
+
+def mask_weights(n: int, pruned) -> list:
+    """A :func:`mask_layer`'s weights: ``[the (1, 1, n, 1) kernel of the 0/1`` :func:`channel_mask` ``]``."""
+    return [channel_mask(n, pruned).reshape(1, 1, n, 1)]
 
 
 def unique_name(existing: set, name: str) -> str:
