@@ -19,7 +19,7 @@ import sweep_stage
 
 # --------------------------------------------------------------------------------------------------- extraction
 #: the trunk batch size of badprune.sweep.run and `badprune-fast sweep` (--batch-size default)
-BATCH = 1024
+BATCH = 128
 
 
 def _engine_ok(engine) -> str | None:
@@ -39,7 +39,7 @@ def _engines():
 
 @pytest.mark.parametrize("engine", _engines())
 def test_extract(benchmark, engine, model, layer, datasets, bounds, features):
-    """features.extract over the three lab sets (no cache, batch 1024), as badprune.sweep.run calls it; img/s =
+    """features.extract over the three lab sets (no cache, batch 128), as badprune.sweep.run calls it; img/s =
     images / median.
     Runner set-up (tracing, XLA compilation, LiteRT conversion) happens inside each call, as in the product."""
     from badprune import features as bf
