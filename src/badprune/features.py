@@ -16,36 +16,32 @@ Engines (``engine=``):
   its own thread. Within ~1e-6 (relative) of Keras.
 * ``predict``: ``keras.Model.predict`` per batch (the reference).
 
-Cache entries live in :func:`default_cache_dir` (or ``cache_dir``): ``<key>.npy`` plus a JSON completion marker
-``<key>.json`` written after it, holding the array's CRC-32; an entry without a marker, or whose marker, file size
-or checksum disagrees (a value changed on disk) is rebuilt, the last with a one-line warning. :func:`detect_scale`
+Cache entries (:mod:`badprune.cache`) live in :func:`default_cache_dir` (or ``cache_dir``): ``<key>.npy`` plus a
+JSON completion marker ``<key>.json`` written after it, holding the array's CRC-32; an entry without a marker, or
+whose marker, file size or checksum disagrees (a value changed on disk) is rebuilt, the last with a one-line
+warning. :func:`detect_scale`
 keeps its decision (and the accuracies behind it) in ``scale-<key>.json`` beside them.
 """
 from __future__ import annotations
 
 from . import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 
-import hashlib
-import io
-import json
 import os
 import queue
 import threading
 import time
 import weakref
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
 
 from ._console import progress as stage_progress, quiet_fds
+from . import cache
 from .errors import BadpruneError, warn
 from .models import model_digest
 from .runfiles import SCALES, cache_home, scale_value
 
-#: bump when the cache layout or the meaning of its content changes
-FORMAT_VERSION = 2
 ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = "tf"
 DEFAULT_BATCH_SIZE = 128
@@ -272,118 +268,6 @@ def _runner(model, layer, engine, net=None) -> _Runner:
 # cache
 
 
-def _data_identity(dataset) -> dict:
-    st = os.stat(dataset.path)
-    ident = dict(dataset.identity())
-    ident.update(ino=st.st_ino, ctime_ns=st.st_ctime_ns)
-    return ident
-
-
-def _key(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(dict(payload, version=FORMAT_VERSION), sort_keys=True,
-                                     default=str).encode()).hexdigest()
-
-
-def cache_key(model, layer, dataset, scale, engine=None, digest=None) -> str:
-    """sha256 of what determines the activations: model (weights + architecture), layer, data file, scale,
-    engine and cache format version."""
-    return _key({"model": digest or model_digest(model), "layer": layer, "data": _data_identity(dataset),
-                 "scale": repr(scale_value(scale)), "engine": engine or DEFAULT_ENGINE})
-
-
-def _npy_size(shape, dtype=np.float32) -> int:
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                               "fortran_order": False, "shape": tuple(shape)})
-    return buf.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
-
-
-def _read_cache(npy, marker, key, shape, out=None):
-    """The entry's array when its marker, size, header and checksum agree, else None. With ``out`` (C-contiguous
-    float32 of ``shape``) the values are read straight into it (no second copy); on None it holds garbage."""
-    try:
-        with open(marker) as f:
-            m = json.load(f)
-        if m.get("key") != key or tuple(m.get("shape", ())) != tuple(shape) or m.get("dtype") != "float32":
-            return None
-        if "crc32" not in m:  # written by an older badprune: not checkable, so not used
-            return None
-        size = os.path.getsize(npy)
-        if size != m.get("bytes") or size != _npy_size(shape):
-            return None
-        arr = np.empty(shape, np.float32) if out is None else out
-        with open(npy, "rb") as f:
-            fmt = np.lib.format
-            version = fmt.read_magic(f)
-            if version not in ((1, 0), (2, 0)):
-                return None
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            hshape, fortran, dtype = read_header(f)
-            if tuple(hshape) != tuple(shape) or fortran or dtype != np.dtype("<f4") \
-                    or f.tell() + arr.nbytes != size:
-                return None
-            if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
-                return None
-        if m["crc32"] != checksum(arr):
-            warn(f"cached activations changed on disk since they were written (checksum mismatch): discarding "
-                 f"{os.path.basename(npy)} and recomputing")
-            return None
-        return arr
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
-
-
-def checksum(arr: np.ndarray) -> int:
-    """CRC-32 of an array's bytes (C order): the cache's check that an entry is what was written."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
-
-
-def load_cached(npy) -> np.ndarray | None:
-    """A cache entry by its ``.npy`` path (as a sweep records it), checked against its completion marker; None when
-    it is gone, incomplete or does not match."""
-    marker = npy[:-len(".npy")] + ".json" if str(npy).endswith(".npy") else None
-    if marker is None:
-        return None
-    try:
-        with open(marker) as f:
-            m = json.load(f)
-        return _read_cache(npy, marker, m["key"], tuple(m["shape"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _write_cache(npy, marker, key, arr, meta):
-    tmp = f"{npy}.tmp{os.getpid()}.{threading.get_ident()}"
-    try:
-        if os.path.exists(marker):
-            os.remove(marker)
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, npy)
-        info = dict(meta, key=key, shape=list(arr.shape), dtype="float32", bytes=os.path.getsize(npy),
-                    crc32=checksum(arr), version=FORMAT_VERSION, created=time.time())
-        _write_json(marker, info)
-        return True
-    except OSError as e:
-        warn(f"cannot write the activation cache ({e.strerror or e}); continuing without it")
-        return False
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_json(path, obj):
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary name, then a rename); raises OSError."""
-    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # public
 
@@ -413,11 +297,11 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         raise ValueError(f"extract: out must be C-contiguous float32 {out_shape}, got {out.dtype} {out.shape}")
     npy = marker = key = None
     if cache_dir is not None:
-        key = cache_key(model, layer, dataset, sv, engine)
+        key = cache.cache_key(model_digest(model), layer, dataset, sv, engine or DEFAULT_ENGINE)
         cache_dir = str(cache_dir)
         npy = os.path.join(cache_dir, f"act-{key[:40]}.npy")
         marker = os.path.join(cache_dir, f"act-{key[:40]}.json")
-        arr = _read_cache(npy, marker, key, out_shape, out)
+        arr = cache.read_entry(npy, marker, key, out_shape, out)
         if arr is not None:
             with stage_progress(dataset.n, desc or f"{dataset.name}: {layer}", "img", enabled=progress,
                                 rate=False, how="from the cache") as bar:
@@ -441,7 +325,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         except OSError as e:
             warn(f"cannot create the cache folder {cache_dir} ({e.strerror or e}); continuing without it")
         else:
-            _write_cache(npy, marker, key, out, {"layer": layer, "data": dataset.identity(), "scale": sv,
+            cache.write_entry(npy, marker, key, out, {"layer": layer, "data": dataset.identity(), "scale": sv,
                                                   "engine": engine})
     dt = time.perf_counter() - t0
     info = {"cached": False, "seconds": dt, "img_per_s": dataset.n / max(compute_s, 1e-9), "engine": engine,
@@ -478,10 +362,11 @@ def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT
     engine = engine or DEFAULT_ENGINE
     path = key = None
     if cache_dir is not None:
-        key = _key({"model": model_digest(model), "data": _data_identity(dataset), "n": n, "engine": engine,
-                    "scales": {k: repr(float(v)) for k, v in SCALES.items()}, "what": "scale"})
+        key = cache.key({"model": model_digest(model), "data": cache.data_identity(dataset), "n": n,
+                         "engine": engine, "scales": {k: repr(float(v)) for k, v in SCALES.items()},
+                         "what": "scale"})
         path = os.path.join(str(cache_dir), f"scale-{key[:40]}.json")
-        hit = _read_scale(path, key)
+        hit = cache.read_scale(path, key)
         if hit is not None:
             return hit
     runner = _runner(model, None, engine)
@@ -497,32 +382,12 @@ def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT
                     x = x * np.float32(value)
             out[lo:lo + len(x)] = runner(x).reshape((len(x),) + out.shape[1:])
         accs[name] = float((out.reshape(n, -1).argmax(axis=1) == labels).mean())
-    best = _best_scale(accs)
+    best = cache.best_scale(accs)
     if path is not None:
         try:  # a cache that cannot be written is reported once, by the extraction that follows
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _write_json(path, {"key": key, "scale": best, "accuracy": accs, "n": n, "version": FORMAT_VERSION})
+            cache.write_json(path, {"key": key, "scale": best, "accuracy": accs, "n": n,
+                                    "version": cache.FORMAT_VERSION})
         except OSError:
             pass
     return best, accs
-
-
-def _best_scale(accs: dict) -> str:
-    names = list(SCALES)
-    return max(accs, key=lambda k: (accs[k], -names.index(k)))
-
-
-def _read_scale(path, key):
-    """A stored scale decision ``(name, accuracies)`` when it is for ``key`` and consistent, else None."""
-    try:
-        with open(path) as f:
-            m = json.load(f)
-        accs = m["accuracy"]
-        if m.get("key") != key or not isinstance(accs, dict) or set(accs) != set(SCALES):
-            return None
-        accs = {k: float(accs[k]) for k in SCALES}
-        if not all(0.0 <= v <= 1.0 for v in accs.values()) or m.get("scale") != _best_scale(accs):
-            return None
-        return m["scale"], accs
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-        return None

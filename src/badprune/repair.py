@@ -388,7 +388,7 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
     Raises :class:`BadpruneError` when the run's activations are no longer in the cache (a sweep run with
     ``--no-cache``, or a cleared cache): re-run the sweep with ``--fine-tune`` instead.
     """
-    from . import data, features
+    from . import cache, data
     from .models import load_model
     from .report import write_outputs
     from .runfiles import TFLITE_DIR, read_run
@@ -414,7 +414,7 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
     ds = {k: data.open_dataset(cfg[k], input_shape=in_shape, num_classes=result.num_classes) for k in sets}
     arrays, bounds, lo = [], {}, 0
     for k in sets:
-        a = features.load_cached(acts[k])
+        a = cache.load_cached(acts[k])
         if a is None or len(a) != ds[k].n:
             raise BadpruneError(f"the run's cached activations of its {k} set are gone or changed", acts[k],
                                 "re-run the sweep with --fine-tune instead")

@@ -1,0 +1,157 @@
+"""The activation cache's files: keys, checked reads and atomic writes (TensorFlow-free).
+
+An entry is ``<key>.npy`` plus a JSON completion marker ``<key>.json`` written after it, holding the key, shape,
+size and the array's CRC-32. :func:`read_entry` returns the array only when all of them agree (a changed value
+is reported in one line and the entry rebuilt by the caller); :func:`write_entry` writes both atomically.
+A scale decision (:func:`badprune.features.detect_scale`) is one JSON file, ``scale-<key>.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from .errors import warn
+from .runfiles import SCALES, scale_value
+
+#: bump when the cache layout or the meaning of its content changes
+FORMAT_VERSION = 2
+
+
+def data_identity(dataset) -> dict:
+    st = os.stat(dataset.path)
+    ident = dict(dataset.identity())
+    ident.update(ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+    return ident
+
+
+def key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(dict(payload, version=FORMAT_VERSION), sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def cache_key(digest: str, layer, dataset, scale, engine: str) -> str:
+    """sha256 of what determines the activations: the model's digest (weights + architecture), layer, data file,
+    scale, engine and cache format version."""
+    return key({"model": digest, "layer": layer, "data": data_identity(dataset), "scale": repr(scale_value(scale)),
+                "engine": engine})
+
+
+def _npy_size(shape, dtype=np.float32) -> int:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def read_entry(npy, marker, key, shape, out=None):
+    """The entry's array when its marker, size, header and checksum agree, else None. With ``out`` (C-contiguous
+    float32 of ``shape``) the values are read straight into it (no second copy); on None it holds garbage."""
+    try:
+        with open(marker) as f:
+            m = json.load(f)
+        if m.get("key") != key or tuple(m.get("shape", ())) != tuple(shape) or m.get("dtype") != "float32":
+            return None
+        if "crc32" not in m:  # written by an older badprune: not checkable, so not used
+            return None
+        size = os.path.getsize(npy)
+        if size != m.get("bytes") or size != _npy_size(shape):
+            return None
+        arr = np.empty(shape, np.float32) if out is None else out
+        with open(npy, "rb") as f:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                return None
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            hshape, fortran, dtype = read_header(f)
+            if tuple(hshape) != tuple(shape) or fortran or dtype != np.dtype("<f4") \
+                    or f.tell() + arr.nbytes != size:
+                return None
+            if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                return None
+        if m["crc32"] != checksum(arr):
+            warn(f"cached activations changed on disk since they were written (checksum mismatch): discarding "
+                 f"{os.path.basename(npy)} and recomputing")
+            return None
+        return arr
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+
+
+def checksum(arr: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (C order): the cache's check that an entry is what was written."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
+
+
+def load_cached(npy) -> np.ndarray | None:
+    """A cache entry by its ``.npy`` path (as a sweep records it), checked against its completion marker; None when
+    it is gone, incomplete or does not match."""
+    marker = npy[:-len(".npy")] + ".json" if str(npy).endswith(".npy") else None
+    if marker is None:
+        return None
+    try:
+        with open(marker) as f:
+            m = json.load(f)
+        return read_entry(npy, marker, m["key"], tuple(m["shape"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_entry(npy, marker, key, arr, meta):
+    tmp = f"{npy}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        if os.path.exists(marker):
+            os.remove(marker)
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, npy)
+        info = dict(meta, key=key, shape=list(arr.shape), dtype="float32", bytes=os.path.getsize(npy),
+                    crc32=checksum(arr), version=FORMAT_VERSION, created=time.time())
+        write_json(marker, info)
+        return True
+    except OSError as e:
+        warn(f"cannot write the activation cache ({e.strerror or e}); continuing without it")
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary name, then a rename); raises OSError."""
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def best_scale(accs: dict) -> str:
+    names = list(SCALES)
+    return max(accs, key=lambda k: (accs[k], -names.index(k)))
+
+
+def read_scale(path, key):
+    """A stored scale decision ``(name, accuracies)`` when it is for ``key`` and consistent, else None."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        accs = m["accuracy"]
+        if m.get("key") != key or not isinstance(accs, dict) or set(accs) != set(SCALES):
+            return None
+        accs = {k: float(accs[k]) for k in SCALES}
+        if not all(0.0 <= v <= 1.0 for v in accs.values()) or m.get("scale") != best_scale(accs):
+            return None
+        return m["scale"], accs
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None
