@@ -358,10 +358,14 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
         imp = run.med("test_import_floor")
         tm = run.x("test_cli_sweep[cold]", "timings") or {}
         parts = ", ".join(f"{k} {fs(val)}" for k, val in tm.items() if isinstance(val, (int, float)))
+        rest = cold - (tm.get("total") or 0) - (imp or 0)
         w(f"- **Whole command** ({fs(cold)} cold, {fs(warm)} warm): a fresh interpreter importing TensorFlow and "
           f"Keras alone takes {fs(imp)} (`test_import_floor`); inside the run (last round, sweep.json timings): "
-          f"{parts}. The rest (≈ {fs(cold - (tm.get('total') or 0) - (imp or 0))}) is writing the outputs "
-          f"(B'_X models, sweep.png, tables) and process start/exit.")
+          f"{parts}. " + (f"The rest (≈ {fs(rest)}) is writing the outputs (B'_X models, sweep.png, tables) and "
+                          f"process start/exit." if rest > 0 else
+                          f"The command's whole time outside its own timings ({fs(cold - (tm.get('total') or 0))}) "
+                          "is shorter than `test_import_floor` in this run, so writing the outputs cannot be "
+                          "split off this way."))
         ef = None
         if ext_tf is not None and peak and run.x("test_sweep_stage[incremental]", "trunk_flops_per_image"):
             ef = run.x("test_extract[tf]", "images") * run.x("test_sweep_stage[incremental]",
