@@ -12,12 +12,15 @@ import pytest
 
 from badprune import _tf  # noqa: F401
 from badprune import cli, goodnet
+import badprune
 from badprune.data import open_dataset
 from badprune.errors import BadpruneError
 from badprune.export import export_run, tflite_filename
 from badprune.runtime import LiteModel, load_images
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+#: the folder holding the badprune under test (the source tree in a development install, site-packages in CI):
+#: subprocesses put it first on their path, so they run the same package, with its built extensions
+SRC = str(Path(badprune.__file__).resolve().parents[1])
 #: ``tiny_lab`` as the test_cli files, but more images, float32 pixels and a fifth of the labels random
 DEPLOY_LAB = dict(sizes=(("valid", 300), ("test", 200), ("bd_test", 150)), input_name="input", relabel_div=5,
                   dtype=np.float32)

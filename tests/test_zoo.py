@@ -52,7 +52,13 @@ scale = 0.5
     assert a.options["model"] == str(tmp_path / "models" / "a.keras")
     assert a.options["valid"] == str(tmp_path / "data" / "valid.h5")
     assert a.options["thresholds"] == [2.0, 4.5] and a.options["no_models"] is True
-    assert a.options["order"] == "ascending" and a.options["batch_size"] == 1024  # sweep.run's own defaults
+    import inspect
+
+    from badprune.sweep import run as sweep_run
+
+    defaults = inspect.signature(sweep_run).parameters  # sweep.run's own defaults
+    assert a.options["order"] == defaults["order"].default == "ascending"
+    assert a.options["batch_size"] == defaults["batch_size"].default
     assert b.options["weights"] == "/abs/w.h5" and b.options["valid"] == str(tmp_path / "other" / "valid.h5")
     assert b.options["fine_tune_epochs"] == 3 and b.options["scale"] == 0.5
     assert a.label == "models/a.keras" and b.label == "/abs/w.h5"

@@ -101,7 +101,10 @@ def _dataset_labels(m, path, scale, batch=4096):
     try:
         from ..data import open_dataset
     except ImportError as e:
-        raise BadpruneError(f"reading h5 data needs h5py ({e})", fix="pip install h5py") from None
+        if (e.name or "").split(".")[0] == "h5py":
+            raise BadpruneError(f"reading h5 data needs h5py ({e})", fix="pip install h5py") from None
+        raise BadpruneError(f"badprune's native kernels are missing ({e})",
+                            fix="reinstall badprune (pip install .), which builds them") from None
     import numpy as np
 
     num = m.kind.num_classes if not m.kind.goodnet else None
