@@ -125,7 +125,7 @@ class HeadTrainer:
         self.net = head_model(model, layer)
         self._stack = contextlib.ExitStack()   # the private head stays in logits mode for the trainer's life
         m = self._stack.enter_context(as_logits(self.net))
-        self.start = [v.numpy() for v in self.net.weights]
+        self.start = [v.numpy() for v in self.net.variables]  # weights and any random layer's seed state
         self.bs = int(min(p["batch_size"], n))
         self.per = n // self.bs
         self.epochs = int(p["epochs"])
@@ -155,7 +155,7 @@ class HeadTrainer:
         the per-epoch mean losses. The trained weights are in ``self.net`` (its layers have B's names)."""
         import tensorflow as tf
 
-        for v, w in zip(self.net.weights, self.start):
+        for v, w in zip(self.net.variables, self.start):
             v.assign(w)
         for v in self.opt.variables:
             v.assign(tf.zeros_like(v))

@@ -361,10 +361,10 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
             if params["mode"] == "head":
                 R, info, stats = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params,
                                                shared)
-                pending.append((t, R, info, stats, pool.submit(evaluate, R, t.channels, stats)))
-            else:  # the trunk pass of the evaluation uses TensorFlow: no overlap
+            else:
                 R, info, stats = repair_full(B, layer, t.channels, X_valid, truth["valid"], params, progress=say)
-                pending.append((t, R, info, stats, pool.submit(evaluate, R, t.channels, stats)))
+            pending.append((t, R, info, stats, pool.submit(evaluate, R, t.channels, stats)))
+            if params["mode"] == "full":  # the trunk pass of the evaluation uses TensorFlow: no overlap
                 pending[-1][-1].result()
         base = {k: base_all.result()[s] for k, s in bounds.items()}
         out = []
