@@ -37,7 +37,6 @@ cdef Py_ssize_t _convert(const pixel_t[:, :, :, ::1] src, float[:, :, :, ::1] ds
     cdef Py_ssize_t m = plane * c
     cdef Py_ssize_t i, j
     cdef float* d
-    cdef const unsigned int* bits
     cdef unsigned int bad
     for i in range(n):
         d = &dst[i, 0, 0, 0]
@@ -45,11 +44,10 @@ cdef Py_ssize_t _convert(const pixel_t[:, :, :, ::1] src, float[:, :, :, ::1] ds
         if scale != 1.0:
             for j in range(m):
                 d[j] = d[j] * scale
-        # a float32 is NaN or infinite when its exponent bits are all ones
-        bits = <const unsigned int*>d
+        # x - x is 0 for every finite x and NaN for NaN and +-inf (IEEE arithmetic: no -ffast-math here)
         bad = 0
         for j in range(m):
-            bad |= (bits[j] & 0x7f800000u) == 0x7f800000u
+            bad |= (d[j] - d[j]) != 0
         if bad:
             return i
     return -1
