@@ -19,8 +19,7 @@ Engines (``engine=``):
 Cache entries (:mod:`badprune.cache`) live in :func:`default_cache_dir` (or ``cache_dir``): ``<key>.npy`` plus a
 JSON completion marker ``<key>.json`` written after it, holding the array's CRC-32; an entry without a marker, or
 whose marker, file size or checksum disagrees (a value changed on disk) is rebuilt, the last with a one-line
-warning. :func:`detect_scale`
-keeps its decision (and the accuracies behind it) in ``scale-<key>.json`` beside them.
+warning. :func:`detect_scale` keeps its decision (and the accuracies behind it) in ``scale-<key>.json`` beside them.
 """
 from __future__ import annotations
 
@@ -265,10 +264,6 @@ def _runner(model, layer, engine, net=None) -> _Runner:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# cache
-
-
-# --------------------------------------------------------------------------------------------------------------
 # public
 
 
@@ -297,7 +292,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         raise ValueError(f"extract: out must be C-contiguous float32 {out_shape}, got {out.dtype} {out.shape}")
     npy = marker = key = None
     if cache_dir is not None:
-        key = cache.cache_key(model_digest(model), layer, dataset, sv, engine or DEFAULT_ENGINE)
+        key = cache.cache_key(model_digest(model), layer, dataset, sv, engine)
         cache_dir = str(cache_dir)
         npy = os.path.join(cache_dir, f"act-{key[:40]}.npy")
         marker = os.path.join(cache_dir, f"act-{key[:40]}.json")
