@@ -5,19 +5,13 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "prune_ext._kernels",
-        ["src/prune_ext/_kernels.pyx"],
+        f"prune_ext.{name}",
+        [f"src/prune_ext/{name}.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    ),
-    Extension(
-        "prune_ext._convert",
-        ["src/prune_ext/_convert.pyx"],
-        include_dirs=[numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"],
-    ),
+    )
+    for name in ("_kernels", "_convert")
 ]
 
 setup(
