@@ -39,12 +39,14 @@ from ._console import progress as stage_progress, quiet_fds
 from . import cache
 from .errors import BadpruneError, warn
 from .models import model_digest
-from .runfiles import SCALES, TRUNK_BATCH, cache_home, scale_value
+from .runfiles import SCALES, cache_home, scale_value
 
 ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = "tf"
-#: the largest batch the engines run, and the default (:data:`badprune.runfiles.TRUNK_BATCH`)
-DEFAULT_BATCH_SIZE = MAX_BATCH = TRUNK_BATCH
+DEFAULT_BATCH_SIZE = 128
+#: the largest batch the engines run: the activations do not depend on the batch size, and larger batches only
+#: cost memory (TensorFlow's buffers grow with the batch: 1024 images hold ~190 MB in conv_1 alone) and time
+MAX_BATCH = 128
 #: batches in flight for the TensorFlow engines (each call also uses TF's intra-op threads)
 WORKERS = 2
 

@@ -28,9 +28,6 @@ from .errors import BadpruneError
 # ------------------------------------------------------------------------------------------------ pixel scales
 #: multiplier applied to stored pixels for each named ``--scale``
 SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
-#: the largest trunk batch (and the default): the activations do not depend on the batch size, and larger batches
-#: only cost memory (TensorFlow's buffers grow with the batch: 1024 images hold ~190 MB in conv_1 alone) and time
-TRUNK_BATCH = 128
 
 
 def scale_value(scale) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 import prune_ext
 
 from .errors import BadpruneError, warn
-from .runfiles import COLUMNS, POISONED_MEAN, SCALES, TRUNK_BATCH, check_model_source
+from .runfiles import COLUMNS, POISONED_MEAN, SCALES, check_model_source
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0
@@ -336,7 +336,7 @@ def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes:
 
 def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=None, *, layer=None,
         thresholds=(2, 4, 10), relative=False, order="ascending", scale="auto", cache_dir=None, use_cache=True,
-        batch_size=TRUNK_BATCH, mode="incremental", progress=True, trust_model=False, name=None, log=None,
+        batch_size=128, mode="incremental", progress=True, trust_model=False, name=None, log=None,
         fine_tune=None, fine_tune_epochs=None, fine_tune_lr=None, seed=0) -> SweepResult:
     """Run the pruning defense and return a :class:`SweepResult`.
 
@@ -361,8 +361,8 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     cache_dir : str, optional
         Where prune-layer activations are cached (default: the user cache folder); ``use_cache=False`` disables.
     batch_size : int
-        Trunk batch size (default and at most :data:`badprune.runfiles.TRUNK_BATCH`, 128: larger batches only
-        hold more of TensorFlow's working memory; the activations do not depend on it).
+        Trunk batch size (at most :data:`badprune.features.MAX_BATCH`, 128: larger batches only hold more of
+        TensorFlow's working memory; the activations do not depend on it).
     mode : {'incremental', 'full'}
         The sweep engine's mode (``full``: the reference without shortcuts).
     progress : bool

@@ -5,7 +5,6 @@ import os
 import time
 
 from ..errors import BadpruneError
-from ..runfiles import TRUNK_BATCH
 from ._common import add_fine_tune_args, load_tensorflow, note
 
 
@@ -33,8 +32,7 @@ def add_parser(sub):
                    help="pruning order by mean activation (default: ascending, dormant first)")
     s.add_argument("--mode", choices=["incremental", "full"], default="incremental",
                    help="incremental (default) or full re-evaluation at every step (reference)")
-    s.add_argument("--batch-size", type=int, default=TRUNK_BATCH,
-                   help=f"trunk batch size (default and at most {TRUNK_BATCH})")
+    s.add_argument("--batch-size", type=int, default=128, help="trunk batch size (default and at most 128)")
     f = p.add_argument_group("repair (fine-pruning: each B'_X fine-tuned on clean data into R_X)")
     add_fine_tune_args(f)
     o = p.add_argument_group("output")
