@@ -5,13 +5,19 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        f"prune_ext.{name}",
-        [f"src/prune_ext/{name}.pyx"],
+        "prune_ext._kernels",
+        ["src/prune_ext/_kernels.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    )
-    for name in ("_kernels", "_convert")
+    ),
+    Extension(
+        "prune_ext._convert",
+        ["src/prune_ext/_convert.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(
