@@ -154,6 +154,30 @@ def test_final_layer_screen_policies_give_the_full_mode_labels(monkeypatch, rand
         assert stats["screened"] < stats["rows"]
 
 
+@pytest.mark.parametrize("jobs", [2, 3])
+def test_sharded_sweep_gives_the_one_thread_labels(monkeypatch, randomize, jobs):
+    """The samples cut into shards swept in threads: the same labels at every step and the same statistics as
+    one thread."""
+    import badprune.head.engine as H
+
+    monkeypatch.setattr(H, "MIN_SHARD_ROWS", 16)
+    m = model_deepid_like(randomize, seed=5)
+    X = _inputs(301, 5)
+    F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
+    head = compile_head(m, "pool_p")
+    order = np.argsort(F.mean(axis=(0, 1, 2)), kind="stable")
+    one = H.MaskedSweep(head, F, order, batch_size=32, jobs=1)
+    ref = [(k, c, lab.copy()) for k, c, lab in one]
+    many = H.MaskedSweep(head, F, order, batch_size=32, jobs=jobs)
+    got = [(k, c, lab.copy()) for k, c, lab in many]
+    assert [(k, c) for k, c, _ in got] == [(k, c) for k, c, _ in ref]
+    for (k, _, a), (_, _, b) in zip(got, ref):
+        np.testing.assert_array_equal(a, b, err_msg=f"step {k}")
+    assert many.stats["rows"] == one.stats["rows"] > 0
+    with pytest.raises(ValueError, match="jobs"):
+        H.MaskedSweep(head, F, order, jobs=0)
+
+
 def test_samples_with_no_input_left_tie_exactly_like_tensorflow(randomize):
     """Zero biases: once every channel is masked all logits tie, and the label must be class 0 (first maximum),
     as TensorFlow gives, not whatever the incremental subtractions' rounding leaves."""

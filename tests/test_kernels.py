@@ -147,6 +147,31 @@ def test_argmax_first_maximum_and_topk():
     np.testing.assert_array_equal(floor, srt[:, 5])
 
 
+@pytest.mark.parametrize("n", [1, 3, 16, 17, 40, 1283])
+def test_argmax_and_topk_long_rows_ties_and_nan(n):
+    """Rows longer than the vector blocks: first maximum on ties across blocks, NaN handled like the plain scan."""
+    X = rng.standard_normal((64, n)).astype(np.float32)
+    X[1, :] = 0.5  # all tied: class 0
+    if n > 5:
+        X[2, n - 1] = X[2, n // 2] = X[2, 5] = 50  # tied maximum in different blocks
+        X[3, n - 1] = 60  # the maximum in the tail after the last full block
+    lab = prune_ext.argmax_rows(X)
+    np.testing.assert_array_equal(lab, X.argmax(1))
+    if n > 5:
+        assert lab[2] == 5 and lab[3] == n - 1
+    K = min(8, n - 1)
+    if K > 0:
+        cand = np.empty((64, K), np.int64)
+        floor = np.empty(64, np.float32)
+        prune_ext.topk_refs(X, cand, floor)
+        order = np.argsort(-X, axis=1, kind="stable")  # descending, ties to the lower class
+        np.testing.assert_array_equal(cand, order[:, :K])
+        np.testing.assert_array_equal(floor, np.take_along_axis(X, order[:, K:K + 1], 1)[:, 0])
+    Y = X.copy()
+    Y[:, 0] = np.nan  # a NaN first: the plain scan keeps class 0
+    np.testing.assert_array_equal(prune_ext.argmax_rows(Y), 0)
+
+
 def test_screen_final_is_sound():
     """Whenever the screen answers a label, it is the true argmax of h.W + b."""
     D, K, N = 12, 40, 400

@@ -8,8 +8,9 @@ Layout conventions (all C-contiguous, rows = samples):
 Each ``cdef ... nogil`` core has a one-line formula docstring; the ``cpdef`` functions are the memoryview entry
 points that ``badprune.head`` calls. No TensorFlow here.
 
-Threads: the loops here are serial on purpose. The GEMMs, where the time goes, run on scipy's OpenBLAS threads;
-an OpenMP pool next to them made both spin against each other on 2 cores (measured: GEMM 100 -> 30 GFLOP/s).
+Threads: the loops here are serial and release the GIL. ``badprune.head.MaskedSweep`` runs shards of the samples
+in Python threads with OpenBLAS single-threaded (measured on 2 cores: an OpenMP pool next to OpenBLAS's threads made
+both spin against each other, GEMM 100 -> 30 GFLOP/s).
 """
 from libc.math cimport exp, expf, tanhf, erff, log1p, sqrt, INFINITY
 from libc.stdlib cimport malloc, free
@@ -25,6 +26,9 @@ ctypedef fused floating:
     double
 
 # activation kinds (the names are the keys of ACTIVATIONS, used by badprune.head)
+cdef enum:
+    LANES = 16  # values per block in topk_refs' skip test
+
 cdef enum:
     ACT_LINEAR = 0
     ACT_RELU = 1
@@ -339,17 +343,74 @@ cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] 
                                     Z[r, oy, ox, j] -= v * K[ky, kx, c, j]
 
 
+# The scans over a row of logits, with SSE (part of every x86-64) where the compiler has it: GCC does not vectorize
+# float max loops without -ffast-math. _mm_max_ps(x, m) is exactly ``x if x > m else m`` lane by lane.
+cdef extern from *:
+    """
+    #if defined(__SSE__)
+    #include <xmmintrin.h>
+    #endif
+    /* the max of x[0:n] by the rule m = x[j] > m ? x[j] : m from m = x[0] (a NaN never enters unless x[0] is one) */
+    static inline float bp_row_max(const float *x, Py_ssize_t n) {
+        float mx = x[0];
+        Py_ssize_t j = 0;
+    #if defined(__SSE__)
+        __m128 a = _mm_set1_ps(mx), b = a, c = a, d = a;
+        for (; j + 16 <= n; j += 16) {
+            a = _mm_max_ps(_mm_loadu_ps(x + j), a);
+            b = _mm_max_ps(_mm_loadu_ps(x + j + 4), b);
+            c = _mm_max_ps(_mm_loadu_ps(x + j + 8), c);
+            d = _mm_max_ps(_mm_loadu_ps(x + j + 12), d);
+        }
+        float t[16];
+        _mm_storeu_ps(t, a); _mm_storeu_ps(t + 4, b); _mm_storeu_ps(t + 8, c); _mm_storeu_ps(t + 12, d);
+        for (int l = 0; l < 16; l++) mx = t[l] > mx ? t[l] : mx;
+    #endif
+        for (; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+        return mx;
+    }
+    /* the first j < n with x[j] == v, else -1 */
+    static inline Py_ssize_t bp_first_equal(const float *x, Py_ssize_t n, float v) {
+        Py_ssize_t j = 0;
+    #if defined(__SSE__)
+        __m128 t = _mm_set1_ps(v);
+        for (; j + 16 <= n; j += 16) {
+            __m128 e = _mm_or_ps(_mm_or_ps(_mm_cmpeq_ps(_mm_loadu_ps(x + j), t),
+                                           _mm_cmpeq_ps(_mm_loadu_ps(x + j + 4), t)),
+                                 _mm_or_ps(_mm_cmpeq_ps(_mm_loadu_ps(x + j + 8), t),
+                                           _mm_cmpeq_ps(_mm_loadu_ps(x + j + 12), t)));
+            if (_mm_movemask_ps(e)) break;
+        }
+    #endif
+        for (; j < n; j++) if (x[j] == v) return j;
+        return -1;
+    }
+    /* 1 if some x[j] > v for j < n (n <= 16), else 0 */
+    static inline int bp_any_above(const float *x, Py_ssize_t n, float v) {
+        Py_ssize_t j = 0;
+    #if defined(__SSE__)
+        __m128 t = _mm_set1_ps(v), hit = _mm_setzero_ps();
+        for (; j + 4 <= n; j += 4) hit = _mm_or_ps(hit, _mm_cmpgt_ps(_mm_loadu_ps(x + j), t));
+        if (_mm_movemask_ps(hit)) return 1;
+    #endif
+        for (; j < n; j++) if (x[j] > v) return 1;
+        return 0;
+    }
+    """
+    float _row_max "bp_row_max"(const float* x, Py_ssize_t n) noexcept nogil
+    int _any_above "bp_any_above"(const float* x, Py_ssize_t n, float v) noexcept nogil
+    Py_ssize_t _first_equal "bp_first_equal"(const float* x, Py_ssize_t n, float v) noexcept nogil
+
+
 cdef inline Py_ssize_t _argmax(const float* x, Py_ssize_t n) noexcept nogil:
     """argmax_j x[j]  (first maximum)"""
     cdef Py_ssize_t j, best = 0
-    cdef float bv = x[0], mx = x[0]
-    for j in range(1, n):  # branch-free max first (vectorizes), then find its first position
-        mx = x[j] if x[j] > mx else mx
+    cdef float bv = x[0], mx = _row_max(x, n)  # branch-free max first, then find its first position
     if mx == bv:
         return 0
-    for j in range(1, n):
-        if x[j] == mx:
-            return j
+    j = _first_equal(x, n, mx)
+    if j >= 0:
+        return j
     for j in range(1, n):  # NaN present: fall back to the plain scan
         if x[j] > bv:
             bv = x[j]
@@ -372,7 +433,7 @@ cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
 
 cpdef void topk_refs(const float[:, ::1] X, cnp.int64_t[:, ::1] cand, float[::1] floor):
     """cand[m] := the K largest classes of X[m] (descending);  floor[m] := the (K+1)-th largest value"""
-    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], K = cand.shape[1], m, j, q
+    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], K = cand.shape[1], m, j, j0, j1, q
     cdef float v, low
     cdef const float* x
     cdef float* vals
@@ -392,17 +453,22 @@ cpdef void topk_refs(const float[:, ::1] X, cnp.int64_t[:, ::1] cand, float[::1]
                 vals[q] = -INFINITY
                 ids[q] = -1
             low = -INFINITY
-            for j in range(N):
-                v = x[j]
-                if v > low:  # insert, keeping vals descending (ties: lower class first)
-                    q = K
-                    while q > 0 and vals[q - 1] < v:
-                        vals[q] = vals[q - 1]
-                        ids[q] = ids[q - 1]
-                        q -= 1
-                    vals[q] = v
-                    ids[q] = j
-                    low = vals[K]
+            j0 = 0
+            while j0 < N:
+                j1 = min(j0 + LANES, N)
+                if _any_above(x + j0, j1 - j0, low):  # most blocks hold no value that enters
+                    for j in range(j0, j1):
+                        v = x[j]
+                        if v > low:  # insert, keeping vals descending (ties: lower class first)
+                            q = K
+                            while q > 0 and vals[q - 1] < v:
+                                vals[q] = vals[q - 1]
+                                ids[q] = ids[q - 1]
+                                q -= 1
+                            vals[q] = v
+                            ids[q] = j
+                            low = vals[K]
+                j0 = j1
             for q in range(K):
                 cand[m, q] = ids[q]
             floor[m] = vals[K]

@@ -11,8 +11,15 @@ Each step masks one more channel, and :class:`MaskedSweep` uses that:
   computed; a class outside them had a logit <= floor at h_ref and can have gained at most
   (h - h_ref).mu + ||h - h_ref|| * max_j ||W_j - mu|| (mu: the mean class vector), so when the best candidate
   beats that (plus a rounding margin) it is the argmax. Otherwise the whole layer is recomputed for that sample.
+
+The samples are independent, so they are cut into contiguous shards (one per core) swept side by side in threads;
+the kernels release the GIL and BLAS runs single-threaded in each (``threadpoolctl``), which keeps both cores busy
+in the non-GEMM kernels too.
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -26,6 +33,8 @@ SCREEN_MIN_SHARE = 0.2
 SCREEN_RETRY = 8
 #: candidates kept per sample for the final-layer screen
 SCREEN_K = 16
+#: the fewest samples per shard: smaller sets run in one thread
+MIN_SHARD_ROWS = 2048
 MODES = ("incremental", "full")
 
 
@@ -39,12 +48,16 @@ class MaskedSweep:
     ``screen_min_share`` / ``screen_retry``: the final-layer screen's policy (default :data:`SCREEN_MIN_SHARE`,
     :data:`SCREEN_RETRY`).
 
+    ``jobs``: the samples are cut into this many contiguous shards (default: one per core, at least
+    :data:`MIN_SHARD_ROWS` samples each), swept side by side in threads with single-threaded BLAS; a sample's labels
+    do not depend on the shard it is in. A head that runs in TensorFlow is swept in one thread.
+
     Attributes, updated as the sweep runs: ``rows`` (samples re-evaluated over all steps), ``exact_final`` (rows
     whose final layer was computed in full), ``screened`` (rows the final-layer screen was tried on).
     """
 
     def __init__(self, head, F: np.ndarray, order, mode: str = "incremental", batch_size: int = 1024,
-                 screen_min_share: float | None = None, screen_retry: int | None = None):
+                 screen_min_share: float | None = None, screen_retry: int | None = None, jobs: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be 'incremental' or 'full', not {mode!r}")
         self.head = head
@@ -54,6 +67,9 @@ class MaskedSweep:
         self.batch_size = int(batch_size)
         self.screen_min_share = SCREEN_MIN_SHARE if screen_min_share is None else float(screen_min_share)
         self.screen_retry = SCREEN_RETRY if screen_retry is None else int(screen_retry)
+        self.jobs = _cores() if jobs is None else int(jobs)
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, not {jobs!r}")
         self.rows = self.exact_final = self.screened = 0
 
     @property
@@ -62,7 +78,43 @@ class MaskedSweep:
         return {"rows": self.rows, "exact_final": self.exact_final, "screened": self.screened}
 
     def __iter__(self):
-        head, F, bs = self.head, self.F, self.batch_size
+        N = len(self.F)
+        jobs = max(1, min(self.jobs, N // MIN_SHARD_ROWS)) if self.head.tf_head is None else 1
+        labels = np.empty(N, np.int64)
+        self.rows = self.exact_final = self.screened = 0
+        cuts = np.linspace(0, N, jobs + 1).astype(np.int64)
+        shards = [_Stats() for _ in range(jobs)]
+        steps = [self._shard(self.F[a:b], labels[a:b], st) for (a, b), st in zip(zip(cuts[:-1], cuts[1:]), shards)]
+        if jobs == 1:
+            for k, c in steps[0]:
+                self._total(shards)
+                yield k, c, labels
+            return
+        # one thread per shard of the samples; each shard's BLAS calls single-threaded (the threads fill the cores)
+        from threadpoolctl import threadpool_limits
+
+        pool = ThreadPoolExecutor(jobs, thread_name_prefix="badprune-sweep")
+        try:
+            with threadpool_limits(1, user_api="blas"):
+                while True:
+                    done = [f.result() for f in [pool.submit(_advance, g) for g in steps]]
+                    if done[0] is None:
+                        return
+                    self._total(shards)
+                    yield done[0][0], done[0][1], labels
+        finally:
+            pool.shutdown(wait=True)  # a shard may still be running when another failed or the consumer stopped
+            for g in steps:
+                g.close()
+
+    def _total(self, shards) -> None:
+        self.rows = sum(s.rows for s in shards)
+        self.exact_final = sum(s.exact_final for s in shards)
+        self.screened = sum(s.screened for s in shards)
+
+    def _shard(self, F, labels, stats):
+        """Yield ``(k, channel)`` for k = 0..len(order) with ``labels`` (this shard's samples ``F``) updated."""
+        head, bs = self.head, self.batch_size
         incremental = self.mode == "incremental"
         native = head.tf_head is None
         N = len(F)
@@ -77,7 +129,6 @@ class MaskedSweep:
             final = last
         keep = tuple(head.ops[i].out for i in linear) + ((final.inputs[0],) if final is not None else ())
         state = {head.ops[i].out: np.empty((N,) + head.shapes[head.ops[i].out], np.float32) for i in linear}
-        labels = np.empty(N, np.int64)
         screen = _FinalScreen(final, N, head.shapes) if final is not None else None
 
         # step 0: every sample's whole head, keeping the linear states and the screen's references
@@ -94,7 +145,7 @@ class MaskedSweep:
             labels[lo:hi] = prune_ext.argmax_rows(logits)
             if screen is not None:
                 screen.reference(lo, hi, kept[final.inputs[0]], logits)
-        yield 0, -1, labels
+        yield 0, -1
 
         active = prune_ext.channel_activity(F3) if incremental else None
         left = active.sum(axis=1, dtype=np.int64) if incremental else None  # unmasked active channels per sample
@@ -117,7 +168,7 @@ class MaskedSweep:
                 # reset to the exact pre-activation of a zero input (the bias), dropping the subtractions'
                 # rounding, so that samples whose input is gone tie exactly as in TensorFlow
                 state[o.out][empty] = o.params["b"]
-            self.rows += len(rows)
+            stats.rows += len(rows)
             screening = screen is not None and screen.K > 0 and (screen_ok or k - last_try >= self.screen_retry)
             if screening:
                 last_try = k
@@ -146,11 +197,29 @@ class MaskedSweep:
                     hr, rr = h, r
                 if len(rr):
                     labels[rr] = screen.exact(hr, rr, refresh=screening)
-                    self.exact_final += len(rr)
+                    stats.exact_final += len(rr)
             if screening and tried:
                 screen_ok = answered >= self.screen_min_share * tried
-                self.screened += tried
-            yield k, c, labels
+                stats.screened += tried
+            yield k, c
+
+
+class _Stats:
+    """One shard's counters (see :class:`MaskedSweep`'s attributes)."""
+
+    def __init__(self):
+        self.rows = self.exact_final = self.screened = 0
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _advance(steps):
+    return next(steps, None)
 
 
 class _FinalScreen:
