@@ -11,6 +11,7 @@ anything else is an internal fault: one line, exit 1 (``--debug`` shows the trac
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -67,7 +68,13 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated) or TERMINATED.is_set()
         print(f"error: {'terminated' if term else 'interrupted'} (no partial outputs were kept)", file=sys.stderr)
-        return 128 + (signal.SIGTERM if term else signal.SIGINT)
+        code = 128 + (signal.SIGTERM if term else signal.SIGINT)
+        if argv is None:  # the program itself: outputs are already cleaned up, so end now rather than risk
+            # the interpreter's shutdown (TensorFlow's and the trunk threads' clean-up) hanging after an interrupt
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except Exception as e:  # an internal fault: one line unless --debug
         if args.debug:
             raise
