@@ -80,9 +80,10 @@ def test_rank(benchmark, features, bounds):
 
 # ------------------------------------------------------------------------------------------------- sweep stage
 def _kernel_profile(fn):
-    """One more call of ``fn`` with every prune_ext kernel wrapped in a timer: {kernel: [calls, seconds, GFLOP]}
-    (FLOPs for dense / conv2d from the operand shapes), the total, and the rest (Python and numpy glue: row
-    gathers, copies, metrics). cProfile cannot see inside the Cython kernels, so they are timed from outside."""
+    """One more call of ``fn``, in one thread (no shards), with every prune_ext kernel wrapped in a timer:
+    {kernel: [calls, seconds, GFLOP]} (FLOPs for dense / conv2d / sparse_argmax from the operands), the total, and
+    the rest (Python and numpy glue: row gathers, copies, metrics). cProfile cannot see inside the Cython kernels,
+    so they are timed from outside."""
     import prune_ext
 
     names = [n for n in dir(prune_ext) if not n.startswith("_") and callable(getattr(prune_ext, n))
@@ -98,6 +99,8 @@ def _kernel_profile(fn):
                 return 2.0 * a[0].shape[0] * a[0].shape[1] * a[1].shape[1]
             if n == "conv2d":
                 return 2.0 * float(np.prod(a[-1].shape)) * float(np.prod(a[1].shape[:3]))
+            if n == "sparse_argmax":  # over each row's nonzero inputs
+                return 2.0 * np.count_nonzero(a[0]) * a[1].shape[0] * a[1].shape[2]
         except (AttributeError, IndexError):
             pass
         return 0.0
@@ -114,13 +117,17 @@ def _kernel_profile(fn):
                 e[2] += flops(n, a) / 1e9
         return timed
 
+    import badprune.head.engine as engine
+
     for n, f in saved.items():
         setattr(prune_ext, n, wrap(n, f))
+    shard_rows, engine.MIN_SHARD_ROWS = engine.MIN_SHARD_ROWS, 1 << 62  # one thread: the kernels' times add up
     t = time.perf_counter()
     try:
         fn()
     finally:
         total = time.perf_counter() - t
+        engine.MIN_SHARD_ROWS = shard_rows
         for n, f in saved.items():
             setattr(prune_ext, n, f)
     kern = {n: [c, round(s, 4), round(g, 2)] for n, (c, s, g) in sorted(acc.items(), key=lambda kv: -kv[1][1]) if c}
@@ -142,9 +149,6 @@ def test_sweep_stage(benchmark, mode, model, layer, head, features, ranking, bou
     f = sweep_stage.head_flops(head)
     N = len(features)
     state = sum(int(np.prod(head.shapes[head.ops[i].out])) for i in head.linear) * 4 * N
-    last = head.ops[-1] if head.ops else None
-    if last is not None and last.kind == "dense":
-        state += N * (int(last.params["W"].shape[0]) * 4 + 16 * 8 + 4)
     benchmark.extra_info.update(features_bytes=int(features.nbytes), state_bytes=int(state), n_classes=n_classes)
     benchmark.extra_info.update(kind="badprune", images=len(features), steps=len(ranking) + 1, mode=mode,
                                 head=head.describe(), head_flops_per_sample=f,

@@ -32,8 +32,8 @@ def _op_flops(head, o) -> int:
 def head_flops(head) -> dict:
     """Per-sample FLOPs of the head: 'full' (the whole head), and for the incremental sweep 'remove' (taking one
     channel out of the linear consumers' pre-activations), 'rest' (from those to the final layer's input), 'final'
-    (the final Dense) and 'screen' (the final layer's 16 screened candidates)."""
-    out = {"full": sum(_op_flops(head, o) for o in head.ops), "remove": 0, "rest": 0, "final": 0, "screen": 0}
+    (the final Dense) and 'per_input' (the final Dense per nonzero input: its sparse argmax's cost)."""
+    out = {"full": sum(_op_flops(head, o) for o in head.ops), "remove": 0, "rest": 0, "final": 0, "per_input": 0}
     if head.tf_head is not None or not head.ops:
         return out
     H, W, C = head.input_shape
@@ -47,7 +47,7 @@ def head_flops(head) -> dict:
     last = head.ops[-1]
     if last.kind == "dense":
         out["final"] = _op_flops(head, last)
-        out["screen"] = 2 * int(last.params["W"].shape[0]) * 16
+        out["per_input"] = 2 * int(last.params["W"].shape[1])
         given = frozenset(head.ops[i].out for i in head.linear)
         from badprune.head.evaluate import plan as head_plan
 
@@ -74,7 +74,7 @@ def trunk_flops(model, layer) -> int:
 
 def incremental_flops(head, n_samples, stats) -> float:
     """FLOPs the incremental sweep did, from the engine's ``stats`` (rows re-evaluated, rows whose final
-    layer was computed exactly, rows screened) plus the first full pass."""
+    layer was computed in full, nonzero inputs the sparse final layer summed over) plus the first full pass."""
     f = head_flops(head)
     return float(n_samples * f["full"] + stats.get("rows", 0) * (f["remove"] + f["rest"])
-                 + stats.get("exact_final", 0) * f["final"] + stats.get("screened", 0) * f["screen"])
+                 + stats.get("exact_final", 0) * f["final"] + stats.get("nonzeros", 0) * f["per_input"])

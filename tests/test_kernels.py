@@ -133,22 +133,16 @@ def test_remove_channel_updates_equal_recompute():
     np.testing.assert_allclose(Zc, ref_conv(Fz, K, b, (1, 2), (1, 0, 0, 1), (1, 1)), rtol=1e-4, atol=1e-4)
 
 
-def test_argmax_first_maximum_and_topk():
+def test_argmax_first_maximum():
     X = rng.standard_normal((50, 30)).astype(np.float32)
     X[0, 4] = X[0, 9] = 100
     lab = prune_ext.argmax_rows(X)
     np.testing.assert_array_equal(lab, X.argmax(1))
     assert lab[0] == 4
-    cand = np.empty((50, 5), np.int64)
-    floor = np.empty(50, np.float32)
-    prune_ext.topk_refs(X, cand, floor)
-    srt = np.sort(X, 1)[:, ::-1]
-    np.testing.assert_array_equal(np.take_along_axis(X, cand, 1), srt[:, :5])
-    np.testing.assert_array_equal(floor, srt[:, 5])
 
 
 @pytest.mark.parametrize("n", [1, 3, 16, 17, 40, 1283])
-def test_argmax_and_topk_long_rows_ties_and_nan(n):
+def test_argmax_long_rows_ties_and_nan(n):
     """Rows longer than the vector blocks: first maximum on ties across blocks, NaN handled like the plain scan."""
     X = rng.standard_normal((64, n)).astype(np.float32)
     X[1, :] = 0.5  # all tied: class 0
@@ -159,37 +153,55 @@ def test_argmax_and_topk_long_rows_ties_and_nan(n):
     np.testing.assert_array_equal(lab, X.argmax(1))
     if n > 5:
         assert lab[2] == 5 and lab[3] == n - 1
-    K = min(8, n - 1)
-    if K > 0:
-        cand = np.empty((64, K), np.int64)
-        floor = np.empty(64, np.float32)
-        prune_ext.topk_refs(X, cand, floor)
-        order = np.argsort(-X, axis=1, kind="stable")  # descending, ties to the lower class
-        np.testing.assert_array_equal(cand, order[:, :K])
-        np.testing.assert_array_equal(floor, np.take_along_axis(X, order[:, K:K + 1], 1)[:, 0])
     Y = X.copy()
     Y[:, 0] = np.nan  # a NaN first: the plain scan keeps class 0
     np.testing.assert_array_equal(prune_ext.argmax_rows(Y), 0)
 
 
-def test_screen_final_is_sound():
-    """Whenever the screen answers a label, it is the true argmax of h.W + b."""
-    D, K, N = 12, 40, 400
-    W = (rng.standard_normal((D, K)) + rng.standard_normal((D, 1))).astype(np.float32)  # a shared component
-    b = rng.standard_normal(K).astype(np.float32)
-    Href = rng.standard_normal((N, D)).astype(np.float32)
-    L = Href @ W + b
-    cand = np.empty((N, 6), np.int64)
-    floor = np.empty(N, np.float32)
-    prune_ext.topk_refs(np.ascontiguousarray(L, np.float32), cand, floor)
-    mu = W.astype(np.float64).mean(axis=1)
-    rmax = float(np.sqrt(((W - mu[:, None]) ** 2).sum(0)).max())
-    answered = 0
-    for scale in (0.01, 0.1, 0.5, 2.0):
-        H = (Href + scale * rng.standard_normal((N, D))).astype(np.float32)
-        rows = np.arange(N, dtype=np.int64)
-        lab = prune_ext.screen_final(H, Href, rows, cand, floor, np.ascontiguousarray(W.T), b, mu, rmax, 1e-4)
-        ok = lab >= 0
-        answered += ok.sum()
-        np.testing.assert_array_equal(lab[ok], (H @ W + b).argmax(1)[ok])
-    assert 0 < answered < 4 * N  # the screen both answers and declines
+def _sparse_layer(W, b):
+    """W in prune_ext.sparse_argmax's column blocks, padded with -inf-bias classes, and its bound's arguments."""
+    K, n = W.shape
+    B = prune_ext.SPARSE_BLOCK
+    N = -(-n // B) * B
+    Wp = np.zeros((K, N), np.float32)
+    Wp[:, :n] = W
+    bp = np.full(N, -np.inf, np.float32)
+    bp[:n] = b
+    m, u = K + 2, 2.0 ** -24
+    return (np.ascontiguousarray(Wp.reshape(K, N // B, B).transpose(1, 0, 2)), bp,
+            np.abs(W).max(1).astype(np.float32), float(np.abs(b).max()), 5 * m * u / (1 - m * u))
+
+
+@pytest.mark.parametrize("n_out", [2, 31, 32, 100])
+def test_sparse_argmax_is_the_argmax_or_declines(n_out):
+    """Every label given is the argmax of the float64 logits and of dense + argmax_rows; exact ties, NaN and
+    near-ties are declined (-1); classes of the padding are never given."""
+    K, M = 24, 300
+    W = rng.standard_normal((K, n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    H = np.maximum(rng.standard_normal((M, K)), 0).astype(np.float32)  # ReLU outputs: about half zeros
+    H[0] = 0  # no input at all: the bias alone
+    if n_out > 2:
+        W[:, 1] = W[:, 0]  # classes 0 and 1 tie exactly on every row ...
+        b[1] = b[0] = np.abs(b).max() + 50  # ... and lead all others
+    H[1, 3] = np.nan
+    Wb, bp, wabs, babs, tol = _sparse_layer(W, b)
+    lab = prune_ext.sparse_argmax(H, Wb, bp, wabs, babs, tol)
+    H0 = np.nan_to_num(H)
+    L = np.empty((M, n_out), np.float32)
+    prune_ext.dense(H0, W, b, L)
+    ok = lab >= 0
+    assert lab.max() < n_out and lab[1] == -1
+    np.testing.assert_array_equal(lab[ok], prune_ext.argmax_rows(L)[ok])
+    np.testing.assert_array_equal(lab[ok], (H0.astype(np.float64) @ W + b).argmax(1)[ok])
+    if n_out > 2:
+        assert not ok.any()  # every row has an exact tie
+    else:
+        assert ok.sum() > M // 2
+        # a lead below the rounding bound is declined: move b[1] so that row 5's two logits nearly tie
+        z = H0[5].astype(np.float64) @ W + b
+        b2 = b.copy()
+        b2[1] = np.float32(b[1] + (z[0] - z[1]) + 1e-6 * np.sign(z[0] - z[1]))
+        assert prune_ext.sparse_argmax(H0[5:6], *_sparse_layer(W, b2))[0] == -1
+    with pytest.raises(ValueError):
+        prune_ext.sparse_argmax(H[:, :5], Wb, bp, wabs, babs, tol)

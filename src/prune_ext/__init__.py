@@ -15,7 +15,8 @@ from ._kernels import (  # noqa: F401
     dense,
     dense_remove_channel,
     gemm,
-    screen_final,
-    topk_refs,
     pool2d,
+    SPARSE_BLOCK,
+    SPARSE_VECTORIZED,
+    sparse_argmax,
 )

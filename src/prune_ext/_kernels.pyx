@@ -12,7 +12,7 @@ Threads: the loops here are serial and release the GIL. ``badprune.head.MaskedSw
 in Python threads with OpenBLAS single-threaded (measured on 2 cores: an OpenMP pool next to OpenBLAS's threads made
 both spin against each other, GEMM 100 -> 30 GFLOP/s).
 """
-from libc.math cimport exp, expf, tanhf, erff, log1p, sqrt, INFINITY
+from libc.math cimport exp, expf, tanhf, erff, log1p, INFINITY
 from libc.stdlib cimport malloc, free
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -26,9 +26,6 @@ ctypedef fused floating:
     double
 
 # activation kinds (the names are the keys of ACTIVATIONS, used by badprune.head)
-cdef enum:
-    LANES = 16  # values per block in topk_refs' skip test
-
 cdef enum:
     ACT_LINEAR = 0
     ACT_RELU = 1
@@ -385,20 +382,8 @@ cdef extern from *:
         for (; j < n; j++) if (x[j] == v) return j;
         return -1;
     }
-    /* 1 if some x[j] > v for j < n (n <= 16), else 0 */
-    static inline int bp_any_above(const float *x, Py_ssize_t n, float v) {
-        Py_ssize_t j = 0;
-    #if defined(__SSE__)
-        __m128 t = _mm_set1_ps(v), hit = _mm_setzero_ps();
-        for (; j + 4 <= n; j += 4) hit = _mm_or_ps(hit, _mm_cmpgt_ps(_mm_loadu_ps(x + j), t));
-        if (_mm_movemask_ps(hit)) return 1;
-    #endif
-        for (; j < n; j++) if (x[j] > v) return 1;
-        return 0;
-    }
     """
     float _row_max "bp_row_max"(const float* x, Py_ssize_t n) noexcept nogil
-    int _any_above "bp_any_above"(const float* x, Py_ssize_t n, float v) noexcept nogil
     Py_ssize_t _first_equal "bp_first_equal"(const float* x, Py_ssize_t n, float v) noexcept nogil
 
 
@@ -431,94 +416,157 @@ cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
     return out
 
 
-cpdef void topk_refs(const float[:, ::1] X, cnp.int64_t[:, ::1] cand, float[::1] floor):
-    """cand[m] := the K largest classes of X[m] (descending);  floor[m] := the (K+1)-th largest value"""
-    cdef Py_ssize_t M = X.shape[0], N = X.shape[1], K = cand.shape[1], m, j, j0, j1, q
-    cdef float v, low
-    cdef const float* x
+# --------------------------------------------------------------------------------------------------------------
+# A final Dense layer on sparse inputs (ReLU outputs): the argmax over its nonzeros, proven against rounding
+# --------------------------------------------------------------------------------------------------------------
+# C with GCC vector extensions, built for AVX-512F, x86-64-v3 (AVX2 + FMA) and the portable baseline, the best the
+# CPU has picked at load time (x86-64 Linux, GCC >= 11; the build flags stay portable, elsewhere only the baseline).
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <string.h>
+    #include <stdint.h>
+    #pragma GCC diagnostic ignored "-Wpsabi"
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+    #define BP_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+    #else
+    #define BP_CLONES
+    #endif
+    #define BP_BLK 32   /* classes per column block: W's block (K x 32 floats) stays in L1 for BP_ROWS rows */
+    #define BP_ROWS 16
+    typedef float bp_v16 __attribute__((vector_size(64)));
+    typedef int32_t bp_i16 __attribute__((vector_size(64)));
+    static inline bp_v16 bp_ld(const float *p) { bp_v16 v; memcpy(&v, p, sizeof v); return v; }
+    static inline bp_v16 bp_vmax(bp_v16 a, bp_v16 b) { bp_i16 c = a > b; return (bp_v16)((c & (bp_i16)a) | (~c & (bp_i16)b)); }
+    static inline float bp_blk_max(const float *z) {  /* max of z[0:BP_BLK] (NaN never enters) */
+        bp_v16 m = bp_vmax(bp_ld(z), bp_ld(z + 16));
+        float t[16], mx;
+        memcpy(t, &m, sizeof t);
+        mx = t[0];
+        for (int u = 1; u < 16; u++) mx = t[u] > mx ? t[u] : mx;
+        return mx;
+    }
+
+    /* out[m] := argmax_j z[j], z = b + sum_{t: H[m,t] != 0} H[m,t] * W[t, j], when the lead over the runner-up
+       exceeds tol * (babs + sum_t |H[m,t]| * wabs[t]); else -1.  Wb: W in column blocks (N/BP_BLK, K, BP_BLK),
+       N a multiple of BP_BLK (padding classes have b = -inf).  nz: BP_ROWS*K ints, vals: BP_ROWS*K floats,
+       Z: BP_ROWS*N floats of scratch. */
+    BP_CLONES
+    static void bp_sparse_argmax(const float *H, int M, int K, const float *Wb, int N, const float *b,
+                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals,
+                                 float *Z) {
+        int cnt[BP_ROWS];
+        for (int m0 = 0; m0 < M; m0 += BP_ROWS) {
+            int mb = M - m0 < BP_ROWS ? M - m0 : BP_ROWS;
+            for (int i = 0; i < mb; i++) {  /* the nonzeros, branch-free */
+                const float *h = H + (size_t)(m0 + i) * K;
+                int *nz = nzs + i * K, n = 0;
+                float *v = vals + i * K;
+                for (int t = 0; t < K; t++) { nz[n] = t; v[n] = h[t]; n += h[t] != 0; }
+                cnt[i] = n;
+            }
+            for (int j0 = 0; j0 < N; j0 += BP_BLK) {
+                const float *Wj = Wb + (size_t)j0 * K;
+                for (int i = 0; i < mb; i++) {
+                    const int *nz = nzs + i * K;
+                    const float *v = vals + i * K;
+                    int n = cnt[i], q = 0;
+                    bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0},
+                           e0 = {0}, e1 = {0};
+                    for (; q + 4 <= n; q += 4) {  /* four independent sums: the FMAs' latency overlaps */
+                        const float *w = Wj + (size_t)nz[q] * BP_BLK, *x = Wj + (size_t)nz[q + 1] * BP_BLK,
+                                    *y = Wj + (size_t)nz[q + 2] * BP_BLK, *u = Wj + (size_t)nz[q + 3] * BP_BLK;
+                        a0 += v[q] * bp_ld(w); a1 += v[q] * bp_ld(w + 16);
+                        c0 += v[q + 1] * bp_ld(x); c1 += v[q + 1] * bp_ld(x + 16);
+                        d0 += v[q + 2] * bp_ld(y); d1 += v[q + 2] * bp_ld(y + 16);
+                        e0 += v[q + 3] * bp_ld(u); e1 += v[q + 3] * bp_ld(u + 16);
+                    }
+                    for (; q < n; q++) {
+                        const float *w = Wj + (size_t)nz[q] * BP_BLK;
+                        a0 += v[q] * bp_ld(w); a1 += v[q] * bp_ld(w + 16);
+                    }
+                    a0 += c0 + (d0 + e0);
+                    a1 += c1 + (d1 + e1);
+                    memcpy(Z + (size_t)i * N + j0, &a0, sizeof a0);
+                    memcpy(Z + (size_t)i * N + j0 + 16, &a1, sizeof a1);
+                }
+            }
+            for (int i = 0; i < mb; i++) {  /* best and runner-up from the blocks' maxima */
+                float *z = Z + (size_t)i * N, mx = -INFINITY, sv = -INFINITY, keep, s = babs;
+                int nb = N / BP_BLK, kb = 0, a;
+                for (int k = 0; k < nb; k++) {
+                    float bm = bp_blk_max(z + k * BP_BLK);
+                    if (bm > mx) { mx = bm; kb = k; }
+                }
+                for (a = kb * BP_BLK; a < (kb + 1) * BP_BLK && !(z[a] == mx); a++) {}
+                if (a == (kb + 1) * BP_BLK) { out[m0 + i] = -1; continue; }  /* NaN or no finite value */
+                keep = z[a];
+                z[a] = -INFINITY;  /* the runner-up: every block's max without the best (a tie gives lead 0) */
+                for (int k = 0; k < nb; k++) {
+                    float bm = bp_blk_max(z + k * BP_BLK);
+                    sv = bm > sv ? bm : sv;
+                }
+                z[a] = keep;
+                for (int q = 0; q < cnt[i]; q++) s += fabsf(vals[i * K + q]) * wabs[nzs[i * K + q]];
+                out[m0 + i] = mx - sv > tol * s ? a : -1;
+            }
+        }
+    }
+    /* 1 when a vector clone runs (the baseline is far slower than a GEMM: callers then use dense + argmax) */
+    static int bp_sparse_vectorized(void) {
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") || __builtin_cpu_supports("x86-64-v3");
+    #else
+        return 0;
+    #endif
+    }
+    """
+    int BP_BLK
+    int BP_ROWS
+    int _sparse_vectorized "bp_sparse_vectorized"() noexcept nogil
+    void _sparse_argmax "bp_sparse_argmax"(const float* H, int M, int K, const float* Wb, int N, const float* b,
+                                           const float* wabs, float babs, float tol, cnp.int64_t* out, int* nzs,
+                                           float* vals, float* Z) noexcept nogil
+
+
+SPARSE_BLOCK = BP_BLK
+#: whether :func:`sparse_argmax` runs vectorized on this CPU (else it is slower than ``dense`` + ``argmax_rows``)
+SPARSE_VECTORIZED = bool(_sparse_vectorized())
+
+
+cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb, const float[::1] b,
+                                const float[::1] wabs, float babs, float tol):
+    """out[m] := argmax_j (b + H[m].W)[j] summed over H[m]'s nonzeros, if its lead over the runner-up exceeds
+    tol * (babs + sum_t |H[m, t]| * wabs[t]), else -1   (W given as Wb[j // B, t, j % B], B = SPARSE_BLOCK)
+
+    With |b_j| <= babs, |W[t, j]| <= wabs[t] and tol >= 4 * gamma_(K+2) (gamma_n = n*u / (1 - n*u), u = 2^-24),
+    a label given is the argmax of the exact real logits, and of any float32 evaluation of them in any order
+    (each logit is within tol/4 * (babs + ...) of its real value): the same label as ``dense`` + ``argmax_rows``.
+    """
+    cdef Py_ssize_t M = H.shape[0], K = H.shape[1], N = Wb.shape[0] * Wb.shape[2]
+    cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(M, np.int64)
+    cdef int* nz
     cdef float* vals
-    cdef cnp.int64_t* ids
-    if K >= N or cand.shape[0] != M or floor.shape[0] != M:
-        raise ValueError("topk_refs: need K < classes and matching rows")
-    vals = <float*>malloc((K + 1) * sizeof(float))
-    ids = <cnp.int64_t*>malloc((K + 1) * sizeof(cnp.int64_t))
-    if vals == NULL or ids == NULL:
+    cdef float* Z
+    if Wb.shape[1] != K or Wb.shape[2] != BP_BLK or b.shape[0] != N or wabs.shape[0] != K:
+        raise ValueError("sparse_argmax: shapes do not match")
+    if M == 0:
+        return out
+    if K == 0 or N == 0:
+        raise ValueError("sparse_argmax: no inputs or no classes")
+    nz = <int*>malloc(BP_ROWS * K * sizeof(int))
+    vals = <float*>malloc(BP_ROWS * K * sizeof(float))
+    Z = <float*>malloc(BP_ROWS * N * sizeof(float))
+    if nz == NULL or vals == NULL or Z == NULL:
+        free(nz)
         free(vals)
-        free(ids)
+        free(Z)
         raise MemoryError()
     with nogil:
-        for m in range(M):
-            x = &X[m, 0]
-            for q in range(K + 1):
-                vals[q] = -INFINITY
-                ids[q] = -1
-            low = -INFINITY
-            j0 = 0
-            while j0 < N:
-                j1 = min(j0 + LANES, N)
-                if _any_above(x + j0, j1 - j0, low):  # most blocks hold no value that enters
-                    for j in range(j0, j1):
-                        v = x[j]
-                        if v > low:  # insert, keeping vals descending (ties: lower class first)
-                            q = K
-                            while q > 0 and vals[q - 1] < v:
-                                vals[q] = vals[q - 1]
-                                ids[q] = ids[q - 1]
-                                q -= 1
-                            vals[q] = v
-                            ids[q] = j
-                            low = vals[K]
-                j0 = j1
-            for q in range(K):
-                cand[m, q] = ids[q]
-            floor[m] = vals[K]
+        _sparse_argmax(&H[0, 0], <int>M, <int>K, &Wb[0, 0, 0], <int>N, &b[0], &wabs[0], babs, tol,
+                       <cnp.int64_t*>cnp.PyArray_DATA(out), nz, vals, Z)
+    free(nz)
     free(vals)
-    free(ids)
-
-
-cpdef cnp.ndarray screen_final(const float[:, ::1] H, const float[:, ::1] Href, const cnp.int64_t[::1] rows,
-                               const cnp.int64_t[:, ::1] cand, const float[::1] floor, const float[:, ::1] Wt,
-                               const float[::1] b, const double[::1] mu, double rmax, double tol):
-    """label[i] := argmax_{j in cand[r]} H[i].Wt[j] + b[j]  if that max > floor[r] + d.mu + ||d||*rmax + tol,
-    else -1   (r = rows[i], d = H[i] - Href[r])
-
-    Sound because a class j outside cand[r] had logit <= floor[r] at Href[r], and since then gained
-    d.Wt[j] = d.mu + d.(Wt[j] - mu) <= d.mu + ||d|| * rmax, with mu the mean class vector and
-    rmax = max_j ||Wt[j] - mu||.
-    """
-    cdef Py_ssize_t R = rows.shape[0], D = H.shape[1], K = cand.shape[1], i, j, q, r, t, best
-    cdef double s, d, bv, dist, dmu
-    cdef float acc
-    cdef const float* h
-    cdef const float* hr
-    cdef const float* w
-    cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(R, np.int64)
-    cdef cnp.int64_t[::1] o = out
-    if H.shape[0] != R or Href.shape[1] != D or Wt.shape[1] != D or mu.shape[0] != D:
-        raise ValueError("screen_final: shapes do not match")
-    with nogil:
-        for i in range(R):
-            r = rows[i]
-            h = &H[i, 0]
-            hr = &Href[r, 0]
-            s = 0
-            dmu = 0
-            for t in range(D):
-                d = h[t] - hr[t]
-                s += d * d
-                dmu += d * mu[t]
-            dist = sqrt(s)
-            bv = -INFINITY
-            best = -1
-            for q in range(K):
-                j = cand[r, q]
-                w = &Wt[j, 0]
-                acc = 0
-                for t in range(D):
-                    acc = acc + h[t] * w[t]
-                acc = acc + b[j]
-                if acc > bv or (acc == bv and j < best):
-                    bv = acc
-                    best = j
-            o[i] = best if bv > floor[r] + dmu + dist * rmax + tol else -1
+    free(Z)
     return out

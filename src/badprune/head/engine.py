@@ -6,11 +6,10 @@ Each step masks one more channel, and :class:`MaskedSweep` uses that:
 * linear consumers of the masked tensor (a Dense on its flattening, a Conv2D on it) keep their pre-activations
   for every sample and subtract the masked channel's contribution instead of recomputing;
 * only the changed samples run the rest of the head;
-* a final Dense layer (logits = h.W + b) is screened: when a sample's logits are computed exactly, its input
-  h_ref, its top-K classes and the (K+1)-th logit (the floor) are kept. Later only the K candidates' logits are
-  computed; a class outside them had a logit <= floor at h_ref and can have gained at most
-  (h - h_ref).mu + ||h - h_ref|| * max_j ||W_j - mu|| (mu: the mean class vector), so when the best candidate
-  beats that (plus a rounding margin) it is the argmax. Otherwise the whole layer is recomputed for that sample.
+* a final Dense layer (logits = h.W + b) on a mostly-zero input h (a ReLU's output) is summed over h's nonzeros
+  only, block by block, with the argmax taken on the way and no logits kept (:func:`prune_ext.sparse_argmax`). Its
+  label is used when its lead over the runner-up exceeds a float32 rounding bound, so that any evaluation order
+  (BLAS's, TensorFlow's) gives the same label; otherwise the whole layer is computed for that sample.
 
 The samples are independent, so they are cut into contiguous shards (one per core) swept side by side in threads;
 the kernels release the GIL and BLAS runs single-threaded in each (``threadpoolctl``), which keeps both cores busy
@@ -19,7 +18,7 @@ in the non-GEMM kernels too.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import numpy as np
 
@@ -27,12 +26,8 @@ import prune_ext
 
 from .evaluate import plan
 
-#: the final-layer screen stays on while it answers for at least this share of the samples it tries ...
-SCREEN_MIN_SHARE = 0.2
-#: ... and is tried again this many steps after it was switched off
-SCREEN_RETRY = 8
-#: candidates kept per sample for the final-layer screen
-SCREEN_K = 16
+#: the final layer's sparse argmax is used on batches whose inputs are at most this share nonzero (else the GEMM)
+SPARSE_MAX_SHARE = 0.5
 #: the fewest samples per shard: smaller sets run in one thread
 MIN_SHARD_ROWS = 2048
 MODES = ("incremental", "full")
@@ -42,22 +37,21 @@ class MaskedSweep:
     """Iterating yields ``(k, channel, labels)`` for k = 0..len(order): the labels of all samples with
     ``order[:k]`` masked (``channel`` is -1 at k = 0).
 
-    ``labels`` is the same array each time (updated in place); copy it to keep a step. ``mode='full'``
+    ``labels`` may be the same array each time (updated in place); copy it to keep a step. ``mode='full'``
     re-evaluates every sample's whole head at each step (the reference, without the shortcuts).
-
-    ``screen_min_share`` / ``screen_retry``: the final-layer screen's policy (default :data:`SCREEN_MIN_SHARE`,
-    :data:`SCREEN_RETRY`).
 
     ``jobs``: the samples are cut into this many contiguous shards (default: one per core, at least
     :data:`MIN_SHARD_ROWS` samples each), swept side by side in threads with single-threaded BLAS; a sample's labels
-    do not depend on the shard it is in. A head that runs in TensorFlow is swept in one thread.
+    do not depend on the shard it is in; each shard runs ahead at its own pace, and step k is yielded once all
+    have done it. A head that runs in TensorFlow is swept in one thread.
 
     Attributes, updated as the sweep runs: ``rows`` (samples re-evaluated over all steps), ``exact_final`` (rows
-    whose final layer was computed in full), ``screened`` (rows the final-layer screen was tried on).
+    whose final layer was computed in full), ``screened`` (rows the final layer's sparse argmax was tried on) and
+    ``nonzeros`` (their nonzero final-layer inputs, summed).
     """
 
     def __init__(self, head, F: np.ndarray, order, mode: str = "incremental", batch_size: int = 1024,
-                 screen_min_share: float | None = None, screen_retry: int | None = None, jobs: int | None = None):
+                 jobs: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be 'incremental' or 'full', not {mode!r}")
         self.head = head
@@ -65,45 +59,76 @@ class MaskedSweep:
         self.order = [int(c) for c in order]
         self.mode = mode
         self.batch_size = int(batch_size)
-        self.screen_min_share = SCREEN_MIN_SHARE if screen_min_share is None else float(screen_min_share)
-        self.screen_retry = SCREEN_RETRY if screen_retry is None else int(screen_retry)
         self.jobs = _cores() if jobs is None else int(jobs)
         if self.jobs < 1:
             raise ValueError(f"jobs must be at least 1, not {jobs!r}")
-        self.rows = self.exact_final = self.screened = 0
+        self.rows = self.exact_final = self.screened = self.nonzeros = 0
 
     @property
     def stats(self) -> dict:
-        """``{'rows', 'exact_final', 'screened'}`` so far."""
-        return {"rows": self.rows, "exact_final": self.exact_final, "screened": self.screened}
+        """``{'rows', 'exact_final', 'screened', 'nonzeros'}`` so far."""
+        return {"rows": self.rows, "exact_final": self.exact_final, "screened": self.screened,
+                "nonzeros": self.nonzeros}
 
     def __iter__(self):
         N = len(self.F)
         jobs = max(1, min(self.jobs, N // MIN_SHARD_ROWS)) if self.head.tf_head is None else 1
         labels = np.empty(N, np.int64)
-        self.rows = self.exact_final = self.screened = 0
-        cuts = np.linspace(0, N, jobs + 1).astype(np.int64)
+        self.rows = self.exact_final = self.screened = self.nonzeros = 0
+        active = None
+        if self.mode == "incremental":
+            H, W, C = self.head.input_shape
+            active = prune_ext.channel_activity(self.F.reshape(N, H * W, C))
+        cuts = _cuts(active, N, jobs)
         shards = [_Stats() for _ in range(jobs)]
-        steps = [self._shard(self.F[a:b], labels[a:b], st) for (a, b), st in zip(zip(cuts[:-1], cuts[1:]), shards)]
+        steps = [self._shard(self.F[a:b], labels[a:b], st, None if active is None else active[a:b])
+                 for (a, b), st in zip(zip(cuts[:-1], cuts[1:]), shards)]
         if jobs == 1:
             for k, c in steps[0]:
                 self._total(shards)
                 yield k, c, labels
             return
-        # one thread per shard of the samples; each shard's BLAS calls single-threaded (the threads fill the cores)
+        # one thread per shard, each running ahead at its own pace (BLAS single-threaded: the threads fill the
+        # cores); step k is yielded once every shard has done it
         from threadpoolctl import threadpool_limits
 
-        pool = ThreadPoolExecutor(jobs, thread_name_prefix="badprune-sweep")
+        store = np.empty((len(self.order) + 1, N), np.int64)
+        done, channels, errors = [0] * jobs, [-1] * (len(self.order) + 1), []
+        cond, stop = threading.Condition(), threading.Event()
+
+        def work(i, a, b):
+            try:
+                for k, c in steps[i]:
+                    store[k, a:b] = labels[a:b]
+                    with cond:
+                        done[i], channels[k] = k + 1, c
+                        cond.notify_all()
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # handed to the consumer's thread
+                with cond:
+                    errors.append(e)
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=work, args=(i, int(a), int(b)), name=f"badprune-sweep-{i}", daemon=True)
+                   for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
         try:
             with threadpool_limits(1, user_api="blas"):
-                while True:
-                    done = [f.result() for f in [pool.submit(_advance, g) for g in steps]]
-                    if done[0] is None:
-                        return
+                for t in threads:
+                    t.start()
+                for k in range(len(self.order) + 1):
+                    with cond:
+                        while min(done) <= k and not errors:
+                            cond.wait()
+                        if errors:
+                            raise errors[0]
                     self._total(shards)
-                    yield done[0][0], done[0][1], labels
+                    yield k, channels[k], store[k]
         finally:
-            pool.shutdown(wait=True)  # a shard may still be running when another failed or the consumer stopped
+            stop.set()  # a shard still running stops after its current step
+            for t in threads:
+                if t.is_alive():
+                    t.join()
             for g in steps:
                 g.close()
 
@@ -111,9 +136,11 @@ class MaskedSweep:
         self.rows = sum(s.rows for s in shards)
         self.exact_final = sum(s.exact_final for s in shards)
         self.screened = sum(s.screened for s in shards)
+        self.nonzeros = sum(s.nonzeros for s in shards)
 
-    def _shard(self, F, labels, stats):
-        """Yield ``(k, channel)`` for k = 0..len(order) with ``labels`` (this shard's samples ``F``) updated."""
+    def _shard(self, F, labels, stats, active):
+        """Yield ``(k, channel)`` for k = 0..len(order) with ``labels`` (this shard's samples ``F``; ``active``:
+        their :func:`prune_ext.channel_activity`, None in full mode) updated."""
         head, bs = self.head, self.batch_size
         incremental = self.mode == "incremental"
         native = head.tf_head is None
@@ -127,11 +154,11 @@ class MaskedSweep:
         last = head.ops[-1] if native else None
         if incremental and native and last.kind == "dense" and len(head.shapes[last.inputs[0]]) == 1:
             final = last
-        keep = tuple(head.ops[i].out for i in linear) + ((final.inputs[0],) if final is not None else ())
+        keep = tuple(head.ops[i].out for i in linear)
         state = {head.ops[i].out: np.empty((N,) + head.shapes[head.ops[i].out], np.float32) for i in linear}
-        screen = _FinalScreen(final, N, head.shapes) if final is not None else None
+        sparse = _SparseFinal(final) if final is not None else None
 
-        # step 0: every sample's whole head, keeping the linear states and the screen's references
+        # step 0: every sample's whole head, keeping the linear states
         for lo in range(0, N, bs):
             x = F[lo:lo + bs]
             hi = lo + len(x)
@@ -143,15 +170,11 @@ class MaskedSweep:
                 logits = head.forward(x)
             logits = np.ascontiguousarray(logits, np.float32)
             labels[lo:hi] = prune_ext.argmax_rows(logits)
-            if screen is not None:
-                screen.reference(lo, hi, kept[final.inputs[0]], logits)
         yield 0, -1
 
-        active = prune_ext.channel_activity(F3) if incremental else None
         left = active.sum(axis=1, dtype=np.int64) if incremental else None  # unmasked active channels per sample
         needs_F = not native or any(0 in o.inputs for o in plan(head, frozenset(state),
                                                                 None if final is None else final.inputs[0]))
-        screen_ok, last_try = True, 0
         for k, c in enumerate(self.order, 1):
             mask[c] = False
             rows = np.flatnonzero(active[:, c]).astype(np.int64) if incremental else np.arange(N, dtype=np.int64)
@@ -169,10 +192,6 @@ class MaskedSweep:
                 # rounding, so that samples whose input is gone tie exactly as in TensorFlow
                 state[o.out][empty] = o.params["b"]
             stats.rows += len(rows)
-            screening = screen is not None and screen.K > 0 and (screen_ok or k - last_try >= self.screen_retry)
-            if screening:
-                last_try = k
-            tried = answered = 0
             for lo in range(0, len(rows), bs):
                 r = rows[lo:lo + bs]
                 given = {tid: state[tid][r] for tid in state}  # fresh copies: the forward may overwrite them
@@ -186,29 +205,70 @@ class MaskedSweep:
                     continue
                 h = np.ascontiguousarray(head.forward(x, given=given, target=final.inputs[0], given_owned=True),
                                          np.float32)
-                if screening:
-                    lab = screen.screen(h, r)
-                    redo = lab < 0
-                    labels[r[~redo]] = lab[~redo]
-                    tried += len(r)
-                    answered += len(r) - int(redo.sum())
-                    hr, rr = np.ascontiguousarray(h[redo]), r[redo]
-                else:
-                    hr, rr = h, r
-                if len(rr):
-                    labels[rr] = screen.exact(hr, rr, refresh=screening)
-                    stats.exact_final += len(rr)
-            if screening and tried:
-                screen_ok = answered >= self.screen_min_share * tried
-                stats.screened += tried
+                labels[r] = sparse.labels(h, stats)
             yield k, c
+
+
+class _SparseFinal:
+    """The final Dense layer's labels for re-evaluated samples (see the module docstring): W in the column blocks
+    :func:`prune_ext.sparse_argmax` reads, padded to whole blocks with classes whose bias is -inf."""
+
+    def __init__(self, final):
+        self.W, self.b = final.params["W"], final.params["b"]
+        K, n = self.W.shape
+        self.n_out = n
+        B = prune_ext.SPARSE_BLOCK
+        N = -(-n // B) * B
+        Wp = np.zeros((K, N), np.float32)
+        Wp[:, :n] = self.W
+        self.Wb = np.ascontiguousarray(Wp.reshape(K, N // B, B).transpose(1, 0, 2))
+        self.bp = np.full(N, -np.inf, np.float32)
+        self.bp[:n] = self.b
+        self.wabs = np.abs(self.W).max(axis=1).astype(np.float32) if n else np.zeros(K, np.float32)
+        self.babs = float(np.abs(self.b).max()) if n else 0.0
+        m, u = K + 2, 2.0 ** -24
+        #: 4 * gamma_(K+2) makes the label order-independent (prune_ext.sparse_argmax); 5 leaves room for the
+        #: rounding of the bound itself
+        self.tol = 5 * m * u / (1 - m * u)
+        self.on = (prune_ext.SPARSE_VECTORIZED and n > 1 and K > 0 and bool(np.isfinite(self.W).all())
+                   and bool(np.isfinite(self.b).all()))
+
+    def labels(self, h, stats) -> np.ndarray:
+        """argmax of h.W + b per row (first maximum), as ``dense`` + ``argmax_rows`` give it."""
+        nz = np.count_nonzero(h) if self.on else h.size
+        if nz <= SPARSE_MAX_SHARE * h.size:
+            lab = prune_ext.sparse_argmax(h, self.Wb, self.bp, self.wabs, self.babs, self.tol)
+            stats.screened += len(h)
+            stats.nonzeros += int(nz)
+            redo = np.flatnonzero(lab < 0)
+            if len(redo):
+                lab[redo] = self._exact(np.ascontiguousarray(h[redo]))
+                stats.exact_final += len(redo)
+            return lab
+        stats.exact_final += len(h)
+        return self._exact(h)
+
+    def _exact(self, h) -> np.ndarray:
+        logits = np.empty((len(h), self.n_out), np.float32)
+        prune_ext.dense(h, self.W, self.b, logits)
+        return prune_ext.argmax_rows(logits)
 
 
 class _Stats:
     """One shard's counters (see :class:`MaskedSweep`'s attributes)."""
 
     def __init__(self):
-        self.rows = self.exact_final = self.screened = 0
+        self.rows = self.exact_final = self.screened = self.nonzeros = 0
+
+
+def _cuts(active, N: int, jobs: int) -> np.ndarray:
+    """Shard bounds [0, ..., N]: equal numbers of (sample, channel) pairs the sweep re-evaluates (its work), else
+    equal numbers of samples."""
+    if jobs == 1 or active is None:
+        return np.linspace(0, N, jobs + 1).astype(np.int64)
+    work = np.cumsum(active.sum(axis=1, dtype=np.int64))
+    cuts = np.searchsorted(work, np.linspace(0, work[-1], jobs + 1)[1:-1]).astype(np.int64)
+    return np.concatenate([[0], np.maximum.accumulate(cuts), [N]])
 
 
 def _cores() -> int:
@@ -216,57 +276,6 @@ def _cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def _advance(steps):
-    return next(steps, None)
-
-
-class _FinalScreen:
-    """The final Dense layer's references per sample and its provable top-K screen (see the module docstring)."""
-
-    def __init__(self, final, N, shapes):
-        self.W, self.b = final.params["W"], final.params["b"]
-        self.n_out = self.W.shape[1]
-        self.K = K = min(SCREEN_K, self.n_out - 1)
-        self.h_ref = np.empty((N,) + shapes[final.inputs[0]], np.float32)
-        self.cand = np.empty((N, K), np.int64)
-        self.floor = np.empty(N, np.float32)
-        self.Wt = np.ascontiguousarray(self.W.T)
-        Wd = self.W.astype(np.float64)
-        self.mu = np.ascontiguousarray(Wd.mean(axis=1))
-        self.rmax = float(np.sqrt(((Wd - self.mu[:, None]) ** 2).sum(axis=0)).max()) * (1 + 1e-6)
-        self.top_logit = 0.0
-
-    @property
-    def tol(self) -> float:
-        """float32 rounding of the stored logits, with a wide safety factor."""
-        return 1e-4 * max(1.0, self.top_logit)
-
-    def reference(self, lo, hi, h, logits):
-        """Keep samples [lo, hi)'s final-layer input and top-K of their exact ``logits`` (step 0)."""
-        self.h_ref[lo:hi] = h
-        if self.K > 0:
-            prune_ext.topk_refs(logits, self.cand[lo:hi], self.floor[lo:hi])
-        self.top_logit = max(self.top_logit, float(np.abs(logits).max(initial=0.0)))
-
-    def screen(self, h, rows):
-        """Labels of ``rows`` (inputs ``h``) the screen can prove, -1 where the layer must be computed."""
-        return prune_ext.screen_final(h, self.h_ref, rows, self.cand, self.floor, self.Wt, self.b, self.mu,
-                                      self.rmax, self.tol)
-
-    def exact(self, h, rows, refresh: bool):
-        """Labels of ``rows`` from the whole layer; with ``refresh`` their references are renewed (the top
-        candidate is the argmax, ties to the lower class)."""
-        logits = np.empty((len(h), self.n_out), np.float32)
-        prune_ext.dense(h, self.W, self.b, logits)
-        if not refresh:
-            return prune_ext.argmax_rows(logits)
-        sub_cand = np.empty((len(rows), self.K), np.int64)
-        sub_floor = np.empty(len(rows), np.float32)
-        prune_ext.topk_refs(logits, sub_cand, sub_floor)
-        self.cand[rows], self.floor[rows], self.h_ref[rows] = sub_cand, sub_floor, h
-        return sub_cand[:, 0]
 
 
 def masked_steps(head, F, order, mode: str = "incremental", batch_size: int = 1024):
