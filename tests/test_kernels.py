@@ -131,6 +131,18 @@ def test_remove_channel_updates_equal_recompute():
     Zc = ref_conv(F, K, b, (1, 2), (1, 0, 0, 1), (1, 1)).astype(np.float32)
     prune_ext.conv_remove_channel(Zc, F, rows, K, c, 1, 2, 1, 0, 1, 1)
     np.testing.assert_allclose(Zc, ref_conv(Fz, K, b, (1, 2), (1, 0, 0, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+    # with out: the updated rows are also copied out, in rows' order
+    c2, sub = 4, rows[::-1].copy()
+    out = np.full((len(sub), Z.shape[1]), np.nan, np.float32)
+    prune_ext.dense_remove_channel(Z, F.reshape(20, 20, 6), sub, W, c2, out)
+    np.testing.assert_array_equal(out, Z[sub])
+    outc = np.full((len(sub),) + Zc.shape[1:], np.nan, np.float32)
+    prune_ext.conv_remove_channel(Zc, F, sub, K, c2, 1, 2, 1, 0, 1, 1, outc)
+    np.testing.assert_array_equal(outc, Zc[sub])
+    Fz[rows, :, :, c2] = 0
+    np.testing.assert_allclose(Zc, ref_conv(Fz, K, b, (1, 2), (1, 0, 0, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        prune_ext.dense_remove_channel(Z, F.reshape(20, 20, 6), sub, W, c2, out[:2])
 
 
 def test_argmax_first_maximum():

@@ -14,6 +14,7 @@ both spin against each other, GEMM 100 -> 30 GFLOP/s).
 """
 from libc.math cimport exp, expf, tanhf, erff, log1p, INFINITY
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 import numpy as np
@@ -296,36 +297,54 @@ cpdef cnp.ndarray channel_activity(const float[:, :, ::1] F):
 
 
 cpdef void dense_remove_channel(float[:, ::1] Z, const float[:, :, ::1] F, const cnp.int64_t[::1] rows,
-                                const float[:, ::1] W, int c):
-    """Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows  (Z: pre-activations of a Dense on flatten(F))"""
+                                const float[:, ::1] W, int c, float[:, ::1] out=None):
+    """Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows  (Z: pre-activations of a Dense on flatten(F));
+    out[i] := Z[rows[i]] after it, when given"""
     cdef Py_ssize_t R = rows.shape[0], P = F.shape[1], C = F.shape[2], N = W.shape[1], i, p, j, r
     cdef float v
-    if W.shape[0] != P * C or Z.shape[1] != N or Z.shape[0] != F.shape[0]:
+    cdef float* z
+    cdef const float* w
+    cdef bint copy = out is not None
+    if W.shape[0] != P * C or Z.shape[1] != N or Z.shape[0] != F.shape[0] or not 0 <= c < C:
         raise ValueError("dense_remove_channel: shapes do not match")
+    if copy and (out.shape[0] != R or out.shape[1] != N):
+        raise ValueError("dense_remove_channel: out must be (len(rows), units)")
     with nogil:
         for i in range(R):
             r = rows[i]
+            z = &Z[r, 0]
             for p in range(P):
                 v = F[r, p, c]
                 if v != 0:
+                    w = &W[p * C + c, 0]
                     for j in range(N):
-                        Z[r, j] -= v * W[p * C + c, j]
+                        z[j] -= v * w[j]
+            if copy:
+                memcpy(&out[i, 0], z, N * sizeof(float))
 
 
 cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] F, const cnp.int64_t[::1] rows,
-                               const float[:, :, :, ::1] K, int c, int sh, int sw, int pt, int pl, int dh, int dw):
-    """Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows"""
+                               const float[:, :, :, ::1] K, int c, int sh, int sw, int pt, int pl, int dh, int dw,
+                               float[:, :, :, ::1] out=None):
+    """Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows;
+    out[i] := Z[rows[i]] after it, when given"""
     cdef Py_ssize_t R = rows.shape[0], H = F.shape[1], W = F.shape[2]
     cdef Py_ssize_t OH = Z.shape[1], OW = Z.shape[2], CO = Z.shape[3], KH = K.shape[0], KW = K.shape[1]
     cdef Py_ssize_t i, r, oy, ox, ky, kx, iy, ix, j
     cdef float v
-    if K.shape[3] != CO or K.shape[2] != F.shape[3] or Z.shape[0] != F.shape[0]:
+    cdef float* z
+    cdef const float* k
+    cdef bint copy = out is not None
+    if K.shape[3] != CO or K.shape[2] != F.shape[3] or Z.shape[0] != F.shape[0] or not 0 <= c < F.shape[3]:
         raise ValueError("conv_remove_channel: shapes do not match")
+    if copy and (out.shape[0] != R or out.shape[1] != OH or out.shape[2] != OW or out.shape[3] != CO):
+        raise ValueError("conv_remove_channel: out must be (len(rows),) + Z's sample shape")
     with nogil:
         for i in range(R):
             r = rows[i]
             for oy in range(OH):
                 for ox in range(OW):
+                    z = &Z[r, oy, ox, 0]
                     for ky in range(KH):
                         iy = oy * sh + ky * dh - pt
                         if iy < 0 or iy >= H:
@@ -336,8 +355,11 @@ cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] 
                                 continue
                             v = F[r, iy, ix, c]
                             if v != 0:
+                                k = &K[ky, kx, c, 0]
                                 for j in range(CO):
-                                    Z[r, oy, ox, j] -= v * K[ky, kx, c, j]
+                                    z[j] -= v * k[j]
+            if copy:
+                memcpy(&out[i, 0, 0, 0], &Z[r, 0, 0, 0], OH * OW * CO * sizeof(float))
 
 
 # The scans over a row of logits, with SSE (part of every x86-64) where the compiler has it: GCC does not vectorize

@@ -180,21 +180,25 @@ class MaskedSweep:
             rows = np.flatnonzero(active[:, c]).astype(np.int64) if incremental else np.arange(N, dtype=np.int64)
             if linear:
                 left[rows] -= 1
-                empty = rows[left[rows] == 0]  # no unmasked active channel left: the input is exactly zero
-            for i, kind in linear.items():
-                o = head.ops[i]
-                if kind == "dense":
-                    prune_ext.dense_remove_channel(state[o.out].reshape(N, -1), F3, rows, o.params["W"], c)
-                else:
-                    sh, sw, pt, pl, dh, dw = o.params["geom"]
-                    prune_ext.conv_remove_channel(state[o.out], F, rows, o.params["K"], c, sh, sw, pt, pl, dh, dw)
-                # reset to the exact pre-activation of a zero input (the bias), dropping the subtractions'
-                # rounding, so that samples whose input is gone tie exactly as in TensorFlow
-                state[o.out][empty] = o.params["b"]
             stats.rows += len(rows)
             for lo in range(0, len(rows), bs):
                 r = rows[lo:lo + bs]
-                given = {tid: state[tid][r] for tid in state}  # fresh copies: the forward may overwrite them
+                given = {}  # the updated pre-activations of these rows, fresh copies (the forward may overwrite them)
+                gone = np.flatnonzero(left[r] == 0) if linear else ()  # no unmasked active channel: a zero input
+                for i, kind in linear.items():
+                    o = head.ops[i]
+                    z = state[o.out]
+                    given[o.out] = g = np.empty((len(r),) + z.shape[1:], np.float32)
+                    if kind == "dense":
+                        prune_ext.dense_remove_channel(z.reshape(N, -1), F3, r, o.params["W"], c,
+                                                       g.reshape(len(r), -1))
+                    else:
+                        sh, sw, pt, pl, dh, dw = o.params["geom"]
+                        prune_ext.conv_remove_channel(z, F, r, o.params["K"], c, sh, sw, pt, pl, dh, dw, g)
+                    if len(gone):
+                        # reset to the exact pre-activation of a zero input (the bias), dropping the subtractions'
+                        # rounding, so that samples whose input is gone tie exactly as in TensorFlow
+                        z[r[gone]] = g[gone] = o.params["b"]
                 x = None
                 if needs_F:
                     x = F[r]
