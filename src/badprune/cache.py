@@ -1,9 +1,11 @@
 """The activation cache's files: keys, checked reads and atomic writes (TensorFlow-free).
 
-An entry is ``<key>.npy`` plus a JSON completion marker ``<key>.json`` written after it, holding the key, shape,
-size and the array's CRC-32. :func:`read_entry` returns the array only when all of them agree (a changed value
-is reported in one line and the entry rebuilt by the caller); :func:`write_entry` writes both atomically.
-A scale decision (:func:`badprune.features.detect_scale`) is one JSON file, ``scale-<key>.json``.
+An entry is ``act-<key>.npy`` plus a JSON completion marker ``act-<key>.json`` written after it, holding the key,
+shape, size and the array's CRC-32. :func:`read_entry` returns the array only when all of them agree (a changed
+value is reported in one line, its marker removed and the entry rebuilt by the caller); :func:`write_entry` writes
+both atomically. A scale decision (:func:`badprune.features.detect_scale`) is one JSON file, ``scale-<key>.json``.
+The keys (:func:`cache_key`, :func:`scale_key`) need only the model's digest, so a warm sweep finds its entries
+without loading the model (:mod:`badprune.record` keeps the digest).
 """
 from __future__ import annotations
 
@@ -17,11 +19,16 @@ import zlib
 
 import numpy as np
 
+from ._console import progress as stage_progress
 from .errors import warn
 from .runfiles import SCALES, scale_value
 
 #: bump when the cache layout or the meaning of its content changes
 FORMAT_VERSION = 2
+#: the trunk engine a sweep's activations are computed with (:data:`badprune.features.ENGINES`)
+DEFAULT_ENGINE = "tf"
+#: the number of validation images :func:`badprune.features.detect_scale` decides on by default
+SCALE_SAMPLE = 1000
 
 
 def data_identity(dataset) -> dict:
@@ -41,6 +48,22 @@ def cache_key(digest: str, layer, dataset, scale, engine: str) -> str:
     scale, engine and cache format version."""
     return key({"model": digest, "layer": layer, "data": data_identity(dataset), "scale": repr(scale_value(scale)),
                 "engine": engine})
+
+
+def entry_paths(cache_dir, key: str) -> tuple:
+    """``(npy, marker)``: the files of the activation entry ``key`` in ``cache_dir``."""
+    stem = os.path.join(str(cache_dir), f"act-{key[:40]}")
+    return stem + ".npy", stem + ".json"
+
+
+def scale_key(digest: str, dataset, n: int, engine: str) -> str:
+    """The key of a scale decision: the model's digest, the data file, the number of images and the engine."""
+    return key({"model": digest, "data": data_identity(dataset), "n": n, "engine": engine,
+                "scales": {k: repr(float(v)) for k, v in SCALES.items()}, "what": "scale"})
+
+
+def scale_path(cache_dir, key: str) -> str:
+    return os.path.join(str(cache_dir), f"scale-{key[:40]}.json")
 
 
 def _npy_size(shape, dtype=np.float32) -> int:
@@ -79,10 +102,48 @@ def read_entry(npy, marker, key, shape, out=None):
         if m["crc32"] != checksum(arr):
             warn(f"cached activations changed on disk since they were written (checksum mismatch): discarding "
                  f"{os.path.basename(npy)} and recomputing")
+            _remove(marker)
             return None
         return arr
     except (OSError, ValueError, json.JSONDecodeError):
         return None
+
+
+def _remove(path) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def has_entry(npy, marker, key, shape) -> bool:
+    """Whether a complete entry ``key`` of ``shape`` is there, by its marker and file size (the values are checked
+    when :func:`read_entry` reads them)."""
+    try:
+        with open(marker) as f:
+            m = json.load(f)
+        return m.get("key") == key and tuple(m.get("shape", ())) == tuple(shape) and "crc32" in m \
+            and m.get("dtype") == "float32" and os.path.getsize(npy) == m.get("bytes") == _npy_size(shape)
+    except (OSError, ValueError, TypeError, json.JSONDecodeError):
+        return False
+
+
+def show_hit(n: int, desc: str, progress: bool = True) -> None:
+    """The stage line (or bar) of ``n`` images' activations read from the cache."""
+    with stage_progress(n, desc, "img", enabled=progress, rate=False, how="from the cache") as bar:
+        bar.update(n)
+
+
+def read_cached(npy, marker, key, shape, out=None, progress=True, desc="features", engine=DEFAULT_ENGINE, t0=None):
+    """:func:`read_entry`, shown as a stage read from the cache: ``(array, info)`` as
+    :func:`badprune.features.extract` returns them for a hit (``seconds`` since ``t0``, default now), or None."""
+    t0 = time.perf_counter() if t0 is None else t0
+    arr = read_entry(npy, marker, key, shape, out)
+    if arr is None:
+        return None
+    show_hit(shape[0], desc, progress)
+    dt = time.perf_counter() - t0
+    return arr, {"cached": True, "seconds": dt, "img_per_s": shape[0] / max(dt, 1e-9), "engine": engine, "path": npy}
 
 
 def checksum(arr: np.ndarray) -> int:

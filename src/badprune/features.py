@@ -42,7 +42,7 @@ from .models import model_digest
 from .runfiles import SCALES, cache_home, scale_value
 
 ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
-DEFAULT_ENGINE = "tf"
+DEFAULT_ENGINE = cache.DEFAULT_ENGINE
 DEFAULT_BATCH_SIZE = 128
 #: the largest batch the engines run: the activations do not depend on the batch size, and larger batches only
 #: cost memory (TensorFlow's buffers grow with the batch: 1024 images hold ~190 MB in conv_1 alone) and time
@@ -294,17 +294,11 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
     if cache_dir is not None:
         key = cache.cache_key(model_digest(model), layer, dataset, sv, engine)
         cache_dir = str(cache_dir)
-        npy = os.path.join(cache_dir, f"act-{key[:40]}.npy")
-        marker = os.path.join(cache_dir, f"act-{key[:40]}.json")
-        arr = cache.read_entry(npy, marker, key, out_shape, out)
-        if arr is not None:
-            with stage_progress(dataset.n, desc or f"{dataset.name}: {layer}", "img", enabled=progress,
-                                rate=False, how="from the cache") as bar:
-                bar.update(dataset.n)
-            dt = time.perf_counter() - t0
-            info = {"cached": True, "seconds": dt, "img_per_s": dataset.n / max(dt, 1e-9), "engine": engine,
-                    "path": npy}
-            return (arr, info) if return_info else arr
+        npy, marker = cache.entry_paths(cache_dir, key)
+        hit = cache.read_cached(npy, marker, key, out_shape, out, progress, desc or f"{dataset.name}: {layer}",
+                                engine, t0)
+        if hit is not None:
+            return hit if return_info else hit[0]
 
     runner = _runner(model, layer, engine, net)
     if out is None:
@@ -339,7 +333,7 @@ def predict(model, dataset, scale, batch_size: int | None = DEFAULT_BATCH_SIZE, 
     return runner.run(dataset, int(batch_size), scale_value(scale), out, start, stop)
 
 
-def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT_BATCH_SIZE,
+def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | None = DEFAULT_BATCH_SIZE,
                  engine: str | None = None, cache_dir=None):
     """Pick the pixel scale (``data.SCALES``) under which the model classifies the first ``n`` images best.
 
@@ -357,10 +351,8 @@ def detect_scale(model, dataset, n: int = 1000, batch_size: int | None = DEFAULT
     engine = engine or DEFAULT_ENGINE
     path = key = None
     if cache_dir is not None:
-        key = cache.key({"model": model_digest(model), "data": cache.data_identity(dataset), "n": n,
-                         "engine": engine, "scales": {k: repr(float(v)) for k, v in SCALES.items()},
-                         "what": "scale"})
-        path = os.path.join(str(cache_dir), f"scale-{key[:40]}.json")
+        key = cache.scale_key(model_digest(model), dataset, n, engine)
+        path = cache.scale_path(cache_dir, key)
         hit = cache.read_scale(path, key)
         if hit is not None:
             return hit

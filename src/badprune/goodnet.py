@@ -155,19 +155,27 @@ def from_sweep(result, x):
     return build_goodnet(result.model, result.layer, t.channels, name=goodnet_filename(x, ""))
 
 
+def sweep_template(model, layer: str, name: str | None = None) -> tuple:
+    """One G graph of ``model`` (B) pruning ``layer`` from which every G_X differs only in its 0/1 mask (and
+    name): ``(template, Patch)`` (:class:`badprune.models.channels.Patch`, rule 'mask'), for
+    :func:`badprune.models.save_variants` / :func:`badprune.models.saving.write_variants`."""
+    from .models.channels import Patch
+
+    template, mask_name = _build(model, layer, [], name, None, True)
+    n = int(template.get_layer(mask_name).get_weights()[0].shape[2])
+    return template, Patch(mask_name, "mask", n)
+
+
 def sweep_variants(result, xs) -> tuple:
     """G_X for each threshold X of ``xs`` (all reached) as one graph and what differs per X:
     ``(template, [(name, {mask layer name: [mask weights]})])`` for :func:`badprune.models.save_variants`. The
-    graph is built once: G_X differ only in their 0/1 mask (and name)."""
+    graph is built once (:func:`sweep_template`, named as the first G_X): G_X differ only in their 0/1 mask (and
+    name)."""
     if result.model is None:
         raise BadpruneError("the sweep result holds no model")
     ts = [result.threshold(x) for x in xs]
-    template, mask_name = _build(result.model, result.layer, ts[0].channels, goodnet_filename(xs[0], ""), None,
-                                 True)
-    from .models.surgery import mask_weights
-
-    C = int(template.get_layer(mask_name).get_weights()[0].shape[2])
-    return template, [(goodnet_filename(t.x, ""), {mask_name: mask_weights(C, t.channels)}) for t in ts]
+    template, patch = sweep_template(result.model, result.layer, goodnet_filename(xs[0], ""))
+    return template, [(goodnet_filename(t.x, ""), patch.weights(t.channels)) for t in ts]
 
 
 def from_repaired(result, rep):

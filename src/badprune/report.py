@@ -6,7 +6,8 @@ failed or interrupted run never leaves a half-written output folder. :func:`form
 and :func:`results_markdown` give the same results as text (for the console and the README).
 
 Nothing here imports TensorFlow or matplotlib at import time: matplotlib is imported inside :func:`plot_sweep`,
-and Keras only runs when the pruned models are built and saved.
+and Keras only runs when the pruned models are built and saved; a warm sweep's models are written from the
+templates in B's cached record without it (:mod:`badprune.record`).
 """
 from __future__ import annotations
 
@@ -347,27 +348,47 @@ def summary_line(result: SweepResult) -> str:
 
 
 # -------------------------------------------------------------------------------------------- write_outputs
+def _from_record(result: SweepResult, kind: str, variants) -> bool:
+    """Write ``variants`` ((path, name, channels)) of ``kind`` from the templates in B's cached record (TF-free
+    when it holds them; the first time Keras saves them into it); False when the result has no usable record."""
+    rec = getattr(result, "model_record", None)
+    got = None if rec is None else rec.model_template(kind, lambda: result.model)
+    if got is None:
+        return False
+    from .models.saving import write_variants
+
+    template, patch = got
+    return write_variants(template, [(path, name, patch.weights(chans)) for path, name, chans in variants])
+
+
 def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None:
     """B'_X and G_X for every X reached, each kind saved by Keras once and written per X with only its pruned
-    weights changed (:func:`badprune.models.save_variants`); then R_X and their GoodNets, if any."""
+    weights changed (from the templates in B's cached record, :mod:`badprune.record`, or
+    :func:`badprune.models.save_variants`); then R_X and their GoodNets, if any."""
     reached = [t for t in result.thresholds if t.reached]
     if not reached:
         return
-    from .models import prune_variants, save_variants
-
     folder.mkdir()
-    template, weights = prune_variants(result.model, result.layer, [t.channels for t in reached])
-    save_variants(template, [(folder / model_filename(t.x), None, w) for t, w in zip(reached, weights)])
+    if not _from_record(result, "bprime", [(folder / model_filename(t.x), None, t.channels) for t in reached]):
+        from .models import prune_variants, save_variants
+
+        template, weights = prune_variants(result.model, result.layer, [t.channels for t in reached])
+        save_variants(template, [(folder / model_filename(t.x), None, w) for t, w in zip(reached, weights)])
     if save_goodnets:
         from .goodnet import sweep_variants
+        from .models import save_variants
 
         try:
-            g, per_x = sweep_variants(result, [t.x for t in reached])
+            done = _from_record(result, "goodnet", [(folder / goodnet_filename(t.x), goodnet_filename(t.x, ""),
+                                                     t.channels) for t in reached])
+            if not done:
+                g, per_x = sweep_variants(result, [t.x for t in reached])
         except BadpruneError as e:  # B'_X are still useful without their one-graph GoodNets
             for t in reached:
                 print(f"warning: no {goodnet_filename(t.x)}: {e.line()}", file=sys.stderr)
         else:
-            save_variants(g, [(folder / goodnet_filename(t.x), name, w) for t, (name, w) in zip(reached, per_x)])
+            if not done:
+                save_variants(g, [(folder / goodnet_filename(t.x), name, w) for t, (name, w) in zip(reached, per_x)])
     for r in getattr(result, "repaired", None) or []:
         r.model.save(str(folder / model_filename(r.x, "repaired")))
         if save_goodnets:
@@ -409,6 +430,6 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
         plot_sweep(result, tmp / SWEEP_PNG)
         if getattr(result, "poisoned_mean_activation", None) is not None:
             plot_channels(result, tmp / CHANNELS_PNG)
-        if save_models and result.model is not None:
+        if save_models and (getattr(result, "model_record", None) is not None or result.model is not None):
             _save_models(result, tmp / MODELS_DIR, save_goodnets)
     return Path(out_dir).expanduser().absolute()

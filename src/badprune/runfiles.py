@@ -99,6 +99,20 @@ def tflite_filename(x, kind: str, quantize: str = "none") -> str:
     return f"{model_stem(x, kind)}{suffix}.tflite"
 
 
+def versions() -> dict:
+    """The versions of Python and of the packages a result depends on (``sweep.json``'s ``versions``)."""
+    import importlib.metadata as md
+    import sys
+
+    v = {"python": sys.version.split()[0]}
+    for pkg in ("badprune", "numpy", "scipy", "h5py", "tensorflow", "tensorflow-cpu", "keras", "Cython"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return v
+
+
 # -------------------------------------------------------------------------------------------------- cache home
 def cache_home() -> str:
     """Where badprune caches activations and demo scenarios: $BADPRUNE_CACHE, else $XDG_CACHE_HOME/badprune, else
@@ -113,6 +127,18 @@ def cache_home() -> str:
 
 
 # ------------------------------------------------------------------------------------- naming a model to load
+def model_name(path) -> str:
+    """A short name for a model file, for default output folders: 'bd_net' for 'models/bd_net.h5'."""
+    base = os.path.basename(os.path.normpath(str(path)))
+    for ext in (".weights.h5", ".keras", ".h5", ".hdf5", ".hd5"):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    else:
+        base = os.path.splitext(base)[0]
+    return base or "model"
+
+
 def check_model_source(model=None, weights=None, arch=None, missing_fix: str | None = None) -> None:
     """The rule for naming a model to run, shared by the sweep and predict / evaluate: a model file, or a weight
     file with its architecture, never both. Raises :class:`BadpruneError` naming the flags otherwise.

@@ -4,11 +4,12 @@
 its head, open the data sets, settle the pixel scale, extract the prune layer's activations once per set (cached),
 rank channels by mean activation on clean validation data, mask them one at a time
 (:class:`badprune.head.MaskedSweep`) recording per step the accuracies of B'_k and of GoodNet(B, B'_k)
-(:func:`sweep_table`, :func:`step_metrics`), and pick B'_X for each threshold.
+(:func:`sweep_table`, :func:`step_metrics`), and pick B'_X for each threshold. When B's record and every
+activation are cached (a warm run, :func:`badprune.record.find_warm`), B is neither loaded nor compiled and
+TensorFlow is not imported.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import numpy as np
 import prune_ext
 
 from .errors import BadpruneError, warn
-from .runfiles import COLUMNS, POISONED_MEAN, SCALES, check_model_source
+from .runfiles import COLUMNS, POISONED_MEAN, SCALES, cache_home, check_model_source, model_name, versions
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0
@@ -59,9 +60,12 @@ class SweepResult:
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
-    model: object = None              # the Keras model B (for pruned_model)
+    model: object = field(default=None, repr=False, compare=False)   # the Keras model B (for pruned_model)
     repaired: list = field(default_factory=list)   # [badprune.repair.Repaired] when fine-tuning ran
     poisoned_mean_activation: np.ndarray | None = None   # per channel, on the poisoned set (None without one)
+    #: B's cached record (:class:`badprune.record.ModelRecord`): B'_X and G_X are written from its templates, and
+    #: after a warm sweep (``model`` None) B is loaded from it on the first access to ``model``
+    model_record: object = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_record(cls, doc: dict, model=None) -> "SweepResult":
@@ -89,6 +93,14 @@ class SweepResult:
     def row(self, step: int) -> dict:
         return {c: self.table[c][step].item() for c in COLUMNS}
 
+    def _get_model(self):
+        if self.__dict__.get("_model") is None and getattr(self.model_record, "source", None):
+            self._model = self.model_record.load_model()
+        return self.__dict__.get("_model")
+
+    def _set_model(self, model):
+        self.__dict__["_model"] = model
+
     def threshold(self, x: float) -> Threshold:
         for t in self.thresholds:
             if t.x == x:
@@ -103,6 +115,10 @@ class SweepResult:
         if not t.reached:
             raise ValueError(f"threshold {x} was never reached")
         return prune_model(self.model, self.layer, t.channels)
+
+
+SweepResult.model = property(SweepResult._get_model, SweepResult._set_model,
+                             doc="B (a Keras model); after a warm sweep, loaded on first access (model_record)")
 
 
 def rank_channels(F_valid: np.ndarray, order: str = "ascending"):
@@ -156,18 +172,6 @@ def base_warnings(valid_acc, clean_pred, poisoned_labels, scale="", clean_name="
 
 def _pct(a):
     return 100.0 * float(np.mean(a)) if len(a) else float("nan")
-
-
-def _versions():
-    import importlib.metadata as md
-
-    v = {"python": sys.version.split()[0]}
-    for pkg in ("badprune", "numpy", "scipy", "h5py", "tensorflow", "tensorflow-cpu", "keras", "Cython"):
-        try:
-            v[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return v
 
 
 # ----------------------------------------------------------------------------------------- argument checks
@@ -227,7 +231,7 @@ def _load(model, weights, arch, trust, name, layer) -> _Defended:
         name = name or getattr(B, "name", "model")
     else:
         B = models.load_model(model=model, weights=weights, arch=arch, trust=trust)
-        name = name or models.model_name(model or weights)
+        name = name or model_name(model or weights)
     n_classes = models.num_classes(B)
     layer = models.find_prune_layer(B, layer)
     return _Defended(B, name, n_classes, layer, models.conv_producer(B, layer), compile_head(B, layer))
@@ -241,6 +245,11 @@ def _open_sets(B, sets: dict, num_classes: int) -> dict:
             if p is not None}
 
 
+def _scale_note(name, accs) -> str:
+    return (f"scale: {name} (accuracy on up to 1,000 validation images: raw {100 * accs['raw']:.1f}%, "
+            f"/255 {100 * accs['unit']:.1f}%)")
+
+
 def _settle_scale(B, valid, scale, say, cache_dir=None) -> tuple:
     """(scale name, multiplier): detected on the validation set for 'auto' (the decision is cached in
     ``cache_dir``, so a warm run prints the same line without running the model)."""
@@ -248,12 +257,16 @@ def _settle_scale(B, valid, scale, say, cache_dir=None) -> tuple:
 
     if isinstance(scale, str) and scale == "auto":
         scale_name, accs = features.detect_scale(B, valid, cache_dir=cache_dir)
-        say(f"scale: {scale_name} (accuracy on up to 1,000 validation images: raw {100 * accs['raw']:.1f}%, "
-            f"/255 {100 * accs['unit']:.1f}%)")
+        say(_scale_note(scale_name, accs))
         return scale_name, SCALES[scale_name]
     if isinstance(scale, str):
         return scale, SCALES[scale]
     return f"x{float(scale):g}", float(scale)
+
+
+def _model_note(d: _Defended) -> str:
+    return (f"model {d.name}: {d.num_classes} classes, pruning {d.layer} ({d.head.input_shape[-1]} channels"
+            f"{', conv ' + d.conv_layer if d.conv_layer else ''}); {d.head.describe()}")
 
 
 def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, progress, timings) -> tuple:
@@ -337,7 +350,7 @@ def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes:
 def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=None, *, layer=None,
         thresholds=(2, 4, 10), relative=False, order="ascending", scale="auto", cache_dir=None, use_cache=True,
         batch_size=128, mode="incremental", progress=True, trust_model=False, name=None, log=None,
-        fine_tune=None, fine_tune_epochs=None, fine_tune_lr=None, seed=0) -> SweepResult:
+        fine_tune=None, fine_tune_epochs=None, fine_tune_lr=None, seed=0, before_tensorflow=None) -> SweepResult:
     """Run the pruning defense and return a :class:`SweepResult`.
 
     Parameters
@@ -376,6 +389,9 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     fine_tune : {None, 'head', 'full'}
         Also repair each reached B'_X into R_X by fine-pruning on clean data (:mod:`badprune.repair`);
         ``fine_tune_epochs``, ``fine_tune_lr`` override the recipe's defaults; ``seed`` makes it deterministic.
+    before_tensorflow : callable, optional
+        Called before the run first needs TensorFlow. A warm run never does: B given by its file, without
+        ``fine_tune``, with B's record (:mod:`badprune.record`), the scale decision and every activation cached.
 
     Returns
     -------
@@ -386,8 +402,6 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     BadpruneError
         For any bad argument or input, naming the parameter or file.
     """
-    from .features import default_cache_dir
-
     say = log or (lambda msg: None)
     timings = {}
     t_all = time.perf_counter()
@@ -404,21 +418,45 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
         fine = check_args(fine_tune, fine_tune_epochs, fine_tune_lr, seed)
 
-    t = time.perf_counter()
-    d = _load(model, weights, arch, trust_model, name, layer)
-    timings["load_model"] = time.perf_counter() - t
-    say(f"model {d.name}: {d.num_classes} classes, pruning {d.layer} ({d.head.input_shape[-1]} channels"
-        f"{', conv ' + d.conv_layer if d.conv_layer else ''}); {d.head.describe()}")
-    ds = _open_sets(d.model, {"valid": valid, "test": test, "poisoned": poisoned}, d.num_classes)
-
     if use_cache and cache_dir is None:
-        cache_dir = default_cache_dir()
-    t = time.perf_counter()
-    scale_name, scale_value = _settle_scale(d.model, ds["valid"], scale, say, cache_dir if use_cache else None)
-    timings["scale"] = time.perf_counter() - t
+        cache_dir = cache_home()
+    cdir = cache_dir if use_cache else None
+    rkey = warm = rec = None
+    sets = {"valid": valid, "test": test, "poisoned": poisoned}
+    if cdir is not None and not hasattr(model, "predict"):
+        from . import record
 
-    F, bounds, extract_info = _extract_all(d, ds, scale_value, cache_dir if use_cache else None, batch_size,
-                                           progress, timings)
+        rkey = record.source_key(model, weights, arch, trust_model, layer)
+        rec = record.load(cdir, rkey)
+        if rec is not None and fine_tune is None:
+            rec.source = {"model": model, "weights": weights, "arch": arch, "trust": trust_model}
+            warm = record.find_warm(cdir, rec, sets, scale)
+    if warm is not None:  # B's record and every activation come from the cache: no TensorFlow
+        d = _Defended(None, name or model_name(model or weights), rec.num_classes, rec.layer, rec.conv_layer,
+                      rec.head)
+        ds, scale_name, scale_value, F, bounds = warm.sets, warm.scale_name, warm.scale_value, warm.F, warm.bounds
+        extract_info = warm.info
+        timings.update(warm.seconds)
+        say(_model_note(d))
+        if warm.scale_accs is not None:
+            say(_scale_note(scale_name, warm.scale_accs))
+        warm.announce(progress)
+    else:
+        if before_tensorflow is not None:  # its time (the command line's TensorFlow import) is not the sweep's
+            t = time.perf_counter()
+            before_tensorflow()
+            t_all += time.perf_counter() - t
+        t = time.perf_counter()
+        d = _load(model, weights, arch, trust_model, name, layer)
+        timings["load_model"] = time.perf_counter() - t
+        say(_model_note(d))
+        ds = _open_sets(d.model, sets, d.num_classes)
+        t = time.perf_counter()
+        scale_name, scale_value = _settle_scale(d.model, ds["valid"], scale, say, cdir)
+        timings["scale"] = time.perf_counter() - t
+        F, bounds, extract_info = _extract_all(d, ds, scale_value, cdir, batch_size, progress, timings)
+        if rkey is not None and rec is None:  # kept for warm runs once the activations are
+            rec = record.save(cdir, rkey, d.model, d.layer, d.conv_layer, d.num_classes, d.head)
 
     t = time.perf_counter()
     ranking, means = rank_channels(F[bounds["valid"]], order)
@@ -459,14 +497,14 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     }
     result = SweepResult(model_name=d.name, layer=d.layer, conv_layer=d.conv_layer, n_channels=len(ranking),
                          ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
-                         num_classes=d.num_classes, config=config, timings=timings, versions=_versions(),
-                         model=d.model, poisoned_mean_activation=p_means)
+                         num_classes=d.num_classes, config=config, timings=timings, versions=versions(),
+                         model=d.model, poisoned_mean_activation=p_means, model_record=rec)
     if fine_tune is not None:
         from .repair import repair_thresholds
 
         t = time.perf_counter()
         config["fine_tune"] = {k: v for k, v in fine.items()}
-        result.repaired = repair_thresholds(result, F, bounds, ds, fine, cache_dir if use_cache else None, say)
+        result.repaired = repair_thresholds(result, F, bounds, ds, fine, cdir, say)
         timings["repair"] = time.perf_counter() - t
     del F
     timings["total"] = time.perf_counter() - t_all

@@ -69,7 +69,8 @@ def load_tensorflow():
     """Import TensorFlow (a command about to use it anyway), then move every object alive to the garbage
     collector's permanent generation (``gc.freeze``): TensorFlow and Keras leave ~350k long-lived objects, which each
     full collection would otherwise walk again (~0.1-0.2 s apiece, several per sweep). Only the command line does
-    this: it is a process-wide choice, not a library's to make."""
+    this: it is a process-wide choice, not a library's to make (``sweep`` calls it only when the run needs
+    TensorFlow, through :func:`badprune.sweep.run`'s ``before_tensorflow``)."""
     from .. import _tf  # noqa: F401
 
     gc.freeze()

@@ -5,29 +5,68 @@ One file per concern, like Keras' ``saving`` package:
 * :mod:`~badprune.models.files` -- path checks and the architecture config read (``.keras`` or HDF5, size-capped);
 * :mod:`~badprune.models.safety` -- the config check run before anything is deserialized;
 * :mod:`~badprune.models.keras2` -- Keras 2 config fix-ups and weight files;
-* :mod:`~badprune.models.loading` -- :func:`load_model`, :func:`model_name`, :func:`num_classes`;
+* :mod:`~badprune.models.loading` -- :func:`load_model`, :func:`num_classes`;
 * :mod:`~badprune.models.graph` -- layer connectivity (:func:`find_prune_layer`, :func:`conv_producer`) and the
   tensor trace between two tensors (:func:`trace`);
-* :mod:`~badprune.models.surgery` -- :func:`prune_model` / :func:`prune_variants`, the channel mask layer,
-  :func:`clone`, :func:`replay`;
-* :mod:`~badprune.models.saving` -- :func:`save_variants` (many ``.keras`` files from one Keras save);
+* :mod:`~badprune.models.channels` -- TF-free: pruned channels as arrays (the 0/1 mask, zeroed convolution
+  weights, :class:`~badprune.models.channels.Patch`);
+* :mod:`~badprune.models.surgery` -- :func:`prune_model` / :func:`prune_variants` / :func:`prune_template`, the
+  channel mask layer, :func:`clone`, :func:`replay`;
+* :mod:`~badprune.models.saving` -- TF-free: :func:`save_variants` (many ``.keras`` files from one Keras save),
+  :func:`~badprune.models.saving.write_variants` (the same from a stored template, without Keras);
 * :mod:`~badprune.models.archs` -- :func:`build_deepid`;
 * :mod:`~badprune.models.digest` -- :func:`model_digest` (cache keys).
 
 Loading never runs code from a model file: the architecture JSON is read and checked first (only built-in Keras
 layer and model classes, no ``Lambda``) and Keras' ``safe_mode`` stays on, unless the caller passes ``trust=True``.
-"""
-from .archs import ARCHS, build_deepid
-from .digest import model_digest
-from .files import check_file, read_model_config
-from .graph import Graph, conv_producer, find_prune_layer, prune_output, trace
-from .keras2 import read_weight_file
-from .loading import load_model, model_name, num_classes
-from .safety import GRAPH_OPS, check_config
-from .saving import save_variants
-from .surgery import channel_mask, check_channels, clone, insert_after, prune_model, prune_variants, replay
 
-__all__ = ["ARCHS", "GRAPH_OPS", "Graph", "build_deepid", "channel_mask", "check_channels", "check_config",
-           "check_file", "clone", "insert_after", "conv_producer", "find_prune_layer", "load_model", "model_digest",
-           "model_name", "num_classes", "prune_model", "prune_variants", "prune_output", "read_model_config",
-           "read_weight_file", "replay", "save_variants", "trace"]
+Importing this package does not import Keras: each name is imported from its module on first access (a warm sweep
+runs without TensorFlow, :mod:`badprune.record`). ``prune_output`` and ``trace`` are forwarding functions instead,
+because :mod:`badprune.head.compiler` imports them when it is imported itself.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..runfiles import model_name  # noqa: F401  (TF-free; re-exported)
+
+#: module -> the names it gives this package
+_NAMES = {
+    "archs": ("ARCHS", "build_deepid"),
+    "digest": ("model_digest",),
+    "files": ("check_file", "read_model_config"),
+    "graph": ("Graph", "conv_producer", "find_prune_layer"),
+    "keras2": ("read_weight_file",),
+    "loading": ("load_model", "num_classes"),
+    "safety": ("GRAPH_OPS", "check_config"),
+    "saving": ("save_variants",),
+    "channels": ("Patch", "channel_mask", "check_channels"),
+    "surgery": ("clone", "insert_after", "prune_model", "prune_template", "prune_variants", "replay"),
+}
+_WHERE = {name: mod for mod, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def prune_output(model, layer: str):
+    """:func:`badprune.models.graph.prune_output`."""
+    from .graph import prune_output as f
+
+    return f(model, layer)
+
+
+def trace(out_tensor, start_tensor, layer: str | None = None) -> list:
+    """:func:`badprune.models.graph.trace`."""
+    from .graph import trace as f
+
+    return f(out_tensor, start_tensor, layer)
+
+
+__all__ = sorted([*_WHERE, "model_name", "prune_output", "trace"])

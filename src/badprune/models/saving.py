@@ -4,10 +4,14 @@
 A ``.keras`` file is a stored (uncompressed) zip of ``metadata.json``, ``config.json`` and ``model.weights.h5``,
 where each layer's weights are the datasets ``0, 1, ...`` of an HDF5 group ``.../vars`` whose ``name`` attribute is
 the layer's name, and the top-level ``vars`` group's ``name`` is the model's. :func:`save_variants` has Keras write
-the model once, then writes each file as that archive with the given layers' datasets overwritten (same shapes and
-dtypes) and the name replaced in ``config.json`` and in the weights file. When the archive Keras wrote is not laid
-out like that (another Keras version), each file is written by Keras instead, the weights set on the model for the
-save and restored after it. Either way every file opens with plain ``keras.models.load_model``.
+the model once (:func:`template`), then writes each file as that archive with the given layers' datasets
+overwritten (same shapes and dtypes) and the name replaced in ``config.json`` and in the weights file
+(:func:`write_variants`, which needs only h5py: a warm sweep writes its models from templates kept in the cache).
+When the archive Keras wrote is not laid out like that (another Keras version), each file is written by Keras
+instead, the weights set on the model for the save and restored after it. Either way every file opens with plain
+``keras.models.load_model``.
+
+Nothing here imports Keras: the one Keras call is the model's own ``save``.
 """
 from __future__ import annotations
 
@@ -64,21 +68,28 @@ def _patched_weights(h5: bytes, weights: dict, name: str | None) -> bytes:
     return bio.getvalue()
 
 
-def _read_template(path) -> tuple:
-    with zipfile.ZipFile(path) as z:
+def _read_template(template: bytes) -> tuple:
+    """``(metadata.json, config, weights file, the members' date_time)`` of a template archive."""
+    with zipfile.ZipFile(io.BytesIO(template)) as z:
         infos = z.infolist()
         if sorted(i.filename for i in infos) != sorted((_META, _CONFIG, _WEIGHTS)) or \
                 any(i.compress_type != zipfile.ZIP_STORED for i in infos):
             raise _Layout(f"archive members {[i.filename for i in infos]}")
         meta, config, h5 = (z.read(n) for n in (_META, _CONFIG, _WEIGHTS))
-    return meta, json.loads(config), h5
+    config = json.loads(config)
+    if not isinstance(config.get("config", {}).get("name"), str):
+        raise _Layout("config.json does not hold the model's name")
+    return meta, config, h5, infos[0].date_time
 
 
-def _write(path, meta: bytes, config: dict, h5: bytes) -> None:
+def _write(path, meta: bytes, config: dict, h5: bytes, date_time) -> None:
+    """The archive, its members dated as the template's (a variant's bytes depend only on the template and its
+    weights and name)."""
     with zipfile.ZipFile(str(path), "w", zipfile.ZIP_STORED) as z:
-        z.writestr(_META, meta)
-        z.writestr(_CONFIG, json.dumps(config))
-        z.writestr(_WEIGHTS, h5)
+        for name, data in ((_META, meta), (_CONFIG, json.dumps(config)), (_WEIGHTS, h5)):
+            info = zipfile.ZipInfo(name, date_time)
+            info.external_attr = 0o600 << 16
+            z.writestr(info, data)
 
 
 def _save_with_keras(model, variants) -> None:
@@ -98,6 +109,59 @@ def _save_with_keras(model, variants) -> None:
                 model.get_layer(n).set_weights(ws)
 
 
+def template(model, folder) -> bytes | None:
+    """``model`` saved by Keras (through ``model.save``, to a hidden file in ``folder``, removed afterwards) as
+    the bytes of a ``.keras`` file, or None when Keras did not lay the archive out as :func:`write_variants`
+    expects."""
+    path = os.path.join(str(folder), f".template-{os.getpid()}-{id(model):x}.keras")
+    model.save(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    finally:
+        os.unlink(path)
+    try:
+        if _read_template(data)[1]["config"]["name"] != model.name:
+            return None
+    except _Layout:
+        return None
+    return data
+
+
+def layer_weights(template: bytes, layer: str) -> list | None:
+    """The weights of ``layer`` in a :func:`template`'s archive, as arrays; None when they cannot be told apart."""
+    try:
+        with h5py.File(io.BytesIO(_read_template(template)[2]), "r") as f:
+            g = _var_groups(f).get(layer)
+            if g is None or sorted(g.keys()) != [str(i) for i in range(len(g))]:
+                return None
+            return [np.asarray(g[str(i)][()]) for i in range(len(g))]
+    except _Layout:
+        return None
+
+
+def write_variants(template: bytes, variants) -> bool:
+    """Write one ``.keras`` file per variant of the model saved in ``template`` (:func:`template`), without Keras.
+
+    ``variants`` as for :func:`save_variants`, each ``weights`` of the same shapes and dtypes as the template's.
+    Returns False, writing nothing, when the archive is not laid out as this module expects.
+    """
+    try:
+        meta, config, h5, date_time = _read_template(template)
+        name0 = config["config"]["name"]
+        files = []
+        for path, name, weights in variants:
+            cfg = config
+            if name is not None and name != name0:
+                cfg = dict(config, config=dict(config["config"], name=name))
+            files.append((path, cfg, _patched_weights(h5, weights, name)))
+    except _Layout:
+        return False
+    for path, cfg, data in files:
+        _write(path, meta, cfg, data, date_time)
+    return True
+
+
 def save_variants(model, variants) -> None:
     """Write one ``.keras`` file per variant of ``model`` (which is left as it was).
 
@@ -108,7 +172,7 @@ def save_variants(model, variants) -> None:
         ``path`` the file to write; ``name`` the model's name in it (None: ``model.name``); ``weights`` a dict
         {layer name: list of arrays} replacing those layers' weights (same shapes and dtypes as the layer's).
 
-    Keras writes the model once to a hidden file next to the first one, removed afterwards.
+    Keras writes the model once (:func:`template`) to a hidden file next to the first one, removed afterwards.
     """
     variants = [(str(p), n, {k: [np.asarray(a) for a in ws] for k, ws in w.items()}) for p, n, w in variants]
     if not variants:
@@ -118,23 +182,6 @@ def save_variants(model, variants) -> None:
             current = model.get_layer(n).get_weights()
             if [(a.shape, a.dtype) for a in current] != [(a.shape, a.dtype) for a in ws]:
                 raise ValueError(f"weights for layer {n!r} do not match its weights' shapes and dtypes")
-    first = variants[0][0]
-    template = os.path.join(os.path.dirname(first), f".{os.path.basename(first)}.template.keras")
-    model.save(template)
-    try:
-        meta, config, h5 = _read_template(template)
-        if config.get("config", {}).get("name") != model.name:
-            raise _Layout("config.json does not hold the model's name")
-        files = []
-        for path, name, weights in variants:
-            cfg = config
-            if name is not None and name != model.name:
-                cfg = dict(config, config=dict(config["config"], name=name))
-            files.append((path, cfg, _patched_weights(h5, weights, name)))
-    except _Layout:
+    data = template(model, os.path.dirname(variants[0][0]) or ".")
+    if data is None or not write_variants(data, variants):
         _save_with_keras(model, variants)
-    else:
-        for path, cfg, data in files:
-            _write(path, meta, cfg, data)
-    finally:
-        os.unlink(template)

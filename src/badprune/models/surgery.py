@@ -9,17 +9,11 @@ from .. import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 import keras
 import numpy as np
 
-from ..errors import BadpruneError
+from .channels import Patch, channel_mask, check_channels, mask_weights, zeroed
 from .graph import conv_producer
 
-
-def check_channels(channels, n: int, layer: str) -> list:
-    """``channels`` as a sorted list of distinct ints, each checked to be a channel of ``layer`` (``n`` of them)."""
-    chans = [int(c) for c in np.asarray(list(channels), dtype=np.int64).reshape(-1)]
-    bad = [c for c in chans if not 0 <= c < n]
-    if bad:
-        raise BadpruneError(f"channel {bad[0]} is out of range for layer '{layer}' ({n} channels)")
-    return sorted(set(chans))
+__all__ = ["Patch", "channel_mask", "check_channels", "clone", "insert_after", "mask_layer", "mask_weights",
+           "prune_model", "prune_template", "prune_variants", "replay", "set_mask", "unique_name"]
 
 
 def clone(model):
@@ -42,7 +36,7 @@ def prune_model(model, layer: str, channels) -> keras.Model:
     if conv is not None:
         new = clone(model)
         cl = new.get_layer(conv)
-        cl.set_weights(_zeroed(cl, chans))
+        cl.set_weights(zeroed(cl.get_weights(), chans))
         return new
 
     mask = channel_mask(n, chans)
@@ -79,37 +73,34 @@ def prune_model(model, layer: str, channels) -> keras.Model:
     return new
 
 
-def _zeroed(conv, chans) -> list:
-    """The convolution ``conv``'s weights with output channels ``chans`` zeroed (kernel[..., c] and bias[c])."""
-    ws = [np.array(w) for w in conv.get_weights()]
-    ws[0][..., chans] = 0
-    if conv.use_bias:
-        ws[1][chans] = 0
-    return ws
-
-
 def _mask_name(model, layer: str) -> str:
     return unique_name({l.name for l in model.layers}, f"{layer}_prune_mask")
 
 
-def prune_variants(model, layer: str, channel_sets) -> tuple:
-    """One model and, per set of ``layer``'s channels, the weights that make it :func:`prune_model`'s B' for that
-    set: ``(template, [{layer name: [arrays]}])``, for :func:`badprune.models.saving.save_variants`.
+def prune_template(model, layer: str) -> tuple:
+    """One model from which :func:`prune_model`'s B' for any set of ``layer``'s channels differs only in one
+    layer's weights: ``(template, Patch)`` (:class:`~badprune.models.channels.Patch` gives those weights).
 
     With a producing convolution the template is ``model`` itself (a fresh clone if ``model`` is compiled, so no
-    training state is saved) and the weights are the convolution's with the channels zeroed; otherwise it is
-    ``model`` with the mask inserted (all ones) and the weights are the mask's.
+    training state is saved) and the patch zeroes the convolution's channels; otherwise it is ``model`` with the
+    mask inserted (all ones) and the patch is the mask's kernel.
     """
     n = int(model.get_layer(layer).output.shape[-1])
-    sets = [check_channels(c, n, layer) for c in channel_sets]
     conv = conv_producer(model, layer)
     if conv is not None:
         template = clone(model) if getattr(model, "compiled", False) else model
-        cl = template.get_layer(conv)
-        return template, [{conv: _zeroed(cl, chans)} for chans in sets]
-    template = prune_model(model, layer, [])
-    mname = _mask_name(model, layer)
-    return template, [{mname: mask_weights(n, chans)} for chans in sets]
+        return template, Patch(conv, "zero", n, [np.asarray(w) for w in template.get_layer(conv).get_weights()])
+    return prune_model(model, layer, []), Patch(_mask_name(model, layer), "mask", n)
+
+
+def prune_variants(model, layer: str, channel_sets) -> tuple:
+    """One model and, per set of ``layer``'s channels, the weights that make it :func:`prune_model`'s B' for that
+    set: ``(template, [{layer name: [arrays]}])`` (:func:`prune_template`), for
+    :func:`badprune.models.saving.save_variants`."""
+    n = int(model.get_layer(layer).output.shape[-1])
+    sets = [check_channels(c, n, layer) for c in channel_sets]
+    template, patch = prune_template(model, layer)
+    return template, [patch.weights(chans) for chans in sets]
 
 
 def insert_after(model, layer: str, fn, copy_weights: bool = True):
@@ -137,18 +128,6 @@ def insert_after(model, layer: str, fn, copy_weights: bool = True):
             if lay.weights:
                 new.get_layer(lay.name).set_weights(lay.get_weights())
     return new
-
-
-def channel_mask(n: int, pruned) -> np.ndarray:
-    """float32 (n,): 0 at the ``pruned`` channels, 1 elsewhere."""
-    mask = np.ones(n, np.float32)
-    mask[list(pruned)] = 0
-    return mask
-
-
-def mask_weights(n: int, pruned) -> list:
-    """A :func:`mask_layer`'s weights: ``[the (1, 1, n, 1) kernel of the 0/1`` :func:`channel_mask` ``]``."""
-    return [channel_mask(n, pruned).reshape(1, 1, n, 1)]
 
 
 def unique_name(existing: set, name: str) -> str:
