@@ -1,7 +1,7 @@
 """Compiling the head (the graph after the prune layer) into an op list, one lowering per Keras layer class.
 
 :func:`compile_head` runs four named stages: trace the layer calls from the prune layer's output to the model
-output (:func:`badprune.models.trace`), lower each call through :data:`LOWERINGS` (a Dense or Conv2D with an
+output (:func:`badprune.models.graph.trace`), lower each call through :data:`LOWERINGS` (a Dense or Conv2D with an
 activation becomes a linear op plus an activation op, so the pre-activation is a tensor of its own), fall back to
 TensorFlow over the cached features when any layer has no lowering, then drop a final softmax (it does not change
 the argmax) and find the linear consumers of the prune layer's output that the sweep updates per channel.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BadpruneError
-from ..models import prune_output, trace
 from .ops import Op, activation_op, same_pad
 
 #: layers that are the identity at inference
@@ -283,6 +282,8 @@ def compile_head(model, layer) -> Head:
     Head
         Evaluated by prune_ext, or by TensorFlow when a layer has no lowering (``head.backend``).
     """
+    from ..models.graph import prune_output, trace  # Keras: imported on use, so that a warm sweep needs none
+
     if len(model.outputs) != 1:
         raise BadpruneError("model must have exactly one output", fix="use a single-output classifier")
     start = prune_output(model, layer)

@@ -21,8 +21,7 @@ Loading never runs code from a model file: the architecture JSON is read and che
 layer and model classes, no ``Lambda``) and Keras' ``safe_mode`` stays on, unless the caller passes ``trust=True``.
 
 Importing this package does not import Keras: each name is imported from its module on first access (a warm sweep
-runs without TensorFlow, :mod:`badprune.record`). ``prune_output`` and ``trace`` are forwarding functions instead,
-because :mod:`badprune.head.compiler` imports them when it is imported itself.
+runs without TensorFlow, :mod:`badprune.record`).
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ _NAMES = {
     "archs": ("ARCHS", "build_deepid"),
     "digest": ("model_digest",),
     "files": ("check_file", "read_model_config"),
-    "graph": ("Graph", "conv_producer", "find_prune_layer"),
+    "graph": ("Graph", "conv_producer", "find_prune_layer", "prune_output", "trace"),
     "keras2": ("read_weight_file",),
     "loading": ("load_model", "num_classes"),
     "safety": ("GRAPH_OPS", "check_config"),
@@ -55,18 +54,4 @@ def __getattr__(name):
     return value
 
 
-def prune_output(model, layer: str):
-    """:func:`badprune.models.graph.prune_output`."""
-    from .graph import prune_output as f
-
-    return f(model, layer)
-
-
-def trace(out_tensor, start_tensor, layer: str | None = None) -> list:
-    """:func:`badprune.models.graph.trace`."""
-    from .graph import trace as f
-
-    return f(out_tensor, start_tensor, layer)
-
-
-__all__ = sorted([*_WHERE, "model_name", "prune_output", "trace"])
+__all__ = sorted([*_WHERE, "model_name"])

@@ -20,18 +20,6 @@ from .keras2 import assign_weights, fix_legacy_config, read_weight_file
 from .safety import check_config
 
 
-def model_name(path) -> str:
-    """A short name for a model file, for default output folders: 'bd_net' for 'models/bd_net.h5'."""
-    base = os.path.basename(os.path.normpath(str(path)))
-    for ext in (".weights.h5", ".keras", ".h5", ".hdf5", ".hd5"):
-        if base.lower().endswith(ext):
-            base = base[: -len(ext)]
-            break
-    else:
-        base = os.path.splitext(base)[0]
-    return base or "model"
-
-
 def num_classes(model) -> int:
     """Number of classes: the last axis of the model's (single) output."""
     outs = model.outputs
