@@ -149,6 +149,7 @@ def test_sweep_stage(benchmark, mode, model, layer, head, features, ranking, bou
     f = sweep_stage.head_flops(head)
     N = len(features)
     state = sum(int(np.prod(head.shapes[head.ops[i].out])) for i in head.linear) * 4 * N
+    state += (len(ranking) + 1) * N * 8  # the labels of every step (int64), kept while the shards run ahead
     benchmark.extra_info.update(features_bytes=int(features.nbytes), state_bytes=int(state), n_classes=n_classes)
     benchmark.extra_info.update(kind="badprune", images=len(features), steps=len(ranking) + 1, mode=mode,
                                 head=head.describe(), head_flops_per_sample=f,

@@ -388,10 +388,10 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
           f"through a small launcher process: a child forked from the big pytest process would report the "
           f"parent's size). Importing TensorFlow + Keras alone peaks at "
           f"{(imp_rss or 0) / GB:.2f} GB; the activations of all sets are one float32 array of "
-          f"{(fb or 0) / GB:.2f} GB and the sweep's per-sample state (linear consumers' pre-activations, final-layer "
-          f"references) about {(st or 0) / GB:.2f} GB; the rest is TensorFlow's working memory during extraction "
+          f"{(fb or 0) / GB:.2f} GB and the sweep's per-sample state (linear consumers' pre-activations and the "
+          f"labels of every step) about {(st or 0) / GB:.2f} GB; the rest is TensorFlow's working memory during extraction "
           f"and scale detection, h5 chunks in flight and matplotlib/Keras when writing the outputs"
-          + (f" (the warm run, which skips extraction, peaks {(rss - rss_warm) / GB:.2f} GB lower)."
+          + (f" (the warm run, which imports neither TensorFlow nor Keras and skips extraction, peaks {(rss - rss_warm) / GB:.2f} GB lower)."
              if rss_warm else "."))
     w("")
     w("## Reproduce")
