@@ -442,25 +442,31 @@ cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
 # A final Dense layer on sparse inputs (ReLU outputs): the argmax over its nonzeros, proven against rounding
 # --------------------------------------------------------------------------------------------------------------
 # C with GCC vector extensions, built for AVX-512F, x86-64-v3 (AVX2 + FMA) and the portable baseline, the best the
-# CPU has picked at load time (x86-64 Linux, GCC >= 11; the build flags stay portable, elsewhere only the baseline).
+# CPU has picked at load time (x86-64 glibc, GCC >= 12; the build flags stay portable). Elsewhere the final layer
+# is a GEMM (prune_ext.SPARSE_VECTORIZED is False).
 cdef extern from *:
     """
     #include <math.h>
     #include <string.h>
     #include <stdint.h>
+    #include <float.h>
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
+    #define BP_HAVE_CLONES 1  /* target_clones needs GCC >= 12 (x86-64-v3) and glibc's ifunc */
     #pragma GCC diagnostic ignored "-Wpsabi"
-    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
     #define BP_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
     #else
+    #define BP_HAVE_CLONES 0
     #define BP_CLONES
     #endif
     #define BP_BLK 32   /* classes per column block: W's block (K x 32 floats) stays in L1 for BP_ROWS rows */
     #define BP_ROWS 16
+    #if defined(__GNUC__)  /* GCC and clang: vector extensions */
     typedef float bp_v16 __attribute__((vector_size(64)));
     typedef int32_t bp_i16 __attribute__((vector_size(64)));
     static inline bp_v16 bp_ld(const float *p) { bp_v16 v; memcpy(&v, p, sizeof v); return v; }
     static inline bp_v16 bp_vmax(bp_v16 a, bp_v16 b) { bp_i16 c = a > b; return (bp_v16)((c & (bp_i16)a) | (~c & (bp_i16)b)); }
-    static inline float bp_blk_max(const float *z) {  /* max of z[0:BP_BLK] (NaN never enters) */
+    static inline float bp_blk_max(const float *z) {  /* max of z[0:BP_BLK] (a NaN may enter: the row's bound is
+                                                         then NaN or inf and the row is declined) */
         bp_v16 m = bp_vmax(bp_ld(z), bp_ld(z + 16));
         float t[16], mx;
         memcpy(t, &m, sizeof t);
@@ -530,13 +536,21 @@ cdef extern from *:
                 }
                 z[a] = keep;
                 for (int q = 0; q < cnt[i]; q++) s += fabsf(vals[i * K + q]) * wabs[nzs[i * K + q]];
-                out[m0 + i] = mx - sv > tol * s ? a : -1;
+                /* the absolute term covers products that underflow (the relative bound does not) */
+                out[m0 + i] = mx - sv > tol * s + (K + 2) * FLT_MIN ? a : -1;
             }
         }
     }
+    #else  /* no vector extensions (MSVC): never used, see bp_sparse_vectorized */
+    static void bp_sparse_argmax(const float *H, int M, int K, const float *Wb, int N, const float *b,
+                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals,
+                                 float *Z) {
+        for (int m = 0; m < M; m++) out[m] = -1;
+    }
+    #endif
     /* 1 when a vector clone runs (the baseline is far slower than a GEMM: callers then use dense + argmax) */
     static int bp_sparse_vectorized(void) {
-    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+    #if BP_HAVE_CLONES
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f") || __builtin_cpu_supports("x86-64-v3");
     #else
@@ -560,7 +574,8 @@ SPARSE_VECTORIZED = bool(_sparse_vectorized())
 cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb, const float[::1] b,
                                 const float[::1] wabs, float babs, float tol):
     """out[m] := argmax_j (b + H[m].W)[j] summed over H[m]'s nonzeros, if its lead over the runner-up exceeds
-    tol * (babs + sum_t |H[m, t]| * wabs[t]), else -1   (W given as Wb[j // B, t, j % B], B = SPARSE_BLOCK)
+    tol * (babs + sum_t |H[m, t]| * wabs[t]) + (K+2) * FLT_MIN, else -1   (W given as Wb[j // B, t, j % B],
+    B = SPARSE_BLOCK; without vector code, see SPARSE_VECTORIZED, always -1)
 
     With |b_j| <= babs, |W[t, j]| <= wabs[t] and tol >= 4 * gamma_(K+2) (gamma_n = n*u / (1 - n*u), u = 2^-24),
     a label given is the argmax of the exact real logits, and of any float32 evaluation of them in any order

@@ -45,7 +45,8 @@ class MaskedSweep:
     do not depend on the shard it is in; each shard runs ahead at its own pace, and step k is yielded once all
     have done it. A head that runs in TensorFlow is swept in one thread.
 
-    Attributes, updated as the sweep runs: ``rows`` (samples re-evaluated over all steps), ``exact_final`` (rows
+    Attributes, updated as the sweep runs (with shards, they may already count later steps of a shard that ran
+    ahead; the totals at the end are exact): ``rows`` (samples re-evaluated over all steps), ``exact_final`` (rows
     whose final layer was computed in full), ``screened`` (rows the final layer's sparse argmax was tried on) and
     ``nonzeros`` (their nonzero final-layer inputs, summed).
     """
@@ -92,7 +93,7 @@ class MaskedSweep:
         # cores); step k is yielded once every shard has done it
         from threadpoolctl import threadpool_limits
 
-        store = np.empty((len(self.order) + 1, N), np.int64)
+        store = np.empty((len(self.order) + 1, N), np.int32 if self.head.output_shape[-1] < 2 ** 31 else np.int64)
         done, channels, errors = [0] * jobs, [-1] * (len(self.order) + 1), []
         cond, stop = threading.Condition(), threading.Event()
 
@@ -112,25 +113,27 @@ class MaskedSweep:
 
         threads = [threading.Thread(target=work, args=(i, int(a), int(b)), name=f"badprune-sweep-{i}", daemon=True)
                    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
-        try:
-            with threadpool_limits(1, user_api="blas"):
+        # BLAS stays single-threaded (process-wide) until every shard has stopped, the consumer's code between the
+        # steps included
+        with threadpool_limits(1, user_api="blas"):
+            try:
                 for t in threads:
                     t.start()
                 for k in range(len(self.order) + 1):
                     with cond:
                         while min(done) <= k and not errors:
-                            cond.wait()
+                            cond.wait(0.5)
                         if errors:
                             raise errors[0]
                     self._total(shards)
                     yield k, channels[k], store[k]
-        finally:
-            stop.set()  # a shard still running stops after its current step
-            for t in threads:
-                if t.is_alive():
-                    t.join()
-            for g in steps:
-                g.close()
+            finally:
+                stop.set()  # a shard still running stops after its current step
+                for t in threads:
+                    if t.is_alive():
+                        t.join()
+                for g in steps:
+                    g.close()
 
     def _total(self, shards) -> None:
         self.rows = sum(s.rows for s in shards)
@@ -239,8 +242,8 @@ class _SparseFinal:
 
     def labels(self, h, stats) -> np.ndarray:
         """argmax of h.W + b per row (first maximum), as ``dense`` + ``argmax_rows`` give it."""
-        nz = np.count_nonzero(h) if self.on else h.size
-        if nz <= SPARSE_MAX_SHARE * h.size:
+        nz = np.count_nonzero(h) if self.on else 0
+        if self.on and nz <= SPARSE_MAX_SHARE * h.size:
             lab = prune_ext.sparse_argmax(h, self.Wb, self.bp, self.wabs, self.babs, self.tol)
             stats.screened += len(h)
             stats.nonzeros += int(nz)
