@@ -142,8 +142,12 @@ def read_cached(npy, marker, key, shape, out=None, progress=True, desc="features
     if arr is None:
         return None
     show_hit(shape[0], desc, progress)
-    dt = time.perf_counter() - t0
-    return arr, {"cached": True, "seconds": dt, "img_per_s": shape[0] / max(dt, 1e-9), "engine": engine, "path": npy}
+    return arr, hit_info(shape[0], time.perf_counter() - t0, engine, npy)
+
+
+def hit_info(n: int, seconds: float, engine: str, npy) -> dict:
+    """What :func:`badprune.features.extract` tells of ``n`` images' activations read from the cache."""
+    return {"cached": True, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9), "engine": engine, "path": npy}
 
 
 def checksum(arr: np.ndarray) -> int:
@@ -185,16 +189,21 @@ def write_entry(npy, marker, key, arr, meta):
             os.remove(tmp)
 
 
-def write_json(path, obj):
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary name, then a rename); raises OSError."""
+def write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary name, then a rename); raises OSError."""
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_bytes`); raises OSError."""
+    write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
 
 
 def best_scale(accs: dict) -> str:

@@ -39,7 +39,7 @@ from ._console import progress as stage_progress, quiet_fds
 from . import cache
 from .errors import BadpruneError, warn
 from .models import model_digest
-from .runfiles import SCALES, cache_home, scale_value
+from .runfiles import SCALES, cache_home, cpu_count, scale_value
 
 ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = cache.DEFAULT_ENGINE
@@ -49,13 +49,6 @@ DEFAULT_BATCH_SIZE = 128
 MAX_BATCH = 128
 #: batches in flight for the TensorFlow engines (each call also uses TF's intra-op threads)
 WORKERS = 2
-
-
-def _cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def default_cache_dir() -> str:
@@ -92,7 +85,7 @@ class _Runner:
         if engine in ("tf-serial", "predict"):
             self.workers = 1
         elif engine == "litert":  # one single-threaded interpreter per core
-            self.workers = max(2, _cpus())
+            self.workers = max(2, cpu_count())
         else:
             self.workers = WORKERS
         shape = tuple(net.inputs[0].shape[1:])

@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import numpy as np
 
 from . import cache
 from .errors import BadpruneError, warn
-from .runfiles import SCALES, versions
+from .runfiles import SCALES, fixed_scale, versions
 
 KINDS = ("bprime", "goodnet")
 #: the modules whose code shapes a record (a change to any of them makes old records unused)
@@ -195,17 +194,6 @@ def _doc_crc(doc: dict) -> int:
     return _crc(json.dumps({k: v for k, v in doc.items() if k != "crc32"}, sort_keys=True).encode())
 
 
-def _write_bytes(path, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _read_checked(path, entry: dict) -> bytes:
     with open(path, "rb") as f:
         data = f.read()
@@ -294,7 +282,7 @@ class ModelRecord:
                 {"layer": patch.layer, "rule": patch.rule, "n": patch.n, "bytes": len(data), "crc32": _crc(data)}
         try:
             if data is not None:
-                _write_bytes(self.stem + f"-{kind}.keras", data)
+                cache.write_bytes(self.stem + f"-{kind}.keras", data)
             self.doc["models"][kind] = entry
             self._store()
         except OSError:  # used for this run only
@@ -326,7 +314,7 @@ def save(cache_dir, key: str, model, layer: str, conv_layer, num_classes: int, h
         os.makedirs(str(cache_dir), exist_ok=True)
         if os.path.exists(stem + ".json"):
             os.remove(stem + ".json")
-        _write_bytes(stem + ".npz", data)
+        cache.write_bytes(stem + ".npz", data)
         rec = ModelRecord(stem, doc, head)
         rec._store()
     except (_Unrecordable, OSError, ValueError, TypeError):
@@ -407,10 +395,8 @@ def find_warm(cache_dir, rec: ModelRecord, sets: dict, scale) -> Warm | None:
             return None
         name, accs = hit
         value = SCALES[name]
-    elif isinstance(scale, str):
-        name, value = scale, SCALES[scale]
     else:
-        name, value = f"x{float(scale):g}", float(scale)
+        name, value = fixed_scale(scale)
     seconds["scale"] = time.perf_counter() - t
     entries, bounds, lo = {}, {}, 0
     shape = tuple(rec.head.input_shape)
@@ -432,6 +418,5 @@ def find_warm(cache_dir, rec: ModelRecord, sets: dict, scale) -> Warm | None:
         if cache.read_entry(npy, marker, akey, (ds[k].n,) + shape, F[bounds[k]]) is None:
             return None
         dt = seconds[f"extract_{k}"] = time.perf_counter() - t
-        info[k] = {"cached": True, "seconds": dt, "img_per_s": ds[k].n / max(dt, 1e-9),
-                   "engine": cache.DEFAULT_ENGINE, "path": npy}
+        info[k] = cache.hit_info(ds[k].n, dt, cache.DEFAULT_ENGINE, npy)
     return Warm(rec, ds, name, value, accs, F, bounds, info, seconds)

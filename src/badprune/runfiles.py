@@ -25,9 +25,25 @@ import numpy as np
 
 from .errors import BadpruneError
 
+def cpu_count() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 # ------------------------------------------------------------------------------------------------ pixel scales
 #: multiplier applied to stored pixels for each named ``--scale``
 SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
+
+
+def fixed_scale(scale) -> tuple:
+    """``(name, multiplier)`` of a scale that needs no detection (a name of :data:`SCALES`, or a number, named
+    ``x<number>``), as a run records it; ``scale`` is already checked."""
+    if isinstance(scale, str):
+        return scale, SCALES[scale]
+    return f"x{float(scale):g}", float(scale)
 
 
 def scale_value(scale) -> float:

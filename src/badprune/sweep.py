@@ -18,7 +18,8 @@ import numpy as np
 import prune_ext
 
 from .errors import BadpruneError, warn
-from .runfiles import COLUMNS, POISONED_MEAN, SCALES, cache_home, check_model_source, model_name, versions
+from .runfiles import (COLUMNS, POISONED_MEAN, SCALES, cache_home, check_model_source, fixed_scale, model_name,
+                       versions)
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0
@@ -259,9 +260,7 @@ def _settle_scale(B, valid, scale, say, cache_dir=None) -> tuple:
         scale_name, accs = features.detect_scale(B, valid, cache_dir=cache_dir)
         say(_scale_note(scale_name, accs))
         return scale_name, SCALES[scale_name]
-    if isinstance(scale, str):
-        return scale, SCALES[scale]
-    return f"x{float(scale):g}", float(scale)
+    return fixed_scale(scale)
 
 
 def _model_note(d: _Defended) -> str:

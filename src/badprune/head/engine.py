@@ -17,13 +17,13 @@ in the non-GEMM kernels too.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
 import prune_ext
 
+from ..runfiles import cpu_count
 from .evaluate import plan
 
 #: the final layer's sparse argmax is used on batches whose inputs are at most this share nonzero (else the GEMM)
@@ -60,7 +60,7 @@ class MaskedSweep:
         self.order = [int(c) for c in order]
         self.mode = mode
         self.batch_size = int(batch_size)
-        self.jobs = _cores() if jobs is None else int(jobs)
+        self.jobs = cpu_count() if jobs is None else int(jobs)
         if self.jobs < 1:
             raise ValueError(f"jobs must be at least 1, not {jobs!r}")
         self.rows = self.exact_final = self.screened = self.nonzeros = 0
@@ -276,13 +276,6 @@ def _cuts(active, N: int, jobs: int) -> np.ndarray:
     work = np.cumsum(active.sum(axis=1, dtype=np.int64))
     cuts = np.searchsorted(work, np.linspace(0, work[-1], jobs + 1)[1:-1]).astype(np.int64)
     return np.concatenate([[0], np.maximum.accumulate(cuts), [N]])
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def masked_steps(head, F, order, mode: str = "incremental", batch_size: int = 1024):
