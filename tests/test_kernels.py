@@ -217,3 +217,38 @@ def test_sparse_argmax_is_the_argmax_or_declines(n_out):
         assert prune_ext.sparse_argmax(H0[5:6], *_sparse_layer(W, b2))[0] == -1
     with pytest.raises(ValueError):
         prune_ext.sparse_argmax(H[:, :5], Wb, bp, wabs, babs, tol)
+
+
+@pytest.mark.parametrize("n_out", [1, 16, 40, 160, 300])
+def test_sparse_dense_is_the_dense_layer_over_the_nonzeros(n_out):
+    """Y = X.W + b to float32 rounding (every column block and tail of n_out), NaN propagated as in the GEMM; above
+    max_share it declines and leaves Y alone."""
+    K, M = 200, 70
+    W = prune_ext.aligned(rng.standard_normal((K, n_out)))
+    b = rng.standard_normal(n_out).astype(np.float32)
+    X = np.maximum(rng.standard_normal((M, K)) - 1.2, 0).astype(np.float32)  # ReLU outputs: about 12 % nonzero
+    X[0] = 0  # no input: the bias
+    X[1, 7] = np.nan
+    Y = np.full((M, n_out), 7.0, np.float32)
+    if not prune_ext.SPARSE_VECTORIZED:
+        assert not prune_ext.sparse_dense(X, W, b, Y) and (Y == 7).all()
+        return
+    assert prune_ext.sparse_dense(X, W, b, Y, 0.2)
+    ref = np.nan_to_num(X).astype(np.float64) @ W + b
+    np.testing.assert_allclose(Y[2:], ref[2:], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(Y[0], b)
+    assert np.isnan(Y[1]).all()
+    Y2 = np.full((M, n_out), 7.0, np.float32)
+    assert not prune_ext.sparse_dense(X, W, b, Y2, 0.05) and (Y2 == 7).all()
+    assert prune_ext.sparse_dense(X, np.ascontiguousarray(W[:, :]), b, Y2)  # unaligned W: the same sums
+    np.testing.assert_array_equal(np.nan_to_num(Y2), np.nan_to_num(Y))
+    with pytest.raises(ValueError):
+        prune_ext.sparse_dense(X[:, :5], W, b, Y)
+
+
+def test_aligned_copies_on_a_64_byte_boundary():
+    a = rng.standard_normal((33, 7))
+    for _ in range(5):
+        c = prune_ext.aligned(a)
+        assert c.ctypes.data % 64 == 0 and c.dtype == np.float32 and c.flags.c_contiguous
+        np.testing.assert_array_equal(c, a.astype(np.float32))

@@ -19,4 +19,18 @@ from ._kernels import (  # noqa: F401
     SPARSE_BLOCK,
     SPARSE_VECTORIZED,
     sparse_argmax,
+    sparse_dense,
 )
+
+
+def aligned(a, alignment: int = 64):
+    """A C-contiguous float32 copy of ``a`` whose data starts on an ``alignment``-byte boundary (numpy gives 16:
+    the vector kernels' 64-byte loads then cross cache lines)."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float32)
+    buf = np.empty(a.size + alignment // 4, np.float32)
+    start = (-buf.ctypes.data % alignment) // 4
+    out = buf[start:start + a.size].reshape(a.shape)
+    out[...] = a
+    return out

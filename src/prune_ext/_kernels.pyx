@@ -296,31 +296,90 @@ cpdef cnp.ndarray channel_activity(const float[:, :, ::1] F):
     return out
 
 
+cdef extern from *:
+    """
+    /* the channel-removal cores, built like the sparse kernels below (one clone per vector ISA where GCC can) */
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
+    #define BP_REMOVE_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+    #else
+    #define BP_REMOVE_CLONES
+    #endif
+    /* Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows;  out[i] := Z[rows[i]] after it (when out) */
+    BP_REMOVE_CLONES
+    static void bp_dense_remove(float *Z, const float *F, const int64_t *rows, int R, int P, int C, const float *W,
+                                int N, int c, float *out) {
+        for (int i = 0; i < R; i++) {
+            float *z = Z + (size_t)rows[i] * N;
+            const float *f = F + (size_t)rows[i] * P * C + c;
+            for (int p = 0; p < P; p++) {
+                float v = f[(size_t)p * C];
+                if (v != 0) {
+                    const float *w = W + ((size_t)p * C + c) * N;
+                    for (int j = 0; j < N; j++) z[j] -= v * w[j];
+                }
+            }
+            if (out) memcpy(out + (size_t)i * N, z, (size_t)N * sizeof(float));
+        }
+    }
+    /* Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows;
+       out[i] := Z[rows[i]] after it (when out) */
+    BP_REMOVE_CLONES
+    static void bp_conv_remove(float *Z, const float *F, const int64_t *rows, int R, int H, int W, int C, int OH,
+                               int OW, int CO, const float *K, int KH, int KW, int c, int sh, int sw, int pt, int pl,
+                               int dh, int dw, float *out) {
+        size_t zs = (size_t)OH * OW * CO;
+        for (int i = 0; i < R; i++) {
+            float *zr = Z + (size_t)rows[i] * zs;
+            const float *f = F + (size_t)rows[i] * H * W * C + c;
+            for (int oy = 0; oy < OH; oy++)
+                for (int ox = 0; ox < OW; ox++) {
+                    float *z = zr + ((size_t)oy * OW + ox) * CO;
+                    for (int ky = 0; ky < KH; ky++) {
+                        int iy = oy * sh + ky * dh - pt;
+                        if (iy < 0 || iy >= H) continue;
+                        for (int kx = 0; kx < KW; kx++) {
+                            int ix = ox * sw + kx * dw - pl;
+                            float v;
+                            if (ix < 0 || ix >= W) continue;
+                            v = f[((size_t)iy * W + ix) * C];
+                            if (v != 0) {
+                                const float *k = K + (((size_t)ky * KW + kx) * C + c) * CO;
+                                for (int j = 0; j < CO; j++) z[j] -= v * k[j];
+                            }
+                        }
+                    }
+                }
+            if (out) memcpy(out + (size_t)i * zs, zr, zs * sizeof(float));
+        }
+    }
+    """
+    void _dense_remove "bp_dense_remove"(float* Z, const float* F, const cnp.int64_t* rows, int R, int P, int C,
+                                         const float* W, int N, int c, float* out) noexcept nogil
+    void _conv_remove "bp_conv_remove"(float* Z, const float* F, const cnp.int64_t* rows, int R, int H, int W,
+                                       int C, int OH, int OW, int CO, const float* K, int KH, int KW, int c, int sh,
+                                       int sw, int pt, int pl, int dh, int dw, float* out) noexcept nogil
+
+
 cpdef void dense_remove_channel(float[:, ::1] Z, const float[:, :, ::1] F, const cnp.int64_t[::1] rows,
                                 const float[:, ::1] W, int c, float[:, ::1] out=None):
     """Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows  (Z: pre-activations of a Dense on flatten(F));
     out[i] := Z[rows[i]] after it, when given"""
-    cdef Py_ssize_t R = rows.shape[0], P = F.shape[1], C = F.shape[2], N = W.shape[1], i, p, j, r
-    cdef float v
-    cdef float* z
-    cdef const float* w
-    cdef bint copy = out is not None
+    cdef Py_ssize_t R = rows.shape[0], P = F.shape[1], C = F.shape[2], N = W.shape[1], i
+    cdef float* o = NULL
     if W.shape[0] != P * C or Z.shape[1] != N or Z.shape[0] != F.shape[0] or not 0 <= c < C:
         raise ValueError("dense_remove_channel: shapes do not match")
-    if copy and (out.shape[0] != R or out.shape[1] != N):
-        raise ValueError("dense_remove_channel: out must be (len(rows), units)")
+    if out is not None:
+        if out.shape[0] != R or out.shape[1] != N:
+            raise ValueError("dense_remove_channel: out must be (len(rows), units)")
+        if R:
+            o = &out[0, 0]
+    for i in range(R):
+        if not 0 <= rows[i] < Z.shape[0]:
+            raise IndexError("dense_remove_channel: a row is out of range")
+    if R == 0 or N == 0:
+        return
     with nogil:
-        for i in range(R):
-            r = rows[i]
-            z = &Z[r, 0]
-            for p in range(P):
-                v = F[r, p, c]
-                if v != 0:
-                    w = &W[p * C + c, 0]
-                    for j in range(N):
-                        z[j] -= v * w[j]
-            if copy:
-                memcpy(&out[i, 0], z, N * sizeof(float))
+        _dense_remove(&Z[0, 0], &F[0, 0, 0], &rows[0], <int>R, <int>P, <int>C, &W[0, 0], <int>N, c, o)
 
 
 cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] F, const cnp.int64_t[::1] rows,
@@ -328,38 +387,25 @@ cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] 
                                float[:, :, :, ::1] out=None):
     """Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows;
     out[i] := Z[rows[i]] after it, when given"""
-    cdef Py_ssize_t R = rows.shape[0], H = F.shape[1], W = F.shape[2]
-    cdef Py_ssize_t OH = Z.shape[1], OW = Z.shape[2], CO = Z.shape[3], KH = K.shape[0], KW = K.shape[1]
-    cdef Py_ssize_t i, r, oy, ox, ky, kx, iy, ix, j
-    cdef float v
-    cdef float* z
-    cdef const float* k
-    cdef bint copy = out is not None
+    cdef Py_ssize_t R = rows.shape[0], i
+    cdef Py_ssize_t OH = Z.shape[1], OW = Z.shape[2], CO = Z.shape[3]
+    cdef float* o = NULL
     if K.shape[3] != CO or K.shape[2] != F.shape[3] or Z.shape[0] != F.shape[0] or not 0 <= c < F.shape[3]:
         raise ValueError("conv_remove_channel: shapes do not match")
-    if copy and (out.shape[0] != R or out.shape[1] != OH or out.shape[2] != OW or out.shape[3] != CO):
-        raise ValueError("conv_remove_channel: out must be (len(rows),) + Z's sample shape")
+    if out is not None:
+        if out.shape[0] != R or out.shape[1] != OH or out.shape[2] != OW or out.shape[3] != CO:
+            raise ValueError("conv_remove_channel: out must be (len(rows),) + Z's sample shape")
+        if R:
+            o = &out[0, 0, 0, 0]
+    for i in range(R):
+        if not 0 <= rows[i] < Z.shape[0]:
+            raise IndexError("conv_remove_channel: a row is out of range")
+    if R == 0 or OH * OW * CO == 0:
+        return
     with nogil:
-        for i in range(R):
-            r = rows[i]
-            for oy in range(OH):
-                for ox in range(OW):
-                    z = &Z[r, oy, ox, 0]
-                    for ky in range(KH):
-                        iy = oy * sh + ky * dh - pt
-                        if iy < 0 or iy >= H:
-                            continue
-                        for kx in range(KW):
-                            ix = ox * sw + kx * dw - pl
-                            if ix < 0 or ix >= W:
-                                continue
-                            v = F[r, iy, ix, c]
-                            if v != 0:
-                                k = &K[ky, kx, c, 0]
-                                for j in range(CO):
-                                    z[j] -= v * k[j]
-            if copy:
-                memcpy(&out[i, 0, 0, 0], &Z[r, 0, 0, 0], OH * OW * CO * sizeof(float))
+        _conv_remove(&Z[0, 0, 0, 0], &F[0, 0, 0, 0], &rows[0], <int>R, <int>F.shape[1], <int>F.shape[2],
+                     <int>F.shape[3], <int>OH, <int>OW, <int>CO, &K[0, 0, 0, 0], <int>K.shape[0], <int>K.shape[1],
+                     c, sh, sw, pt, pl, dh, dw, o)
 
 
 # The scans over a row of logits, with SSE (part of every x86-64) where the compiler has it: GCC does not vectorize
@@ -452,6 +498,7 @@ cdef extern from *:
     #include <float.h>
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
     #define BP_HAVE_CLONES 1  /* target_clones needs GCC >= 12 (x86-64-v3) and glibc's ifunc */
+    #include <immintrin.h>
     #pragma GCC diagnostic ignored "-Wpsabi"
     #define BP_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
     #else
@@ -475,32 +522,64 @@ cdef extern from *:
         return mx;
     }
 
+    static inline bp_v16 bp_pick(bp_i16 g, bp_v16 a, bp_v16 b) { return (bp_v16)((g & (bp_i16)a) | (~g & (bp_i16)b)); }
+
+    /* the nonzeros of x[0:K] into nz / vals (K + 16 of room), their count returned; branch-free */
+    static int bp_nonzeros_plain(const float *x, int K, int *nz, float *vals) {
+        int n = 0;
+        for (int t = 0; t < K; t++) { nz[n] = t; vals[n] = x[t]; n += x[t] != 0; }
+        return n;
+    }
+    #if BP_HAVE_CLONES
+    __attribute__((target("avx512f")))
+    static int bp_nonzeros_avx512(const float *x, int K, int *nz, float *vals) {  /* 16 at a time, compressed */
+        int n = 0, t = 0;
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (; t + 16 <= K; t += 16) {
+            __m512 v = _mm512_loadu_ps(x + t);
+            __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);  /* as x != 0: NaN counts */
+            _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(m, v));
+            _mm512_storeu_si512((void *)(nz + n), _mm512_maskz_compress_epi32(m, idx));
+            n += __builtin_popcount(m);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+        for (; t < K; t++) { nz[n] = t; vals[n] = x[t]; n += x[t] != 0; }
+        return n;
+    }
+    #endif
+    /* the best of the two for this CPU, set by bp_sparse_vectorized (called once, at import) */
+    static int (*bp_nonzeros)(const float *, int, int *, float *) = bp_nonzeros_plain;
+
+
     /* out[m] := argmax_j z[j], z = b + sum_{t: H[m,t] != 0} H[m,t] * W[t, j], when the lead over the runner-up
        exceeds tol * (babs + sum_t |H[m,t]| * wabs[t]); else -1.  Wb: W in column blocks (N/BP_BLK, K, BP_BLK),
-       N a multiple of BP_BLK (padding classes have b = -inf).  nz: BP_ROWS*K ints, vals: BP_ROWS*K floats,
-       Z: BP_ROWS*N floats of scratch. */
+       N a multiple of BP_BLK (padding classes have b = -inf), 64-byte aligned for whole-line loads.
+       nzs: BP_ROWS*(K+16) ints, vals: BP_ROWS*(K+16) floats of scratch. */
     BP_CLONES
     static void bp_sparse_argmax(const float *H, int M, int K, const float *Wb, int N, const float *b,
-                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals,
-                                 float *Z) {
+                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals) {
         int cnt[BP_ROWS];
+        /* per row, lane l of the 16-class chunks seen so far: the best (V1, first met in chunk I1) and the
+           runner-up (V2); no logits are stored */
+        bp_v16 V1[BP_ROWS], V2[BP_ROWS];
+        bp_i16 I1[BP_ROWS];
         for (int m0 = 0; m0 < M; m0 += BP_ROWS) {
             int mb = M - m0 < BP_ROWS ? M - m0 : BP_ROWS;
-            for (int i = 0; i < mb; i++) {  /* the nonzeros, branch-free */
-                const float *h = H + (size_t)(m0 + i) * K;
-                int *nz = nzs + i * K, n = 0;
-                float *v = vals + i * K;
-                for (int t = 0; t < K; t++) { nz[n] = t; v[n] = h[t]; n += h[t] != 0; }
-                cnt[i] = n;
+            for (int i = 0; i < mb; i++) {  /* the nonzeros */
+                cnt[i] = bp_nonzeros(H + (size_t)(m0 + i) * K, K, nzs + i * (K + 16), vals + i * (K + 16));
+                V1[i] = V2[i] = (bp_v16){0} - INFINITY;
+                I1[i] = (bp_i16){0};
             }
             for (int j0 = 0; j0 < N; j0 += BP_BLK) {
                 const float *Wj = Wb + (size_t)j0 * K;
+                bp_i16 ch0 = (bp_i16){0} + j0 / 16, ch1 = ch0 + 1;
                 for (int i = 0; i < mb; i++) {
-                    const int *nz = nzs + i * K;
-                    const float *v = vals + i * K;
+                    const int *nz = nzs + i * (K + 16);
+                    const float *v = vals + i * (K + 16);
                     int n = cnt[i], q = 0;
                     bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0},
-                           e0 = {0}, e1 = {0};
+                           e0 = {0}, e1 = {0}, v1 = V1[i], v2 = V2[i];
+                    bp_i16 i1 = I1[i], g;
                     for (; q + 4 <= n; q += 4) {  /* four independent sums: the FMAs' latency overlaps */
                         const float *w = Wj + (size_t)nz[q] * BP_BLK, *x = Wj + (size_t)nz[q + 1] * BP_BLK,
                                     *y = Wj + (size_t)nz[q + 2] * BP_BLK, *u = Wj + (size_t)nz[q + 3] * BP_BLK;
@@ -515,43 +594,122 @@ cdef extern from *:
                     }
                     a0 += c0 + (d0 + e0);
                     a1 += c1 + (d1 + e1);
-                    memcpy(Z + (size_t)i * N + j0, &a0, sizeof a0);
-                    memcpy(Z + (size_t)i * N + j0 + 16, &a1, sizeof a1);
+                    /* lane-wise top two; strictly greater, so that I1 keeps a lane's first chunk and an equal
+                       value becomes the runner-up (a tie gives lead 0) */
+                    g = a0 > v1; v2 = bp_vmax(v2, bp_pick(g, v1, a0)); v1 = bp_pick(g, a0, v1);
+                    i1 = (g & ch0) | (~g & i1);
+                    g = a1 > v1; v2 = bp_vmax(v2, bp_pick(g, v1, a1)); v1 = bp_pick(g, a1, v1);
+                    i1 = (g & ch1) | (~g & i1);
+                    V1[i] = v1; V2[i] = v2; I1[i] = i1;
                 }
             }
-            for (int i = 0; i < mb; i++) {  /* best and runner-up from the blocks' maxima */
-                float *z = Z + (size_t)i * N, mx = -INFINITY, sv = -INFINITY, keep, s = babs;
-                int nb = N / BP_BLK, kb = 0, a;
-                for (int k = 0; k < nb; k++) {
-                    float bm = bp_blk_max(z + k * BP_BLK);
-                    if (bm > mx) { mx = bm; kb = k; }
+            for (int i = 0; i < mb; i++) {  /* best (its first class) and runner-up over the lanes */
+                float t1[16], t2[16], mx = -INFINITY, sv = -INFINITY, s = babs;
+                int c1[16], a = -1, L = -1;
+                memcpy(t1, &V1[i], sizeof t1);
+                memcpy(t2, &V2[i], sizeof t2);
+                memcpy(c1, &I1[i], sizeof c1);
+                for (int l = 0; l < 16; l++) {
+                    int j = c1[l] * 16 + l;
+                    if (t1[l] > mx || (t1[l] == mx && L >= 0 && j < a)) { mx = t1[l]; a = j; L = l; }
                 }
-                for (a = kb * BP_BLK; a < (kb + 1) * BP_BLK && !(z[a] == mx); a++) {}
-                if (a == (kb + 1) * BP_BLK) { out[m0 + i] = -1; continue; }  /* NaN or no finite value */
-                keep = z[a];
-                z[a] = -INFINITY;  /* the runner-up: every block's max without the best (a tie gives lead 0) */
-                for (int k = 0; k < nb; k++) {
-                    float bm = bp_blk_max(z + k * BP_BLK);
-                    sv = bm > sv ? bm : sv;
+                for (int l = 0; l < 16; l++) {
+                    sv = t2[l] > sv ? t2[l] : sv;
+                    if (l != L) sv = t1[l] > sv ? t1[l] : sv;
                 }
-                z[a] = keep;
-                for (int q = 0; q < cnt[i]; q++) s += fabsf(vals[i * K + q]) * wabs[nzs[i * K + q]];
+                if (L < 0) { out[m0 + i] = -1; continue; }  /* no value above -inf */
+                /* the top two skip NaN logits, but a NaN logit (from finite W and b) means an inf or NaN product,
+                   so the bound is inf or NaN too and the row is declined */
+                for (int q = 0; q < cnt[i]; q++) s += fabsf(vals[i * (K + 16) + q]) * wabs[nzs[i * (K + 16) + q]];
                 /* the absolute term covers products that underflow (the relative bound does not) */
                 out[m0 + i] = mx - sv > tol * s + (K + 2) * FLT_MIN ? a : -1;
             }
         }
     }
+
+    /* Y[m] := b + sum_{t: X[m,t] != 0} X[m,t] * W[t, :]  (W row-major (K, N); nz, vals: K + 16 ints / floats of
+       scratch); returns 0 without writing Y when X has more than max_nz nonzeros */
+    BP_CLONES
+    static int bp_sparse_dense(const float *X, int M, int K, const float *W, int N, const float *b, float *Y,
+                               double max_nz, int *nz, float *vals) {
+        size_t total = 0;
+        for (size_t t = 0; t < (size_t)M * K; t++) total += X[t] != 0;
+        if ((double)total > max_nz) return 0;
+        for (int m = 0; m < M; m++) {
+            const float *x = X + (size_t)m * K;
+            float *y = Y + (size_t)m * N;
+            int n = bp_nonzeros(x, K, nz, vals), j0 = 0;
+            for (; j0 + 128 <= N; j0 += 128) {  /* 128 columns: eight sums side by side */
+                bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), a2 = bp_ld(b + j0 + 32), a3 = bp_ld(b + j0 + 48),
+                       a4 = bp_ld(b + j0 + 64), a5 = bp_ld(b + j0 + 80), a6 = bp_ld(b + j0 + 96),
+                       a7 = bp_ld(b + j0 + 112);
+                for (int q = 0; q < n; q++) {
+                    const float *w = W + (size_t)nz[q] * N + j0;
+                    float p = vals[q];
+                    a0 += p * bp_ld(w); a1 += p * bp_ld(w + 16); a2 += p * bp_ld(w + 32); a3 += p * bp_ld(w + 48);
+                    a4 += p * bp_ld(w + 64); a5 += p * bp_ld(w + 80); a6 += p * bp_ld(w + 96);
+                    a7 += p * bp_ld(w + 112);
+                }
+                memcpy(y + j0, &a0, 64); memcpy(y + j0 + 16, &a1, 64); memcpy(y + j0 + 32, &a2, 64);
+                memcpy(y + j0 + 48, &a3, 64); memcpy(y + j0 + 64, &a4, 64); memcpy(y + j0 + 80, &a5, 64);
+                memcpy(y + j0 + 96, &a6, 64); memcpy(y + j0 + 112, &a7, 64);
+            }
+            for (; j0 + 32 <= N; j0 += 32) {  /* 32 columns, four independent sums */
+                bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0},
+                       e0 = {0}, e1 = {0};
+                int q = 0;
+                for (; q + 4 <= n; q += 4) {
+                    const float *w = W + (size_t)nz[q] * N + j0, *u = W + (size_t)nz[q + 1] * N + j0,
+                                *r = W + (size_t)nz[q + 2] * N + j0, *o = W + (size_t)nz[q + 3] * N + j0;
+                    a0 += vals[q] * bp_ld(w); a1 += vals[q] * bp_ld(w + 16);
+                    c0 += vals[q + 1] * bp_ld(u); c1 += vals[q + 1] * bp_ld(u + 16);
+                    d0 += vals[q + 2] * bp_ld(r); d1 += vals[q + 2] * bp_ld(r + 16);
+                    e0 += vals[q + 3] * bp_ld(o); e1 += vals[q + 3] * bp_ld(o + 16);
+                }
+                for (; q < n; q++) {
+                    const float *w = W + (size_t)nz[q] * N + j0;
+                    a0 += vals[q] * bp_ld(w); a1 += vals[q] * bp_ld(w + 16);
+                }
+                a0 += c0 + (d0 + e0);
+                a1 += c1 + (d1 + e1);
+                memcpy(y + j0, &a0, 64); memcpy(y + j0 + 16, &a1, 64);
+            }
+            for (; j0 + 16 <= N; j0 += 16) {  /* 16 columns, four independent sums */
+                bp_v16 a0 = bp_ld(b + j0), c0 = {0}, d0 = {0}, e0 = {0};
+                int q = 0;
+                for (; q + 4 <= n; q += 4) {
+                    a0 += vals[q] * bp_ld(W + (size_t)nz[q] * N + j0);
+                    c0 += vals[q + 1] * bp_ld(W + (size_t)nz[q + 1] * N + j0);
+                    d0 += vals[q + 2] * bp_ld(W + (size_t)nz[q + 2] * N + j0);
+                    e0 += vals[q + 3] * bp_ld(W + (size_t)nz[q + 3] * N + j0);
+                }
+                for (; q < n; q++) a0 += vals[q] * bp_ld(W + (size_t)nz[q] * N + j0);
+                a0 += c0 + (d0 + e0);
+                memcpy(y + j0, &a0, 64);
+            }
+            for (; j0 < N; j0++) {
+                float a0 = b[j0];
+                for (int q = 0; q < n; q++) a0 += vals[q] * W[(size_t)nz[q] * N + j0];
+                y[j0] = a0;
+            }
+        }
+        return 1;
+    }
     #else  /* no vector extensions (MSVC): never used, see bp_sparse_vectorized */
     static void bp_sparse_argmax(const float *H, int M, int K, const float *Wb, int N, const float *b,
-                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals,
-                                 float *Z) {
+                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals) {
         for (int m = 0; m < M; m++) out[m] = -1;
+    }
+    static int bp_sparse_dense(const float *X, int M, int K, const float *W, int N, const float *b, float *Y,
+                               double max_nz, int *nz, float *vals) {
+        return 0;
     }
     #endif
     /* 1 when a vector clone runs (the baseline is far slower than a GEMM: callers then use dense + argmax) */
     static int bp_sparse_vectorized(void) {
     #if BP_HAVE_CLONES
         __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f")) bp_nonzeros = bp_nonzeros_avx512;
         return __builtin_cpu_supports("avx512f") || __builtin_cpu_supports("x86-64-v3");
     #else
         return 0;
@@ -563,7 +721,9 @@ cdef extern from *:
     int _sparse_vectorized "bp_sparse_vectorized"() noexcept nogil
     void _sparse_argmax "bp_sparse_argmax"(const float* H, int M, int K, const float* Wb, int N, const float* b,
                                            const float* wabs, float babs, float tol, cnp.int64_t* out, int* nzs,
-                                           float* vals, float* Z) noexcept nogil
+                                           float* vals) noexcept nogil
+    int _sparse_dense "bp_sparse_dense"(const float* X, int M, int K, const float* W, int N, const float* b,
+                                        float* Y, double max_nz, int* nz, float* vals) noexcept nogil
 
 
 SPARSE_BLOCK = BP_BLK
@@ -575,7 +735,7 @@ cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb
                                 const float[::1] wabs, float babs, float tol):
     """out[m] := argmax_j (b + H[m].W)[j] summed over H[m]'s nonzeros, if its lead over the runner-up exceeds
     tol * (babs + sum_t |H[m, t]| * wabs[t]) + (K+2) * FLT_MIN, else -1   (W given as Wb[j // B, t, j % B],
-    B = SPARSE_BLOCK; without vector code, see SPARSE_VECTORIZED, always -1)
+    B = SPARSE_BLOCK, best 64-byte aligned; without vector code, see SPARSE_VECTORIZED, always -1)
 
     With |b_j| <= babs, |W[t, j]| <= wabs[t] and tol >= 4 * gamma_(K+2) (gamma_n = n*u / (1 - n*u), u = 2^-24),
     a label given is the argmax of the exact real logits, and of any float32 evaluation of them in any order
@@ -585,25 +745,48 @@ cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb
     cdef cnp.ndarray[cnp.int64_t, ndim=1] out = np.empty(M, np.int64)
     cdef int* nz
     cdef float* vals
-    cdef float* Z
     if Wb.shape[1] != K or Wb.shape[2] != BP_BLK or b.shape[0] != N or wabs.shape[0] != K:
         raise ValueError("sparse_argmax: shapes do not match")
     if M == 0:
         return out
     if K == 0 or N == 0:
         raise ValueError("sparse_argmax: no inputs or no classes")
-    nz = <int*>malloc(BP_ROWS * K * sizeof(int))
-    vals = <float*>malloc(BP_ROWS * K * sizeof(float))
-    Z = <float*>malloc(BP_ROWS * N * sizeof(float))
-    if nz == NULL or vals == NULL or Z == NULL:
+    nz = <int*>malloc(BP_ROWS * (K + 16) * sizeof(int))
+    vals = <float*>malloc(BP_ROWS * (K + 16) * sizeof(float))
+    if nz == NULL or vals == NULL:
         free(nz)
         free(vals)
-        free(Z)
         raise MemoryError()
     with nogil:
         _sparse_argmax(&H[0, 0], <int>M, <int>K, &Wb[0, 0, 0], <int>N, &b[0], &wabs[0], babs, tol,
-                       <cnp.int64_t*>cnp.PyArray_DATA(out), nz, vals, Z)
+                       <cnp.int64_t*>cnp.PyArray_DATA(out), nz, vals)
     free(nz)
     free(vals)
-    free(Z)
     return out
+
+
+cpdef bint sparse_dense(const float[:, ::1] X, const float[:, ::1] W, const float[::1] b, float[:, ::1] Y,
+                        double max_share=1.0):
+    """Y := X.W + b summed over X's nonzeros only (each row in order of t, two to four partial sums), if at most
+    ``max_share`` of X is nonzero; returns whether it did (else Y is untouched: use ``dense``). W best 64-byte
+    aligned with rows of a multiple of 16 floats; without vector code (SPARSE_VECTORIZED) always False."""
+    cdef Py_ssize_t M = X.shape[0], K = X.shape[1], N = W.shape[1]
+    cdef int* nz
+    cdef float* vals
+    cdef int done
+    if W.shape[0] != K or b.shape[0] != N or Y.shape[0] != M or Y.shape[1] != N:
+        raise ValueError("sparse_dense: shapes do not match")
+    if M == 0 or N == 0:
+        return True
+    nz = <int*>malloc((K + 16) * sizeof(int))
+    vals = <float*>malloc((K + 16) * sizeof(float))
+    if nz == NULL or vals == NULL:
+        free(nz)
+        free(vals)
+        raise MemoryError()
+    with nogil:
+        done = _sparse_dense(&X[0, 0], <int>M, <int>K, &W[0, 0], <int>N, &b[0], &Y[0, 0], max_share * M * K,
+                             nz, vals)
+    free(nz)
+    free(vals)
+    return done != 0

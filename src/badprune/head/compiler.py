@@ -178,7 +178,8 @@ class Head:
 
     Attributes: ``ops`` (list of :class:`~badprune.head.ops.Op`), ``shapes`` (tensor id -> per-sample shape;
     tensor 0 is the prune layer's output), ``input_shape``, ``output_shape``, ``out_id`` (the logits tensor),
-    ``drops_softmax``, ``linear`` ({op index: 'dense' | 'conv'}: linear consumers of tensor 0), ``tf_head`` (a
+    ``drops_softmax``, ``linear`` ({op index: 'dense' | 'conv'}: linear consumers of tensor 0), ``relu_fed``
+    (output ids of the Dense ops whose input is a ReLU's output, mostly zeros), ``tf_head`` (a
     Keras model of the head when it falls back to TensorFlow, else None) and ``fallback_reason``.
     """
 
@@ -209,16 +210,18 @@ class Head:
             for t in o.inputs:
                 self.consumers[t] = self.consumers.get(t, 0) + 1
         self.linear = _linear_consumers(self)
+        self.relu_fed = _relu_fed(self)
+        self._sparse_w: dict = {}  # op output id -> 64-byte aligned W for prune_ext.sparse_dense
 
     @property
     def backend(self) -> str:
         return "tensorflow" if self.tf_head is not None else "prune_ext"
 
-    def forward(self, F=None, given=None, keep=(), target=None, given_owned=False):
+    def forward(self, F=None, given=None, keep=(), target=None, given_owned=False, sparse=False):
         """Logits for a batch: see :func:`badprune.head.evaluate.forward`."""
         from .evaluate import forward
 
-        return forward(self, F, given, keep, target, given_owned)
+        return forward(self, F, given, keep, target, given_owned, sparse)
 
     def labels(self, F, mask=None, batch_size=4096):
         """Labels for activations F (N, H, W, C), channels where ``mask`` is 0 zeroed: see
@@ -265,6 +268,18 @@ def _linear_consumers(head):
         elif o.kind == "conv" and head.shapes[o.inputs[0]] == (H, W, C):
             found[i] = "conv"
     return found
+
+
+def _relu_fed(head) -> frozenset:
+    """Output ids of the Dense ops whose input is (a reshape of) a ReLU's output: zero where the ReLU cut."""
+    relu = set()
+    for o in head.ops:
+        if o.kind == "act" and (o.params["kind"] == "relu"
+                                or (o.params["kind"] == "relu_general" and o.params["p"][0] == 0)):
+            relu.add(o.out)
+        elif o.kind == "reshape" and o.inputs[0] in relu:
+            relu.add(o.out)
+    return frozenset(o.out for o in head.ops if o.kind == "dense" and o.inputs[0] in relu)
 
 
 def compile_head(model, layer) -> Head:

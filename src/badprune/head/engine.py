@@ -161,18 +161,20 @@ class MaskedSweep:
         state = {head.ops[i].out: np.empty((N,) + head.shapes[head.ops[i].out], np.float32) for i in linear}
         sparse = _SparseFinal(final) if final is not None else None
 
-        # step 0: every sample's whole head, keeping the linear states
+        # step 0: every sample's whole head, keeping the linear states (the final layer's statistics count the
+        # later steps only)
+        target = None if final is None or final.out in keep else final.inputs[0]
         for lo in range(0, N, bs):
             x = F[lo:lo + bs]
             hi = lo + len(x)
             if keep:
-                logits, kept = head.forward(x, keep=keep)
+                out, kept = head.forward(x, keep=keep, target=target, sparse=incremental)
                 for tid in state:
                     state[tid][lo:hi] = kept[tid]
             else:
-                logits = head.forward(x)
-            logits = np.ascontiguousarray(logits, np.float32)
-            labels[lo:hi] = prune_ext.argmax_rows(logits)
+                out = head.forward(x, target=target, sparse=incremental)
+            out = np.ascontiguousarray(out, np.float32)
+            labels[lo:hi] = prune_ext.argmax_rows(out) if target is None else sparse.labels(out, _Stats())
         yield 0, -1
 
         left = active.sum(axis=1, dtype=np.int64) if incremental else None  # unmasked active channels per sample
@@ -207,11 +209,11 @@ class MaskedSweep:
                     x = F[r]
                     x[..., ~mask] = 0
                 if final is None:
-                    logits = head.forward(x, given=given, given_owned=True)
+                    logits = head.forward(x, given=given, given_owned=True, sparse=incremental)
                     labels[r] = prune_ext.argmax_rows(np.ascontiguousarray(logits, np.float32))
                     continue
-                h = np.ascontiguousarray(head.forward(x, given=given, target=final.inputs[0], given_owned=True),
-                                         np.float32)
+                h = np.ascontiguousarray(head.forward(x, given=given, target=final.inputs[0], given_owned=True,
+                                                      sparse=True), np.float32)
                 labels[r] = sparse.labels(h, stats)
             yield k, c
 
@@ -228,9 +230,10 @@ class _SparseFinal:
         N = -(-n // B) * B
         Wp = np.zeros((K, N), np.float32)
         Wp[:, :n] = self.W
-        self.Wb = np.ascontiguousarray(Wp.reshape(K, N // B, B).transpose(1, 0, 2))
-        self.bp = np.full(N, -np.inf, np.float32)
-        self.bp[:n] = self.b
+        self.Wb = prune_ext.aligned(Wp.reshape(K, N // B, B).transpose(1, 0, 2))  # whole cache lines per load
+        bp = np.full(N, -np.inf, np.float32)
+        bp[:n] = self.b
+        self.bp = prune_ext.aligned(bp)
         self.wabs = np.abs(self.W).max(axis=1).astype(np.float32) if n else np.zeros(K, np.float32)
         self.babs = float(np.abs(self.b).max()) if n else 0.0
         m, u = K + 2, 2.0 ** -24
