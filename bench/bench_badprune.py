@@ -81,7 +81,7 @@ def test_rank(benchmark, features, bounds):
 # ------------------------------------------------------------------------------------------------- sweep stage
 def _kernel_profile(fn):
     """One more call of ``fn``, in one thread (no shards), with every prune_ext kernel wrapped in a timer:
-    {kernel: [calls, seconds, GFLOP]} (FLOPs for dense / conv2d / sparse_argmax from the operands), the total, and
+    {kernel: [calls, seconds, GFLOP]} (FLOPs for dense / conv2d / the sparse kernels from the operands), the total, and
     the rest (Python and numpy glue: row gathers, copies, metrics). cProfile cannot see inside the Cython kernels,
     so they are timed from outside."""
     import prune_ext
@@ -91,7 +91,7 @@ def _kernel_profile(fn):
     saved = {n: getattr(prune_ext, n) for n in names}
     acc = {n: [0, 0.0, 0.0] for n in names}
 
-    def flops(n, a):
+    def flops(n, a, result):
         try:
             if n == "dense":
                 return 2.0 * a[0].shape[0] * a[1].shape[0] * a[1].shape[1]
@@ -101,6 +101,8 @@ def _kernel_profile(fn):
                 return 2.0 * float(np.prod(a[-1].shape)) * float(np.prod(a[1].shape[:3]))
             if n == "sparse_argmax":  # over each row's nonzero inputs
                 return 2.0 * np.count_nonzero(a[0]) * a[1].shape[0] * a[1].shape[2]
+            if n == "sparse_dense":  # likewise (0 when it declined and left the batch to dense)
+                return 2.0 * np.count_nonzero(a[0]) * a[1].shape[1] if result else 0.0
         except (AttributeError, IndexError):
             pass
         return 0.0
@@ -108,13 +110,15 @@ def _kernel_profile(fn):
     def wrap(n, f):
         def timed(*a, **k):
             t = time.perf_counter()
+            r = None
             try:
-                return f(*a, **k)
+                r = f(*a, **k)
+                return r
             finally:
                 e = acc[n]
                 e[0] += 1
                 e[1] += time.perf_counter() - t
-                e[2] += flops(n, a) / 1e9
+                e[2] += flops(n, a, r) / 1e9
         return timed
 
     import badprune.head.engine as engine

@@ -153,6 +153,31 @@ def test_final_layer_sparse_argmax_gives_the_full_mode_labels(monkeypatch, rando
         assert stats["screened"] == stats["rows"] > stats["exact_final"]
 
 
+def test_logits_dense_without_activation_gets_the_bounded_sparse_argmax(monkeypatch, randomize):
+    """A last Dense with no activation (an op, then a reshape) is still the final layer: the sparse argmax with its
+    rounding bound answers it, never the unbounded sparse_dense; a hidden Dense on a ReLU is sparse_dense's. The
+    labels match TensorFlow on every pruned model."""
+    import badprune.head.engine as H
+
+    x = keras.Input((12, 10, 3))
+    p = L.MaxPooling2D(2, name="pool_p")(L.Conv2D(8, 3, activation="relu", name="c")(x))
+    h = L.Dense(24, activation="relu", name="hidden")(L.Flatten()(p))
+    y = L.Dense(40, name="logits")(L.Dense(32, activation="relu", name="hidden2")(h))
+    m = keras.Model(x, y)
+    randomize(m, 11, "sparse")
+    X = (np.random.default_rng(11).random((300, 12, 10, 3)) * 2).astype(np.float32)
+    head = _check_against_tf(m, "pool_p", X, modes=("incremental",))
+    names = {o.out: o.name for o in head.ops}
+    assert {names[i] for i in head.relu_fed} == {"hidden2"}
+    F = keras.Model(m.input, m.get_layer("pool_p").output).predict(X, verbose=0)
+    monkeypatch.setattr(H, "SPARSE_MAX_SHARE", 1.0)  # every batch, however dense its input
+    engine = H.MaskedSweep(head, F, np.arange(8), batch_size=64)
+    for _ in engine:
+        pass
+    if prune_ext.SPARSE_VECTORIZED:
+        assert engine.stats["screened"] == engine.stats["rows"] > 0
+
+
 @pytest.mark.parametrize("jobs", [2, 3])
 def test_sharded_sweep_gives_the_one_thread_labels(monkeypatch, randomize, jobs):
     """The samples cut into shards swept in threads: the same labels at every step and the same statistics as

@@ -146,7 +146,7 @@ def _build(model, layer, channels, name, repaired, shared_trunk) -> tuple:
 
 
 def from_sweep(result, x):
-    """G_X of a :class:`badprune.sweep.SweepResult` (B = ``result.model``; channels of the threshold X)."""
+    """G_X of a :class:`badprune.result.SweepResult` (B = ``result.model``; channels of the threshold X)."""
     t = result.threshold(x)
     if not t.reached:
         raise BadpruneError(f"threshold {fmt_x(x)} was never reached: there is no G_{fmt_x(x)}")

@@ -383,7 +383,7 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
 def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0, log=None):
     """Fine-prune an existing run (the ``--out`` folder of a sweep) in place: its B'_X are repaired from its cached
     activations (no trunk pass in head mode), and the run folder is rewritten whole with the R_X rows, tables,
-    plot and models. Returns the :class:`~badprune.sweep.SweepResult` with ``repaired`` set.
+    plot and models. Returns the :class:`~badprune.result.SweepResult` with ``repaired`` set.
 
     Raises :class:`BadpruneError` when the run's activations are no longer in the cache (a sweep run with
     ``--no-cache``, or a cleared cache): re-run the sweep with ``--fine-tune`` instead.
@@ -392,7 +392,7 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
     from .models import load_model
     from .report import write_outputs
     from .runfiles import TFLITE_DIR, read_run
-    from .sweep import SweepResult
+    from .result import SweepResult
 
     params = check_args(mode, epochs, lr, seed)
     say = log or (lambda m: None)

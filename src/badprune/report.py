@@ -23,7 +23,7 @@ from .runfiles import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN,
                        SWEEP_PNG, fmt_x, goodnet_filename, missing, model_filename, sweep_json_text, table_channel,
                        table_columns, table_value)
 from .outdir import check_output, staged_folder
-from .sweep import SweepResult
+from .result import SweepResult
 
 __all__ = ["write_outputs", "check_output", "format_table", "summary_line", "results_markdown", "plot_sweep",
            "plot_channels", "sweep_csv"]

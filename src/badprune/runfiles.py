@@ -318,7 +318,7 @@ def table_row(result, step: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------- sweep.json
 def sweep_record(result) -> dict:
-    """The ``sweep.json`` document of a sweep result (a :class:`badprune.sweep.SweepResult`), plain JSON types.
+    """The ``sweep.json`` document of a sweep result (a :class:`badprune.result.SweepResult`), plain JSON types.
 
     Keys: model_name, layer, conv_layer, n_channels, num_classes, relative, columns, table (column -> values per
     step), ranking, mean_activation and poisoned_mean_activation (per channel, by channel index; the latter None

@@ -328,12 +328,15 @@ cdef extern from *:
                                int OW, int CO, const float *K, int KH, int KW, int c, int sh, int sw, int pt, int pl,
                                int dh, int dw, float *out) {
         size_t zs = (size_t)OH * OW * CO;
+        float tv[64];
+        const float *tk[64];
         for (int i = 0; i < R; i++) {
             float *zr = Z + (size_t)rows[i] * zs;
             const float *f = F + (size_t)rows[i] * H * W * C + c;
             for (int oy = 0; oy < OH; oy++)
                 for (int ox = 0; ox < OW; ox++) {
                     float *z = zr + ((size_t)oy * OW + ox) * CO;
+                    int nt = 0;
                     for (int ky = 0; ky < KH; ky++) {
                         int iy = oy * sh + ky * dh - pt;
                         if (iy < 0 || iy >= H) continue;
@@ -344,10 +347,29 @@ cdef extern from *:
                             v = f[((size_t)iy * W + ix) * C];
                             if (v != 0) {
                                 const float *k = K + (((size_t)ky * KW + kx) * C + c) * CO;
-                                for (int j = 0; j < CO; j++) z[j] -= v * k[j];
+                                if (nt == 64) {  /* more taps than the list holds: apply them now */
+                                    for (int t = 0; t < nt; t++)
+                                        for (int j = 0; j < CO; j++) z[j] -= tv[t] * tk[t][j];
+                                    nt = 0;
+                                }
+                                tv[nt] = v;
+                                tk[nt++] = k;
                             }
                         }
                     }
+                    /* the position's taps applied in order, 16 outputs at a time kept in registers */
+                    int j = 0;
+    #if defined(__GNUC__)
+                    typedef float bp_r16 __attribute__((vector_size(64)));
+                    for (; j + 16 <= CO; j += 16) {
+                        bp_r16 a, k;
+                        memcpy(&a, z + j, 64);
+                        for (int t = 0; t < nt; t++) { memcpy(&k, tk[t] + j, 64); a -= tv[t] * k; }
+                        memcpy(z + j, &a, 64);
+                    }
+    #endif
+                    for (; j < CO; j++)
+                        for (int t = 0; t < nt; t++) z[j] -= tv[t] * tk[t][j];
                 }
             if (out) memcpy(out + (size_t)i * zs, zr, zs * sizeof(float));
         }
@@ -596,9 +618,9 @@ cdef extern from *:
                     a1 += c1 + (d1 + e1);
                     /* lane-wise top two; strictly greater, so that I1 keeps a lane's first chunk and an equal
                        value becomes the runner-up (a tie gives lead 0) */
-                    g = a0 > v1; v2 = bp_vmax(v2, bp_pick(g, v1, a0)); v1 = bp_pick(g, a0, v1);
+                    g = a0 > v1; v2 = bp_vmax(bp_pick(g, v1, a0), v2); v1 = bp_pick(g, a0, v1);
                     i1 = (g & ch0) | (~g & i1);
-                    g = a1 > v1; v2 = bp_vmax(v2, bp_pick(g, v1, a1)); v1 = bp_pick(g, a1, v1);
+                    g = a1 > v1; v2 = bp_vmax(bp_pick(g, v1, a1), v2); v1 = bp_pick(g, a1, v1);
                     i1 = (g & ch1) | (~g & i1);
                     V1[i] = v1; V2[i] = v2; I1[i] = i1;
                 }
@@ -618,8 +640,9 @@ cdef extern from *:
                     if (l != L) sv = t1[l] > sv ? t1[l] : sv;
                 }
                 if (L < 0) { out[m0 + i] = -1; continue; }  /* no value above -inf */
-                /* the top two skip NaN logits, but a NaN logit (from finite W and b) means an inf or NaN product,
-                   so the bound is inf or NaN too and the row is declined */
+                /* a NaN logit never enters V1 and never replaces a value of V2 (bp_vmax keeps its second argument
+                   unless the first is greater); with finite W and b it means an inf or NaN product, so the bound
+                   is inf or NaN too and the row is declined */
                 for (int q = 0; q < cnt[i]; q++) s += fabsf(vals[i * (K + 16) + q]) * wabs[nzs[i * (K + 16) + q]];
                 /* the absolute term covers products that underflow (the relative bound does not) */
                 out[m0 + i] = mx - sv > tol * s + (K + 2) * FLT_MIN ? a : -1;
@@ -751,6 +774,9 @@ cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb
         return out
     if K == 0 or N == 0:
         raise ValueError("sparse_argmax: no inputs or no classes")
+    if not SPARSE_VECTORIZED:
+        out.fill(-1)
+        return out
     nz = <int*>malloc(BP_ROWS * (K + 16) * sizeof(int))
     vals = <float*>malloc(BP_ROWS * (K + 16) * sizeof(float))
     if nz == NULL or vals == NULL:
@@ -778,6 +804,8 @@ cpdef bint sparse_dense(const float[:, ::1] X, const float[:, ::1] W, const floa
         raise ValueError("sparse_dense: shapes do not match")
     if M == 0 or N == 0:
         return True
+    if not SPARSE_VECTORIZED:
+        return False
     nz = <int*>malloc((K + 16) * sizeof(int))
     vals = <float*>malloc((K + 16) * sizeof(float))
     if nz == NULL or vals == NULL:

@@ -270,8 +270,19 @@ def _linear_consumers(head):
     return found
 
 
+def final_dense(head):
+    """The Dense op whose output is the logits (through reshapes only), or None."""
+    by_out = {o.out: o for o in head.ops}
+    o = by_out.get(head.out_id)
+    while o is not None and o.kind == "reshape":
+        o = by_out.get(o.inputs[0])
+    return o if o is not None and o.kind == "dense" else None
+
+
 def _relu_fed(head) -> frozenset:
-    """Output ids of the Dense ops whose input is (a reshape of) a ReLU's output: zero where the ReLU cut."""
+    """Output ids of the Dense ops whose input is (a reshape of) a ReLU's output, zero where the ReLU cut, and whose
+    weights are finite (0 * inf is NaN in a GEMM). Not the logits' Dense: its sums' order could break exact ties
+    unlike the GEMM (the engine gives that one :func:`prune_ext.sparse_argmax`, with its rounding bound)."""
     relu = set()
     for o in head.ops:
         if o.kind == "act" and (o.params["kind"] == "relu"
@@ -279,7 +290,9 @@ def _relu_fed(head) -> frozenset:
             relu.add(o.out)
         elif o.kind == "reshape" and o.inputs[0] in relu:
             relu.add(o.out)
-    return frozenset(o.out for o in head.ops if o.kind == "dense" and o.inputs[0] in relu)
+    last = final_dense(head)
+    return frozenset(o.out for o in head.ops if o.kind == "dense" and o.inputs[0] in relu and o is not last
+                     and bool(np.isfinite(o.params["W"]).all()))
 
 
 def compile_head(model, layer) -> Head:

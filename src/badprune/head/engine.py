@@ -24,6 +24,7 @@ import numpy as np
 import prune_ext
 
 from ..runfiles import cpu_count
+from .compiler import final_dense
 from .evaluate import plan
 
 #: the final layer's sparse argmax is used on batches whose inputs are at most this share nonzero (else the GEMM)
@@ -153,10 +154,9 @@ class MaskedSweep:
         mask = np.ones(C, bool)
 
         linear = head.linear if (incremental and native) else {}
-        final = None
-        last = head.ops[-1] if native else None
-        if incremental and native and last.kind == "dense" and len(head.shapes[last.inputs[0]]) == 1:
-            final = last
+        final = final_dense(head) if (incremental and native) else None  # the logits' Dense (then reshapes)
+        if final is not None and len(head.shapes[final.inputs[0]]) != 1:
+            final = None
         keep = tuple(head.ops[i].out for i in linear)
         state = {head.ops[i].out: np.empty((N,) + head.shapes[head.ops[i].out], np.float32) for i in linear}
         sparse = _SparseFinal(final) if final is not None else None

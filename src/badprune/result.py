@@ -1,0 +1,100 @@
+"""What a sweep produced: :class:`SweepResult` (the per-step table, the ranking, B'_X per :class:`Threshold`),
+built by :func:`badprune.sweep.run` or read back from its ``sweep.json`` (:meth:`SweepResult.from_record`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runfiles import COLUMNS, POISONED_MEAN
+
+
+@dataclass
+class Threshold:
+    """B'_X for one threshold X: the first step whose validation accuracy dropped by at least X."""
+
+    x: float                   # threshold, percentage points (or percent of base when relative)
+    step: int | None           # None: never reached
+    channels: list             # channels pruned in B'_X (ranking[:step])
+
+    @property
+    def reached(self) -> bool:
+        return self.step is not None
+
+
+@dataclass
+class SweepResult:
+    """Everything a sweep produced. ``table[col]`` is an array of C+1 values (step 0 = the unpruned model B)."""
+
+    model_name: str
+    layer: str                        # the prune layer (e.g. pool_3)
+    conv_layer: str | None            # the layer whose kernel/bias B'_X zeroes (e.g. conv_3)
+    n_channels: int
+    ranking: np.ndarray               # channel indices in pruning order
+    mean_activation: np.ndarray       # per channel, indexed by channel
+    table: dict                       # column -> np.ndarray (len C+1), see COLUMNS
+    thresholds: list                  # [Threshold]
+    relative: bool                    # thresholds relative to base accuracy rather than absolute points
+    num_classes: int                  # N: the GoodNet's "backdoor detected" label
+    config: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    model: object = field(default=None, repr=False, compare=False)   # the Keras model B (for pruned_model)
+    repaired: list = field(default_factory=list)   # [badprune.repair.Repaired] when fine-tuning ran
+    poisoned_mean_activation: np.ndarray | None = None   # per channel, on the poisoned set (None without one)
+    #: B's cached record (:class:`badprune.record.ModelRecord`): B'_X and G_X are written from its templates, and
+    #: after a warm sweep (``model`` None) B is loaded from it on the first access to ``model``
+    model_record: object = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_record(cls, doc: dict, model=None) -> "SweepResult":
+        """A result read back from its ``sweep.json`` document (:func:`badprune.runfiles.sweep_record`), with B
+        (``model``) given again; the repaired networks are not part of it."""
+        table = {}
+        for c in COLUMNS + ((POISONED_MEAN,) if POISONED_MEAN in doc["table"] else ()):
+            v = doc["table"][c]
+            if c == "channel":
+                table[c] = np.array([-1 if x is None else int(x) for x in v], np.int64)
+            elif c == "step":
+                table[c] = np.array(v, np.int64)
+            else:
+                table[c] = np.array([np.nan if x is None else float(x) for x in v], np.float64)
+        ths = [Threshold(float(t["x"]), t["step"], [int(c) for c in t["channels"]]) for t in doc["thresholds"]]
+        return cls(model_name=doc["model_name"], layer=doc["layer"], conv_layer=doc.get("conv_layer"),
+                   n_channels=int(doc["n_channels"]), ranking=np.array(doc["ranking"], np.int64),
+                   mean_activation=np.array([np.nan if v is None else v for v in doc["mean_activation"]]),
+                   table=table, thresholds=ths, relative=bool(doc["relative"]), num_classes=int(doc["num_classes"]),
+                   config=dict(doc.get("config") or {}), timings=dict(doc.get("timings") or {}),
+                   versions=dict(doc.get("versions") or {}), model=model,
+                   poisoned_mean_activation=None if doc.get(POISONED_MEAN) is None else
+                   np.array([np.nan if v is None else v for v in doc[POISONED_MEAN]]))
+
+    def row(self, step: int) -> dict:
+        return {c: self.table[c][step].item() for c in COLUMNS}
+
+    def _get_model(self):
+        if self.__dict__.get("_model") is None and getattr(self.model_record, "source", None):
+            self._model = self.model_record.load_model()
+        return self.__dict__.get("_model")
+
+    def _set_model(self, model):
+        self.__dict__["_model"] = model
+
+    def threshold(self, x: float) -> Threshold:
+        for t in self.thresholds:
+            if t.x == x:
+                return t
+        raise KeyError(f"no threshold {x}; have {[t.x for t in self.thresholds]}")
+
+    def pruned_model(self, x: float):
+        """B'_X as a plain Keras model (the channels' conv kernel and bias zeroed)."""
+        from .models import prune_model
+
+        t = self.threshold(x)
+        if not t.reached:
+            raise ValueError(f"threshold {x} was never reached")
+        return prune_model(self.model, self.layer, t.channels)
+
+
+SweepResult.model = property(SweepResult._get_model, SweepResult._set_model,
+                             doc="B (a Keras model); after a warm sweep, loaded on first access (model_record)")
