@@ -283,8 +283,10 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
           f"nonzero inputs of {st.get('screened', 0):,} rows ({100 * _share(st, hf):.0f} % of the inputs) with its "
           f"rounding-proof argmax and computed it whole on the {st.get('exact_final', 0):,} rows it could not "
           f"prove; with the first full pass "
-          f"that is {e['flops'] / 1e9:,.0f} GFLOP: **floor {fs(floor)}** at {hr:.0f} GFLOP/s, so the code runs at "
-          f"{100 * floor / sweep_inc:.0f} % of the BLAS rate on its own work" + (
+          f"that is {e['flops'] / 1e9:,.0f} GFLOP when each hidden Dense on a ReLU's output is counted as a whole "
+          f"GEMM (the sweep sums those over their nonzero inputs instead: `sparse_dense` below): "
+          f"**floor {fs(floor)}** at {hr:.0f} GFLOP/s, so the code runs at "
+          f"{100 * floor / sweep_inc:.0f} % of that work's BLAS-rate time" + (
               f" (at the best GEMM rate measured, {peak:.0f} GFLOP/s, the floor is "
               f"{fs(e['flops'] / (peak * 1e9))})." if peak else ".") if floor > 1 else
           f"- **Sweep stage** ({fs(sweep_inc)}): {e['flops'] / 1e9:,.0f} GFLOP, floor {fs(floor)} at {hr:.0f} GFLOP/s.")
@@ -318,8 +320,9 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
                   f"FLOPs, the final layer's sparse sums are {100 * f_sparse / e['flops']:.0f} %, the whole final "
                   f"layer on the unproven rows {100 * f_final / e['flops']:.0f} %, the head below it on the "
                   f"re-evaluated rows {100 * f_rest / e['flops']:.0f} %, the first full pass "
-                  f"{100 * f_first / e['flops']:.0f} %. The rest of the time ({fs(other)} beside the GEMMs) is the "
-                  f"sparse final layer (its loads of W, not its FLOPs, bound it), taking the channel out of the "
+                  f"{100 * f_first / e['flops']:.0f} % (GEMM formulation). The rest of the time ({fs(other)} beside "
+                  f"the GEMMs) is the sparse final layer and the sparse hidden Dense (their loads of W, not their "
+                  f"FLOPs, bound them), taking the channel out of the "
                   f"linear consumers' pre-activations, and row gathers and copies. The timed sweep runs one shard "
                   f"of the samples per core in threads.")
                 w("")
