@@ -10,6 +10,7 @@ import pytest
 
 from badprune import data, features, models
 from badprune.errors import BadpruneError
+from badprune.head import compile_head
 
 keras = pytest.importorskip("keras")
 L = keras.layers
@@ -256,6 +257,12 @@ def test_detect_scale_real_weights(shared_dir, tmp_path):
     sun = models.load_model(weights=w / "sunglasses_bd_weights.h5")
     name, accs = features.detect_scale(sun, data.open_dataset(raw))
     assert name == "unit" and accs["unit"] > accs["raw"]
+    # the trunk up to pool_3, then the compiled head (as the sweep decides): the same decision and accuracies
+    for net, want in ((lab3, "raw"), (sun, "unit")):
+        head = compile_head(net, "pool_3")
+        full = features.detect_scale(net, data.open_dataset(raw))
+        fast = features.detect_scale(net, data.open_dataset(raw), layer="pool_3", classify=head.labels)
+        assert fast == full and fast[0] == want
 
 
 def test_a_cached_entry_changed_on_disk_is_found_and_recomputed(net, lab_file, tmp_path, counting):

@@ -327,13 +327,17 @@ def predict(model, dataset, scale, batch_size: int | None = DEFAULT_BATCH_SIZE, 
 
 
 def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | None = DEFAULT_BATCH_SIZE,
-                 engine: str | None = None, cache_dir=None):
+                 engine: str | None = None, cache_dir=None, layer: str | None = None, classify=None):
     """Pick the pixel scale (``data.SCALES``) under which the model classifies the first ``n`` images best.
 
     Returns ``(scale_name, {scale_name: accuracy})``; ties go to the first scale ('raw'). The images are read
     once and multiplied per scale (the same float32 values :meth:`badprune.data.Dataset.batches` gives). With
     ``cache_dir`` the decision is kept in a small entry keyed like the activations (model, data file, ``n``,
     engine), so a warm run does not run the model at all.
+
+    With ``layer`` and ``classify`` (``layer``'s activations -> labels, e.g. the compiled head's
+    :meth:`~badprune.head.Head.labels`), the model runs only up to ``layer``, on the trunk runner the extraction
+    then reuses (one TensorFlow trace instead of two), and ``classify`` labels the activations.
     """
     n = min(int(n), dataset.n)
     batch_size = batch_size or DEFAULT_BATCH_SIZE
@@ -349,19 +353,23 @@ def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | 
         hit = cache.read_scale(path, key)
         if hit is not None:
             return hit
-    runner = _runner(model, None, engine)
+    net = layer if classify is not None else None
+    runner = _runner(model, net, engine)
     x1 = dataset.read(1.0, 0, n)
-    out = np.empty((n,) + tuple(int(s) for s in model.outputs[0].shape[1:]), np.float32)
+    end = model.get_layer(net).output if net else model.outputs[0]
+    out = np.empty((n,) + tuple(int(s) for s in end.shape[1:]), np.float32)
     bs = max(1, min(int(batch_size), MAX_BATCH, n))
     accs = {}
     for name, value in SCALES.items():
-        for lo in range(0, n, bs):
-            x = x1[lo:lo + bs]
-            if float(value) != 1.0:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    x = x * np.float32(value)
-            out[lo:lo + len(x)] = runner(x).reshape((len(x),) + out.shape[1:])
-        accs[name] = float((out.reshape(n, -1).argmax(axis=1) == labels).mean())
+        batches = [x1[lo:lo + bs] for lo in range(0, n, bs)]
+        if float(value) != 1.0:
+            with np.errstate(over="ignore", invalid="ignore"):
+                batches = [x * np.float32(value) for x in batches]
+        with ThreadPoolExecutor(runner.workers, thread_name_prefix="badprune-engine") as ex:
+            for lo, y in zip(range(0, n, bs), ex.map(runner, batches)):
+                out[lo:lo + len(y)] = y.reshape((len(y),) + out.shape[1:])
+        pred = np.asarray(classify(out)) if net else out.reshape(n, -1).argmax(axis=1)
+        accs[name] = float((pred == labels).mean())
     best = cache.best_scale(accs)
     if path is not None:
         try:  # a cache that cannot be written is reported once, by the extraction that follows

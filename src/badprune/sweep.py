@@ -161,13 +161,15 @@ def _scale_note(name, accs) -> str:
             f"/255 {100 * accs['unit']:.1f}%)")
 
 
-def _settle_scale(B, valid, scale, say, cache_dir=None) -> tuple:
-    """(scale name, multiplier): detected on the validation set for 'auto' (the decision is cached in
-    ``cache_dir``, so a warm run prints the same line without running the model)."""
+def _settle_scale(d: _Defended, valid, scale, say, cache_dir=None) -> tuple:
+    """(scale name, multiplier): detected on the validation set for 'auto' (the trunk up to the prune layer, then
+    the compiled head; the decision is cached in ``cache_dir``, so a warm run prints the same line without running
+    the model)."""
     from . import features
 
     if isinstance(scale, str) and scale == "auto":
-        scale_name, accs = features.detect_scale(B, valid, cache_dir=cache_dir)
+        scale_name, accs = features.detect_scale(d.model, valid, cache_dir=cache_dir, layer=d.layer,
+                                                 classify=d.head.labels)
         say(_scale_note(scale_name, accs))
         return scale_name, SCALES[scale_name]
     return fixed_scale(scale)
@@ -361,7 +363,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         say(_model_note(d))
         ds = _open_sets(d.model, sets, d.num_classes)
         t = time.perf_counter()
-        scale_name, scale_value = _settle_scale(d.model, ds["valid"], scale, say, cdir)
+        scale_name, scale_value = _settle_scale(d, ds["valid"], scale, say, cdir)
         timings["scale"] = time.perf_counter() - t
         F, bounds, extract_info = _extract_all(d, ds, scale_value, cdir, batch_size, progress, timings)
         if rkey is not None and rec is None:  # kept for warm runs once the activations are
