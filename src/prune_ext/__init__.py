@@ -24,11 +24,13 @@ from ._kernels import (  # noqa: F401
 
 
 def aligned(a, alignment: int = 64):
-    """A C-contiguous float32 copy of ``a`` whose data starts on an ``alignment``-byte boundary (numpy gives 16:
-    the vector kernels' 64-byte loads then cross cache lines)."""
+    """``a`` as a C-contiguous float32 array whose data starts on an ``alignment``-byte boundary: ``a`` itself when
+    it already is one, else a copy (numpy gives 16: the vector kernels' 64-byte loads then cross cache lines)."""
     import numpy as np
 
     a = np.asarray(a, dtype=np.float32)
+    if a.flags.c_contiguous and a.ctypes.data % alignment == 0:
+        return a
     buf = np.empty(a.size + alignment // 4, np.float32)
     start = (-buf.ctypes.data % alignment) // 4
     out = buf[start:start + a.size].reshape(a.shape)

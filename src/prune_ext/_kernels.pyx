@@ -298,14 +298,24 @@ cpdef cnp.ndarray channel_activity(const float[:, :, ::1] F):
 
 cdef extern from *:
     """
-    /* the channel-removal cores, built like the sparse kernels below (one clone per vector ISA where GCC can) */
+    /* BP_CLONES: a function built for AVX-512F, x86-64-v3 (AVX2 + FMA) and the portable baseline, the best the CPU
+       has picked at load time (x86-64 glibc, GCC >= 12; the build flags stay portable); elsewhere one portable
+       build. Used by the channel-removal cores here and the sparse kernels below. */
+    #include <math.h>
+    #include <string.h>
+    #include <stdint.h>
+    #include <float.h>
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
-    #define BP_REMOVE_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+    #define BP_HAVE_CLONES 1  /* target_clones needs GCC >= 12 (x86-64-v3) and glibc's ifunc */
+    #include <immintrin.h>
+    #pragma GCC diagnostic ignored "-Wpsabi"
+    #define BP_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
     #else
-    #define BP_REMOVE_CLONES
+    #define BP_HAVE_CLONES 0
+    #define BP_CLONES
     #endif
     /* Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows;  out[i] := Z[rows[i]] after it (when out) */
-    BP_REMOVE_CLONES
+    BP_CLONES
     static void bp_dense_remove(float *Z, const float *F, const int64_t *rows, int R, int P, int C, const float *W,
                                 int N, int c, float *out) {
         for (int i = 0; i < R; i++) {
@@ -323,7 +333,7 @@ cdef extern from *:
     }
     /* Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows;
        out[i] := Z[rows[i]] after it (when out) */
-    BP_REMOVE_CLONES
+    BP_CLONES
     static void bp_conv_remove(float *Z, const float *F, const int64_t *rows, int R, int H, int W, int C, int OH,
                                int OW, int CO, const float *K, int KH, int KW, int c, int sh, int sw, int pt, int pl,
                                int dh, int dw, float *out) {
@@ -509,24 +519,10 @@ cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
 # --------------------------------------------------------------------------------------------------------------
 # A final Dense layer on sparse inputs (ReLU outputs): the argmax over its nonzeros, proven against rounding
 # --------------------------------------------------------------------------------------------------------------
-# C with GCC vector extensions, built for AVX-512F, x86-64-v3 (AVX2 + FMA) and the portable baseline, the best the
-# CPU has picked at load time (x86-64 glibc, GCC >= 12; the build flags stay portable). Elsewhere the final layer
+# C with GCC vector extensions, built as BP_CLONES (see the channel-removal cores above). Elsewhere the final layer
 # is a GEMM (prune_ext.SPARSE_VECTORIZED is False).
 cdef extern from *:
     """
-    #include <math.h>
-    #include <string.h>
-    #include <stdint.h>
-    #include <float.h>
-    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
-    #define BP_HAVE_CLONES 1  /* target_clones needs GCC >= 12 (x86-64-v3) and glibc's ifunc */
-    #include <immintrin.h>
-    #pragma GCC diagnostic ignored "-Wpsabi"
-    #define BP_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-    #else
-    #define BP_HAVE_CLONES 0
-    #define BP_CLONES
-    #endif
     #define BP_BLK 32   /* classes per column block: W's block (K x 32 floats) stays in L1 for BP_ROWS rows */
     #define BP_ROWS 16
     #if defined(__GNUC__)  /* GCC and clang: vector extensions */

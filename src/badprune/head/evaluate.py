@@ -20,9 +20,8 @@ def _dense(o, x, M, src_owned):
 def _sparse_dense(head, o, x, M):
     """The Dense op ``o`` summed over its input's nonzeros (:func:`prune_ext.sparse_dense`), else as ``_dense``."""
     W = head._sparse_w.get(o.out)
-    if W is None:  # whole cache lines per load (a copy only when W is not aligned already)
-        W = o.params["W"]
-        W = head._sparse_w[o.out] = W if W.ctypes.data % 64 == 0 else prune_ext.aligned(W)
+    if W is None:  # whole cache lines per load
+        W = head._sparse_w[o.out] = prune_ext.aligned(o.params["W"])
     X = x[0].reshape(-1, W.shape[0])
     y = np.empty((X.shape[0], W.shape[1]), np.float32)
     if not prune_ext.sparse_dense(X, W, o.params["b"], y, SPARSE_DENSE_MAX_SHARE):
