@@ -314,6 +314,11 @@ cdef extern from *:
     #define BP_HAVE_CLONES 0
     #define BP_CLONES
     #endif
+    #if defined(__GNUC__)  /* GCC and clang: vector extensions (16 floats; two or one registers per clone) */
+    typedef float bp_v16 __attribute__((vector_size(64)));
+    typedef int32_t bp_i16 __attribute__((vector_size(64)));
+    static inline bp_v16 bp_ld(const float *p) { bp_v16 v; memcpy(&v, p, sizeof v); return v; }
+    #endif
     /* Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows;  out[i] := Z[rows[i]] after it (when out) */
     BP_CLONES
     static void bp_dense_remove(float *Z, const float *F, const int64_t *rows, int R, int P, int C, const float *W,
@@ -370,11 +375,9 @@ cdef extern from *:
                     /* the position's taps applied in order, 16 outputs at a time kept in registers */
                     int j = 0;
     #if defined(__GNUC__)
-                    typedef float bp_r16 __attribute__((vector_size(64)));
                     for (; j + 16 <= CO; j += 16) {
-                        bp_r16 a, k;
-                        memcpy(&a, z + j, 64);
-                        for (int t = 0; t < nt; t++) { memcpy(&k, tk[t] + j, 64); a -= tv[t] * k; }
+                        bp_v16 a = bp_ld(z + j);
+                        for (int t = 0; t < nt; t++) a -= tv[t] * bp_ld(tk[t] + j);
                         memcpy(z + j, &a, 64);
                     }
     #endif
@@ -392,11 +395,20 @@ cdef extern from *:
                                        int sw, int pt, int pl, int dh, int dw, float* out) noexcept nogil
 
 
+cdef int _check_rows(const cnp.int64_t[::1] rows, Py_ssize_t n, str name) except -1:
+    """IndexError unless every row is in [0, n)."""
+    cdef Py_ssize_t i
+    for i in range(rows.shape[0]):
+        if not 0 <= rows[i] < n:
+            raise IndexError(f"{name}: a row is out of range")
+    return 0
+
+
 cpdef void dense_remove_channel(float[:, ::1] Z, const float[:, :, ::1] F, const cnp.int64_t[::1] rows,
                                 const float[:, ::1] W, int c, float[:, ::1] out=None):
     """Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows  (Z: pre-activations of a Dense on flatten(F));
     out[i] := Z[rows[i]] after it, when given"""
-    cdef Py_ssize_t R = rows.shape[0], P = F.shape[1], C = F.shape[2], N = W.shape[1], i
+    cdef Py_ssize_t R = rows.shape[0], P = F.shape[1], C = F.shape[2], N = W.shape[1]
     cdef float* o = NULL
     if W.shape[0] != P * C or Z.shape[1] != N or Z.shape[0] != F.shape[0] or not 0 <= c < C:
         raise ValueError("dense_remove_channel: shapes do not match")
@@ -405,9 +417,7 @@ cpdef void dense_remove_channel(float[:, ::1] Z, const float[:, :, ::1] F, const
             raise ValueError("dense_remove_channel: out must be (len(rows), units)")
         if R:
             o = &out[0, 0]
-    for i in range(R):
-        if not 0 <= rows[i] < Z.shape[0]:
-            raise IndexError("dense_remove_channel: a row is out of range")
+    _check_rows(rows, Z.shape[0], "dense_remove_channel")
     if R == 0 or N == 0:
         return
     with nogil:
@@ -419,7 +429,7 @@ cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] 
                                float[:, :, :, ::1] out=None):
     """Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows;
     out[i] := Z[rows[i]] after it, when given"""
-    cdef Py_ssize_t R = rows.shape[0], i
+    cdef Py_ssize_t R = rows.shape[0]
     cdef Py_ssize_t OH = Z.shape[1], OW = Z.shape[2], CO = Z.shape[3]
     cdef float* o = NULL
     if K.shape[3] != CO or K.shape[2] != F.shape[3] or Z.shape[0] != F.shape[0] or not 0 <= c < F.shape[3]:
@@ -429,9 +439,7 @@ cpdef void conv_remove_channel(float[:, :, :, ::1] Z, const float[:, :, :, ::1] 
             raise ValueError("conv_remove_channel: out must be (len(rows),) + Z's sample shape")
         if R:
             o = &out[0, 0, 0, 0]
-    for i in range(R):
-        if not 0 <= rows[i] < Z.shape[0]:
-            raise IndexError("conv_remove_channel: a row is out of range")
+    _check_rows(rows, Z.shape[0], "conv_remove_channel")
     if R == 0 or OH * OW * CO == 0:
         return
     with nogil:
@@ -525,22 +533,32 @@ cdef extern from *:
     """
     #define BP_BLK 32   /* classes per column block: W's block (K x 32 floats) stays in L1 for BP_ROWS rows */
     #define BP_ROWS 16
-    #if defined(__GNUC__)  /* GCC and clang: vector extensions */
-    typedef float bp_v16 __attribute__((vector_size(64)));
-    typedef int32_t bp_i16 __attribute__((vector_size(64)));
-    static inline bp_v16 bp_ld(const float *p) { bp_v16 v; memcpy(&v, p, sizeof v); return v; }
+    #if defined(__GNUC__)  /* GCC and clang: vector extensions (bp_v16, bp_ld above) */
     static inline bp_v16 bp_vmax(bp_v16 a, bp_v16 b) { bp_i16 c = a > b; return (bp_v16)((c & (bp_i16)a) | (~c & (bp_i16)b)); }
-    static inline float bp_blk_max(const float *z) {  /* max of z[0:BP_BLK] (a NaN may enter: the row's bound is
-                                                         then NaN or inf and the row is declined) */
-        bp_v16 m = bp_vmax(bp_ld(z), bp_ld(z + 16));
-        float t[16], mx;
-        memcpy(t, &m, sizeof t);
-        mx = t[0];
-        for (int u = 1; u < 16; u++) mx = t[u] > mx ? t[u] : mx;
-        return mx;
-    }
 
     static inline bp_v16 bp_pick(bp_i16 g, bp_v16 a, bp_v16 b) { return (bp_v16)((g & (bp_i16)a) | (~g & (bp_i16)b)); }
+
+    /* (*a0, *a1) += sum_q v[q] * W[nz[q] * stride + 0:32], in four independent sums (the FMAs' latency overlaps),
+       added up as a + (c + (d + e)) */
+    static inline void bp_sum32(const float *W, size_t stride, const int *nz, const float *v, int n, bp_v16 *a0,
+                                bp_v16 *a1) {
+        bp_v16 s0 = *a0, s1 = *a1, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0}, e0 = {0}, e1 = {0};
+        int q = 0;
+        for (; q + 4 <= n; q += 4) {
+            const float *w = W + (size_t)nz[q] * stride, *x = W + (size_t)nz[q + 1] * stride,
+                        *y = W + (size_t)nz[q + 2] * stride, *u = W + (size_t)nz[q + 3] * stride;
+            s0 += v[q] * bp_ld(w); s1 += v[q] * bp_ld(w + 16);
+            c0 += v[q + 1] * bp_ld(x); c1 += v[q + 1] * bp_ld(x + 16);
+            d0 += v[q + 2] * bp_ld(y); d1 += v[q + 2] * bp_ld(y + 16);
+            e0 += v[q + 3] * bp_ld(u); e1 += v[q + 3] * bp_ld(u + 16);
+        }
+        for (; q < n; q++) {
+            const float *w = W + (size_t)nz[q] * stride;
+            s0 += v[q] * bp_ld(w); s1 += v[q] * bp_ld(w + 16);
+        }
+        *a0 = s0 + (c0 + (d0 + e0));
+        *a1 = s1 + (c1 + (d1 + e1));
+    }
 
     /* the nonzeros of x[0:K] into nz / vals (K + 16 of room), their count returned; branch-free */
     static int bp_nonzeros_plain(const float *x, int K, int *nz, float *vals) {
@@ -592,26 +610,9 @@ cdef extern from *:
                 const float *Wj = Wb + (size_t)j0 * K;
                 bp_i16 ch0 = (bp_i16){0} + j0 / 16, ch1 = ch0 + 1;
                 for (int i = 0; i < mb; i++) {
-                    const int *nz = nzs + i * (K + 16);
-                    const float *v = vals + i * (K + 16);
-                    int n = cnt[i], q = 0;
-                    bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0},
-                           e0 = {0}, e1 = {0}, v1 = V1[i], v2 = V2[i];
+                    bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), v1 = V1[i], v2 = V2[i];
                     bp_i16 i1 = I1[i], g;
-                    for (; q + 4 <= n; q += 4) {  /* four independent sums: the FMAs' latency overlaps */
-                        const float *w = Wj + (size_t)nz[q] * BP_BLK, *x = Wj + (size_t)nz[q + 1] * BP_BLK,
-                                    *y = Wj + (size_t)nz[q + 2] * BP_BLK, *u = Wj + (size_t)nz[q + 3] * BP_BLK;
-                        a0 += v[q] * bp_ld(w); a1 += v[q] * bp_ld(w + 16);
-                        c0 += v[q + 1] * bp_ld(x); c1 += v[q + 1] * bp_ld(x + 16);
-                        d0 += v[q + 2] * bp_ld(y); d1 += v[q + 2] * bp_ld(y + 16);
-                        e0 += v[q + 3] * bp_ld(u); e1 += v[q + 3] * bp_ld(u + 16);
-                    }
-                    for (; q < n; q++) {
-                        const float *w = Wj + (size_t)nz[q] * BP_BLK;
-                        a0 += v[q] * bp_ld(w); a1 += v[q] * bp_ld(w + 16);
-                    }
-                    a0 += c0 + (d0 + e0);
-                    a1 += c1 + (d1 + e1);
+                    bp_sum32(Wj, BP_BLK, nzs + i * (K + 16), vals + i * (K + 16), cnt[i], &a0, &a1);
                     /* lane-wise top two; strictly greater, so that I1 keeps a lane's first chunk and an equal
                        value becomes the runner-up (a tie gives lead 0) */
                     g = a0 > v1; v2 = bp_vmax(bp_pick(g, v1, a0), v2); v1 = bp_pick(g, a0, v1);
@@ -673,24 +674,9 @@ cdef extern from *:
                 memcpy(y + j0 + 48, &a3, 64); memcpy(y + j0 + 64, &a4, 64); memcpy(y + j0 + 80, &a5, 64);
                 memcpy(y + j0 + 96, &a6, 64); memcpy(y + j0 + 112, &a7, 64);
             }
-            for (; j0 + 32 <= N; j0 += 32) {  /* 32 columns, four independent sums */
-                bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0},
-                       e0 = {0}, e1 = {0};
-                int q = 0;
-                for (; q + 4 <= n; q += 4) {
-                    const float *w = W + (size_t)nz[q] * N + j0, *u = W + (size_t)nz[q + 1] * N + j0,
-                                *r = W + (size_t)nz[q + 2] * N + j0, *o = W + (size_t)nz[q + 3] * N + j0;
-                    a0 += vals[q] * bp_ld(w); a1 += vals[q] * bp_ld(w + 16);
-                    c0 += vals[q + 1] * bp_ld(u); c1 += vals[q + 1] * bp_ld(u + 16);
-                    d0 += vals[q + 2] * bp_ld(r); d1 += vals[q + 2] * bp_ld(r + 16);
-                    e0 += vals[q + 3] * bp_ld(o); e1 += vals[q + 3] * bp_ld(o + 16);
-                }
-                for (; q < n; q++) {
-                    const float *w = W + (size_t)nz[q] * N + j0;
-                    a0 += vals[q] * bp_ld(w); a1 += vals[q] * bp_ld(w + 16);
-                }
-                a0 += c0 + (d0 + e0);
-                a1 += c1 + (d1 + e1);
+            for (; j0 + 32 <= N; j0 += 32) {  /* 32 columns */
+                bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16);
+                bp_sum32(W + j0, (size_t)N, nz, vals, n, &a0, &a1);
                 memcpy(y + j0, &a0, 64); memcpy(y + j0 + 16, &a1, 64);
             }
             for (; j0 + 16 <= N; j0 += 16) {  /* 16 columns, four independent sums */
