@@ -296,6 +296,15 @@ def test_activations_do_not_depend_on_the_batch_size(net, lab_file):
         np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
+def test_detect_scale_wants_layer_and_classify_together(lab_file, random_deepid):
+    ds = data.open_dataset(lab_file)
+    m = random_deepid(5, seed=3)
+    with pytest.raises(ValueError, match="layer and classify"):
+        features.detect_scale(m, ds, n=10, layer="pool_3")
+    with pytest.raises(ValueError, match="layer and classify"):
+        features.detect_scale(m, ds, n=10, classify=lambda a: a.reshape(len(a), -1).argmax(axis=1))
+
+
 def test_a_model_is_freed_with_its_traced_trunk(lab_file, random_deepid):
     import gc
     import weakref

@@ -339,6 +339,8 @@ def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | 
     :meth:`~badprune.head.Head.labels`), the model runs only up to ``layer``, on the trunk runner the extraction
     then reuses (one TensorFlow trace instead of two), and ``classify`` labels the activations.
     """
+    if (layer is None) != (classify is None):
+        raise ValueError("detect_scale: give layer and classify together, or neither")
     n = min(int(n), dataset.n)
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     if n < 1:
@@ -353,23 +355,22 @@ def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | 
         hit = cache.read_scale(path, key)
         if hit is not None:
             return hit
-    net = layer if classify is not None else None
-    runner = _runner(model, net, engine)
+    runner = _runner(model, layer, engine)
     x1 = dataset.read(1.0, 0, n)
-    end = model.get_layer(net).output if net else model.outputs[0]
+    end = model.get_layer(layer).output if layer else model.outputs[0]
     out = np.empty((n,) + tuple(int(s) for s in end.shape[1:]), np.float32)
     bs = max(1, min(int(batch_size), MAX_BATCH, n))
     accs = {}
-    for name, value in SCALES.items():
-        batches = [x1[lo:lo + bs] for lo in range(0, n, bs)]
-        if float(value) != 1.0:
-            with np.errstate(over="ignore", invalid="ignore"):
-                batches = [x * np.float32(value) for x in batches]
-        with ThreadPoolExecutor(runner.workers, thread_name_prefix="badprune-engine") as ex:
+    with ThreadPoolExecutor(runner.workers, thread_name_prefix="badprune-engine") as ex:
+        for name, value in SCALES.items():
+            batches = [x1[lo:lo + bs] for lo in range(0, n, bs)]
+            if float(value) != 1.0:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    batches = [x * np.float32(value) for x in batches]
             for lo, y in zip(range(0, n, bs), ex.map(runner, batches)):
                 out[lo:lo + len(y)] = y.reshape((len(y),) + out.shape[1:])
-        pred = np.asarray(classify(out)) if net else out.reshape(n, -1).argmax(axis=1)
-        accs[name] = float((pred == labels).mean())
+            pred = np.asarray(classify(out)) if layer else out.reshape(n, -1).argmax(axis=1)
+            accs[name] = float((pred == labels).mean())
     best = cache.best_scale(accs)
     if path is not None:
         try:  # a cache that cannot be written is reported once, by the extraction that follows
