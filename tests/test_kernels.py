@@ -145,6 +145,27 @@ def test_remove_channel_updates_equal_recompute():
         prune_ext.dense_remove_channel(Z, F.reshape(20, 20, 6), sub, W, c2, out[:2])
 
 
+def test_remove_channel_large_inputs_and_many_taps():
+    """More positions than the kernels gather per row (read in place instead) and more taps than one list holds."""
+    F = np.maximum(rng.standard_normal((3, 36, 36, 2)), 0).astype(np.float32)  # 1,296 positions > BP_GATHER
+    rows, c = np.array([2, 0], np.int64), 1
+    Fz = F.copy()
+    Fz[rows, :, :, c] = 0
+    W = rng.standard_normal((36 * 36 * 2, 5)).astype(np.float32)
+    Z = (F.reshape(3, -1) @ W).astype(np.float32)
+    out = np.empty((2, 5), np.float32)
+    prune_ext.dense_remove_channel(Z, F.reshape(3, -1, 2), rows, W, c, out)
+    np.testing.assert_allclose(Z, Fz.reshape(3, -1) @ W, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(out, Z[rows])
+    K = rng.standard_normal((9, 9, 2, 3)).astype(np.float32)  # 81 taps per position > 64
+    b = np.zeros(3, np.float32)
+    Zc = ref_conv(F, K, b, (1, 1), (0, 0, 0, 0), (1, 1)).astype(np.float32)
+    outc = np.empty((2,) + Zc.shape[1:], np.float32)
+    prune_ext.conv_remove_channel(Zc, F, rows, K, c, 1, 1, 0, 0, 1, 1, outc)
+    np.testing.assert_allclose(Zc, ref_conv(Fz, K, b, (1, 1), (0, 0, 0, 0), (1, 1)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(outc, Zc[rows])
+
+
 def test_argmax_first_maximum():
     X = rng.standard_normal((50, 30)).astype(np.float32)
     X[0, 4] = X[0, 9] = 100

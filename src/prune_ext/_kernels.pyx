@@ -319,18 +319,51 @@ cdef extern from *:
     typedef int32_t bp_i16 __attribute__((vector_size(64)));
     static inline bp_v16 bp_ld(const float *p) { bp_v16 v; memcpy(&v, p, sizeof v); return v; }
     #endif
+    /* Channel c of a row is spread over its positions, one cache line each, in rows met in no useful order. Reading
+       them as the taps are met puts a branch on each load (a zero tap is skipped), and a mispredicted one waits for
+       its miss before the next is issued. So the channel's values are first gathered into a local array (independent
+       loads, their misses overlapped), and the next rows' lines are prefetched while this one is worked on. */
+    #define BP_GATHER 1024  /* positions gathered per row; a larger input is read in place */
+    #define BP_AHEAD 2      /* rows prefetched ahead */
+    static inline const float *bp_gather(const float *f, int P, int C, float *buf) {
+        if (P > BP_GATHER) return NULL;
+        for (int p = 0; p < P; p++) buf[p] = f[(size_t)p * C];
+        return buf;
+    }
+    /* the first 64 positions of f's channel (stride C) and the first 1,024 floats of z, into the cache */
+    static inline void bp_prefetch(const float *f, int P, int C, const float *z, size_t zn) {
+    #if defined(__GNUC__)
+        for (int p = 0; p < P && p < 64; p++) __builtin_prefetch(f + (size_t)p * C);
+        for (size_t t = 0; t < zn && t < 1024; t += 16) __builtin_prefetch(z + t, 1);
+    #endif
+    }
     /* Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows;  out[i] := Z[rows[i]] after it (when out) */
     BP_CLONES
     static void bp_dense_remove(float *Z, const float *F, const int64_t *rows, int R, int P, int C, const float *W,
                                 int N, int c, float *out) {
+        float buf[BP_GATHER];
+        int nzp[BP_GATHER];
         for (int i = 0; i < R; i++) {
             float *z = Z + (size_t)rows[i] * N;
-            const float *f = F + (size_t)rows[i] * P * C + c;
-            for (int p = 0; p < P; p++) {
-                float v = f[(size_t)p * C];
-                if (v != 0) {
-                    const float *w = W + ((size_t)p * C + c) * N;
+            const float *f = F + (size_t)rows[i] * P * C + c, *g;
+            if (i + BP_AHEAD < R)
+                bp_prefetch(F + (size_t)rows[i + BP_AHEAD] * P * C + c, P, C, Z + (size_t)rows[i + BP_AHEAD] * N, N);
+            g = bp_gather(f, P, C, buf);
+            if (g) {  /* the nonzero positions listed first, branch-free (in place: n <= p) */
+                int n = 0;
+                for (int p = 0; p < P; p++) { nzp[n] = p; buf[n] = g[p]; n += g[p] != 0; }
+                for (int q = 0; q < n; q++) {
+                    const float *w = W + ((size_t)nzp[q] * C + c) * N;
+                    float v = buf[q];
                     for (int j = 0; j < N; j++) z[j] -= v * w[j];
+                }
+            } else {
+                for (int p = 0; p < P; p++) {
+                    float v = f[(size_t)p * C];
+                    if (v != 0) {
+                        const float *w = W + ((size_t)p * C + c) * N;
+                        for (int j = 0; j < N; j++) z[j] -= v * w[j];
+                    }
                 }
             }
             if (out) memcpy(out + (size_t)i * N, z, (size_t)N * sizeof(float));
@@ -343,14 +376,19 @@ cdef extern from *:
                                int OW, int CO, const float *K, int KH, int KW, int c, int sh, int sw, int pt, int pl,
                                int dh, int dw, float *out) {
         size_t zs = (size_t)OH * OW * CO;
-        float tv[64];
+        float tv[64], buf[BP_GATHER];
         const float *tk[64];
         for (int i = 0; i < R; i++) {
             float *zr = Z + (size_t)rows[i] * zs;
-            const float *f = F + (size_t)rows[i] * H * W * C + c;
+            const float *f = F + (size_t)rows[i] * H * W * C + c, *g;
+            if (i + BP_AHEAD < R)
+                bp_prefetch(F + (size_t)rows[i + BP_AHEAD] * H * W * C + c, H * W, C,
+                            Z + (size_t)rows[i + BP_AHEAD] * zs, zs);
+            g = bp_gather(f, H * W, C, buf);
             for (int oy = 0; oy < OH; oy++)
                 for (int ox = 0; ox < OW; ox++) {
                     float *z = zr + ((size_t)oy * OW + ox) * CO;
+                    float *o = out ? out + (size_t)i * zs + ((size_t)oy * OW + ox) * CO : NULL;
                     int nt = 0;
                     for (int ky = 0; ky < KH; ky++) {
                         int iy = oy * sh + ky * dh - pt;
@@ -359,32 +397,35 @@ cdef extern from *:
                             int ix = ox * sw + kx * dw - pl;
                             float v;
                             if (ix < 0 || ix >= W) continue;
-                            v = f[((size_t)iy * W + ix) * C];
-                            if (v != 0) {
-                                const float *k = K + (((size_t)ky * KW + kx) * C + c) * CO;
-                                if (nt == 64) {  /* more taps than the list holds: apply them now */
-                                    for (int t = 0; t < nt; t++)
-                                        for (int j = 0; j < CO; j++) z[j] -= tv[t] * tk[t][j];
-                                    nt = 0;
-                                }
-                                tv[nt] = v;
-                                tk[nt++] = k;
+                            v = g ? g[iy * W + ix] : f[((size_t)iy * W + ix) * C];
+                            if (nt == 64) {  /* more taps than the list holds: apply them now */
+                                for (int t = 0; t < nt; t++)
+                                    for (int j = 0; j < CO; j++) z[j] -= tv[t] * tk[t][j];
+                                nt = 0;
                             }
+                            /* a zero tap is listed and dropped (nt stays): no branch on the data */
+                            tv[nt] = v;
+                            tk[nt] = K + (((size_t)ky * KW + kx) * C + c) * CO;
+                            nt += v != 0;
                         }
                     }
-                    /* the position's taps applied in order, 16 outputs at a time kept in registers */
+                    if (nt == 0 && !o) continue;
+                    /* the position's taps applied in order, 16 outputs at a time kept in registers, written to Z
+                       and out */
                     int j = 0;
     #if defined(__GNUC__)
                     for (; j + 16 <= CO; j += 16) {
                         bp_v16 a = bp_ld(z + j);
                         for (int t = 0; t < nt; t++) a -= tv[t] * bp_ld(tk[t] + j);
                         memcpy(z + j, &a, 64);
+                        if (o) memcpy(o + j, &a, 64);
                     }
     #endif
-                    for (; j < CO; j++)
+                    for (; j < CO; j++) {
                         for (int t = 0; t < nt; t++) z[j] -= tv[t] * tk[t][j];
+                        if (o) o[j] = z[j];
+                    }
                 }
-            if (out) memcpy(out + (size_t)i * zs, zr, zs * sizeof(float));
         }
     }
     """
