@@ -1,4 +1,6 @@
 """prune_ext kernels against plain NumPy references."""
+import os
+
 import numpy as np
 import pytest
 
@@ -191,6 +193,24 @@ def test_argmax_long_rows_ties_and_nan(n):
     np.testing.assert_array_equal(prune_ext.argmax_rows(Y), 0)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_kernels_in_every_instruction_set(isa):
+    """The vector kernels are built once per instruction set and the CPU's best is used: this file's tests again,
+    with a lower one (PRUNE_EXT_ISA), in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    if os.environ.get("PRUNE_EXT_ISA"):
+        pytest.skip("already running with a chosen instruction set")
+    env = dict(os.environ, PRUNE_EXT_ISA=isa)
+    got = subprocess.run([sys.executable, "-c", "import prune_ext; print(prune_ext.ISA)"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert got in ({isa, "base"} if isa == "avx2" else {"base"})  # avx2 only where the CPU has it
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
 def _sparse_layer(W, b):
     """W in prune_ext.sparse_argmax's column blocks, padded with -inf-bias classes, and its bound's arguments."""
     K, n = W.shape
@@ -205,7 +225,7 @@ def _sparse_layer(W, b):
             np.abs(W).max(1).astype(np.float32), float(np.abs(b).max()), 5 * m * u / (1 - m * u))
 
 
-@pytest.mark.parametrize("n_out", [2, 31, 32, 100])
+@pytest.mark.parametrize("n_out", [2, 31, 32, 63, 64, 65, 100, 200])
 def test_sparse_argmax_is_the_argmax_or_declines(n_out):
     """Every label given is the argmax of the float64 logits and of dense + argmax_rows; exact ties, NaN and
     near-ties are declined (-1); classes of the padding are never given."""
@@ -227,8 +247,8 @@ def test_sparse_argmax_is_the_argmax_or_declines(n_out):
     assert lab.max() < n_out and lab[1] == -1
     np.testing.assert_array_equal(lab[ok], prune_ext.argmax_rows(L)[ok])
     np.testing.assert_array_equal(lab[ok], (H0.astype(np.float64) @ W + b).argmax(1)[ok])
-    if n_out > 2:
-        assert not ok.any()  # every row has an exact tie
+    if n_out > 2 or not prune_ext.SPARSE_VECTORIZED:
+        assert not ok.any()  # every row has an exact tie (without vector code, every row is declined)
     else:
         assert ok.sum() > M // 2
         # a lead below the rounding bound is declined: move b[1] so that row 5's two logits nearly tie

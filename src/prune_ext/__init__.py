@@ -15,6 +15,7 @@ from ._kernels import (  # noqa: F401
     dense,
     dense_remove_channel,
     gemm,
+    ISA,
     pool2d,
     SPARSE_BLOCK,
     SPARSE_VECTORIZED,

@@ -17,6 +17,8 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
+import os
+
 import numpy as np
 cimport numpy as cnp
 
@@ -298,27 +300,24 @@ cpdef cnp.ndarray channel_activity(const float[:, :, ::1] F):
 
 cdef extern from *:
     """
-    /* BP_CLONES: a function built for AVX-512F, x86-64-v3 (AVX2 + FMA) and the portable baseline, the best the CPU
-       has picked at load time (x86-64 glibc, GCC >= 12; the build flags stay portable); elsewhere one portable
-       build. Used by the channel-removal cores here and the sparse kernels below. */
+    /* The vector kernels (channel removal here, the sparse final layer below) are written once, in _simd.h, for a
+       vector of BP_VW floats, and built once per instruction set: AVX-512F (16 floats), AVX2 + FMA (8) and the
+       portable 128-bit one (4), with GCC or clang on x86-64; elsewhere the portable one only. bp_init_isa picks
+       the best for the CPU at import; the sparse kernels need AVX2 or AVX-512 (see SPARSE_VECTORIZED). */
     #include <math.h>
     #include <string.h>
     #include <stdint.h>
     #include <float.h>
-    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
-    #define BP_HAVE_CLONES 1  /* target_clones needs GCC >= 12 (x86-64-v3) and glibc's ifunc */
+    #if defined(__GNUC__) && defined(__x86_64__)
+    #define BP_X86 1
     #include <immintrin.h>
     #pragma GCC diagnostic ignored "-Wpsabi"
-    #define BP_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
     #else
-    #define BP_HAVE_CLONES 0
-    #define BP_CLONES
+    #define BP_X86 0
     #endif
-    #if defined(__GNUC__)  /* GCC and clang: vector extensions (16 floats; two or one registers per clone) */
-    typedef float bp_v16 __attribute__((vector_size(64)));
-    typedef int32_t bp_i16 __attribute__((vector_size(64)));
-    static inline bp_v16 bp_ld(const float *p) { bp_v16 v; memcpy(&v, p, sizeof v); return v; }
-    #endif
+    #define BP_BLK 64   /* classes per column block of the sparse argmax: W's block (K x 64 floats) */
+    #define BP_ROWS 16  /* rows swept over each block while it is in cache */
+
     /* Channel c of a row is spread over its positions, one cache line each, in rows met in no useful order. Reading
        them as the taps are met puts a branch on each load (a zero tap is skipped), and a mispredicted one waits for
        its miss before the next is issued. So the channel's values are first gathered into a local array (independent
@@ -337,103 +336,114 @@ cdef extern from *:
         for (size_t t = 0; t < zn && t < 1024; t += 16) __builtin_prefetch(z + t, 1);
     #endif
     }
-    /* Z[r] -= sum_p F[r, p, c] * W[p*C + c]  for r in rows;  out[i] := Z[rows[i]] after it (when out) */
-    BP_CLONES
-    static void bp_dense_remove(float *Z, const float *F, const int64_t *rows, int R, int P, int C, const float *W,
-                                int N, int c, float *out) {
-        float buf[BP_GATHER];
-        int nzp[BP_GATHER];
-        for (int i = 0; i < R; i++) {
-            float *z = Z + (size_t)rows[i] * N;
-            const float *f = F + (size_t)rows[i] * P * C + c, *g;
-            if (i + BP_AHEAD < R)
-                bp_prefetch(F + (size_t)rows[i + BP_AHEAD] * P * C + c, P, C, Z + (size_t)rows[i + BP_AHEAD] * N, N);
-            g = bp_gather(f, P, C, buf);
-            if (g) {  /* the nonzero positions listed first, branch-free (in place: n <= p) */
-                int n = 0;
-                for (int p = 0; p < P; p++) { nzp[n] = p; buf[n] = g[p]; n += g[p] != 0; }
-                for (int q = 0; q < n; q++) {
-                    const float *w = W + ((size_t)nzp[q] * C + c) * N;
-                    float v = buf[q];
-                    for (int j = 0; j < N; j++) z[j] -= v * w[j];
-                }
-            } else {
-                for (int p = 0; p < P; p++) {
-                    float v = f[(size_t)p * C];
-                    if (v != 0) {
-                        const float *w = W + ((size_t)p * C + c) * N;
-                        for (int j = 0; j < N; j++) z[j] -= v * w[j];
-                    }
-                }
-            }
-            if (out) memcpy(out + (size_t)i * N, z, (size_t)N * sizeof(float));
-        }
+
+    /* the nonzeros of x[0:K] into nz / vals (K + 16 of room), their count returned; branch-free */
+    static inline int bp_nonzeros_plain(const float *x, int K, int *nz, float *vals) {
+        int n = 0;
+        for (int t = 0; t < K; t++) { nz[n] = t; vals[n] = x[t]; n += x[t] != 0; }
+        return n;
     }
-    /* Z[r, oy, ox] -= sum_{ky,kx} F[r, oy*sh+ky*dh-pt, ox*sw+kx*dw-pl, c] * K[ky, kx, c]  for r in rows;
-       out[i] := Z[rows[i]] after it (when out) */
-    BP_CLONES
-    static void bp_conv_remove(float *Z, const float *F, const int64_t *rows, int R, int H, int W, int C, int OH,
-                               int OW, int CO, const float *K, int KH, int KW, int c, int sh, int sw, int pt, int pl,
-                               int dh, int dw, float *out) {
-        size_t zs = (size_t)OH * OW * CO;
-        float tv[64], buf[BP_GATHER];
-        const float *tk[64];
-        for (int i = 0; i < R; i++) {
-            float *zr = Z + (size_t)rows[i] * zs;
-            const float *f = F + (size_t)rows[i] * H * W * C + c, *g;
-            if (i + BP_AHEAD < R)
-                bp_prefetch(F + (size_t)rows[i + BP_AHEAD] * H * W * C + c, H * W, C,
-                            Z + (size_t)rows[i + BP_AHEAD] * zs, zs);
-            g = bp_gather(f, H * W, C, buf);
-            for (int oy = 0; oy < OH; oy++)
-                for (int ox = 0; ox < OW; ox++) {
-                    float *z = zr + ((size_t)oy * OW + ox) * CO;
-                    float *o = out ? out + (size_t)i * zs + ((size_t)oy * OW + ox) * CO : NULL;
-                    int nt = 0;
-                    for (int ky = 0; ky < KH; ky++) {
-                        int iy = oy * sh + ky * dh - pt;
-                        if (iy < 0 || iy >= H) continue;
-                        for (int kx = 0; kx < KW; kx++) {
-                            int ix = ox * sw + kx * dw - pl;
-                            float v;
-                            if (ix < 0 || ix >= W) continue;
-                            v = g ? g[iy * W + ix] : f[((size_t)iy * W + ix) * C];
-                            if (nt == 64) {  /* more taps than the list holds: apply them now */
-                                for (int t = 0; t < nt; t++)
-                                    for (int j = 0; j < CO; j++) z[j] -= tv[t] * tk[t][j];
-                                nt = 0;
-                            }
-                            /* a zero tap is listed and dropped (nt stays): no branch on the data */
-                            tv[nt] = v;
-                            tk[nt] = K + (((size_t)ky * KW + kx) * C + c) * CO;
-                            nt += v != 0;
-                        }
-                    }
-                    if (nt == 0 && !o) continue;
-                    /* the position's taps applied in order, 16 outputs at a time kept in registers, written to Z
-                       and out */
-                    int j = 0;
-    #if defined(__GNUC__)
-                    for (; j + 16 <= CO; j += 16) {
-                        bp_v16 a = bp_ld(z + j);
-                        for (int t = 0; t < nt; t++) a -= tv[t] * bp_ld(tk[t] + j);
-                        memcpy(z + j, &a, 64);
-                        if (o) memcpy(o + j, &a, 64);
-                    }
-    #endif
-                    for (; j < CO; j++) {
-                        for (int t = 0; t < nt; t++) z[j] -= tv[t] * tk[t][j];
-                        if (o) o[j] = z[j];
-                    }
-                }
+
+    /* the portable instance: 128-bit vectors (SSE2 is part of x86-64; NEON of arm64) */
+    #define BP_ISA(f) bp_##f##_base
+    #define BP_TARGET
+    #define BP_VW 4
+    #define BP_SPARSE 0
+    #include "_simd.h"
+    #undef BP_ISA
+    #undef BP_TARGET
+    #undef BP_VW
+    #undef BP_SPARSE
+
+    #if BP_X86
+    __attribute__((target("avx512f")))
+    static inline int bp_nonzeros_avx512(const float *x, int K, int *nz, float *vals) {  /* 16 at a time */
+        int n = 0, t = 0;
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (; t + 16 <= K; t += 16) {
+            __m512 v = _mm512_loadu_ps(x + t);
+            __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);  /* as x != 0: NaN counts */
+            _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(m, v));
+            _mm512_storeu_si512((void *)(nz + n), _mm512_maskz_compress_epi32(m, idx));
+            n += __builtin_popcount(m);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
         }
+        for (; t < K; t++) { nz[n] = t; vals[n] = x[t]; n += x[t] != 0; }
+        return n;
+    }
+    #define BP_ISA(f) bp_##f##_avx2
+    #define BP_TARGET __attribute__((target("avx2,fma")))
+    #define BP_VW 8
+    #define BP_SPARSE 1
+    #define BP_NONZEROS bp_nonzeros_plain
+    #include "_simd.h"
+    #undef BP_ISA
+    #undef BP_TARGET
+    #undef BP_VW
+    #undef BP_NONZEROS
+    #define BP_ISA(f) bp_##f##_avx512
+    #define BP_TARGET __attribute__((target("avx512f")))
+    #define BP_VW 16
+    #define BP_NONZEROS bp_nonzeros_avx512
+    #include "_simd.h"
+    #undef BP_ISA
+    #undef BP_TARGET
+    #undef BP_VW
+    #undef BP_NONZEROS
+    #undef BP_SPARSE
+    #endif
+
+    /* the instance in use (set once, by bp_init_isa at import) */
+    static void (*bp_dense_remove)(float *, const float *, const int64_t *, int, int, int, const float *, int, int,
+                                   float *) = bp_dense_remove_base;
+    static void (*bp_conv_remove)(float *, const float *, const int64_t *, int, int, int, int, int, int, int,
+                                  const float *, int, int, int, int, int, int, int, int, int, float *)
+        = bp_conv_remove_base;
+    static void (*bp_sparse_argmax)(const float *, int, int, const float *, int, const float *, const float *, float,
+                                    float, int64_t *, int *, float *) = NULL;
+    static int (*bp_sparse_dense)(const float *, int, int, const float *, int, const float *, float *, double, int *,
+                                  float *) = NULL;
+    /* the best instance for this CPU up to level cap (2: AVX-512, 1: AVX2, 0: the portable one); returns the level
+       chosen */
+    static int bp_init_isa(int cap) {
+    #if BP_X86
+        __builtin_cpu_init();
+        if (cap >= 2 && __builtin_cpu_supports("avx512f")) {
+            bp_dense_remove = bp_dense_remove_avx512; bp_conv_remove = bp_conv_remove_avx512;
+            bp_sparse_argmax = bp_sparse_argmax_avx512; bp_sparse_dense = bp_sparse_dense_avx512;
+            return 2;
+        }
+        if (cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+            bp_dense_remove = bp_dense_remove_avx2; bp_conv_remove = bp_conv_remove_avx2;
+            bp_sparse_argmax = bp_sparse_argmax_avx2; bp_sparse_dense = bp_sparse_dense_avx2;
+            return 1;
+        }
+    #endif
+        return 0;
     }
     """
+    int BP_BLK
+    int BP_ROWS
+    int _init_isa "bp_init_isa"(int cap) noexcept nogil
     void _dense_remove "bp_dense_remove"(float* Z, const float* F, const cnp.int64_t* rows, int R, int P, int C,
                                          const float* W, int N, int c, float* out) noexcept nogil
     void _conv_remove "bp_conv_remove"(float* Z, const float* F, const cnp.int64_t* rows, int R, int H, int W,
                                        int C, int OH, int OW, int CO, const float* K, int KH, int KW, int c, int sh,
                                        int sw, int pt, int pl, int dh, int dw, float* out) noexcept nogil
+    void _sparse_argmax "bp_sparse_argmax"(const float* H, int M, int K, const float* Wb, int N, const float* b,
+                                           const float* wabs, float babs, float tol, cnp.int64_t* out, int* nzs,
+                                           float* vals) noexcept nogil
+    int _sparse_dense "bp_sparse_dense"(const float* X, int M, int K, const float* W, int N, const float* b,
+                                        float* Y, double max_nz, int* nz, float* vals) noexcept nogil
+
+
+#: the vector kernels' instruction set in use: the best the CPU has, or a lower one named by the environment
+#: variable PRUNE_EXT_ISA ("avx2" or "base"; for tests and comparisons; any other value is ignored)
+ISA = ("base", "avx2", "avx512")[_init_isa({"base": 0, "avx2": 1}.get(os.environ.get("PRUNE_EXT_ISA", ""), 2))]
+#: whether the sparse final-layer kernels run vectorized (AVX2 or AVX-512; else :func:`sparse_argmax` declines
+#: every row and :func:`sparse_dense` every batch: a GEMM is faster)
+SPARSE_VECTORIZED = ISA != "base"
+SPARSE_BLOCK = BP_BLK
 
 
 cdef int _check_rows(const cnp.int64_t[::1] rows, Py_ssize_t n, str name) except -1:
@@ -568,213 +578,7 @@ cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
 # --------------------------------------------------------------------------------------------------------------
 # A final Dense layer on sparse inputs (ReLU outputs): the argmax over its nonzeros, proven against rounding
 # --------------------------------------------------------------------------------------------------------------
-# C with GCC vector extensions, built as BP_CLONES (see the channel-removal cores above). Elsewhere the final layer
-# is a GEMM (prune_ext.SPARSE_VECTORIZED is False).
-cdef extern from *:
-    """
-    #define BP_BLK 32   /* classes per column block: W's block (K x 32 floats) stays in L1 for BP_ROWS rows */
-    #define BP_ROWS 16
-    #if defined(__GNUC__)  /* GCC and clang: vector extensions (bp_v16, bp_ld above) */
-    static inline bp_v16 bp_vmax(bp_v16 a, bp_v16 b) { bp_i16 c = a > b; return (bp_v16)((c & (bp_i16)a) | (~c & (bp_i16)b)); }
-
-    static inline bp_v16 bp_pick(bp_i16 g, bp_v16 a, bp_v16 b) { return (bp_v16)((g & (bp_i16)a) | (~g & (bp_i16)b)); }
-
-    /* (*a0, *a1) += sum_q v[q] * W[nz[q] * stride + 0:32], in four independent sums (the FMAs' latency overlaps),
-       added up as a + (c + (d + e)) */
-    static inline void bp_sum32(const float *W, size_t stride, const int *nz, const float *v, int n, bp_v16 *a0,
-                                bp_v16 *a1) {
-        bp_v16 s0 = *a0, s1 = *a1, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0}, e0 = {0}, e1 = {0};
-        int q = 0;
-        for (; q + 4 <= n; q += 4) {
-            const float *w = W + (size_t)nz[q] * stride, *x = W + (size_t)nz[q + 1] * stride,
-                        *y = W + (size_t)nz[q + 2] * stride, *u = W + (size_t)nz[q + 3] * stride;
-            s0 += v[q] * bp_ld(w); s1 += v[q] * bp_ld(w + 16);
-            c0 += v[q + 1] * bp_ld(x); c1 += v[q + 1] * bp_ld(x + 16);
-            d0 += v[q + 2] * bp_ld(y); d1 += v[q + 2] * bp_ld(y + 16);
-            e0 += v[q + 3] * bp_ld(u); e1 += v[q + 3] * bp_ld(u + 16);
-        }
-        for (; q < n; q++) {
-            const float *w = W + (size_t)nz[q] * stride;
-            s0 += v[q] * bp_ld(w); s1 += v[q] * bp_ld(w + 16);
-        }
-        *a0 = s0 + (c0 + (d0 + e0));
-        *a1 = s1 + (c1 + (d1 + e1));
-    }
-
-    /* the nonzeros of x[0:K] into nz / vals (K + 16 of room), their count returned; branch-free */
-    static int bp_nonzeros_plain(const float *x, int K, int *nz, float *vals) {
-        int n = 0;
-        for (int t = 0; t < K; t++) { nz[n] = t; vals[n] = x[t]; n += x[t] != 0; }
-        return n;
-    }
-    #if BP_HAVE_CLONES
-    __attribute__((target("avx512f")))
-    static int bp_nonzeros_avx512(const float *x, int K, int *nz, float *vals) {  /* 16 at a time, compressed */
-        int n = 0, t = 0;
-        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        for (; t + 16 <= K; t += 16) {
-            __m512 v = _mm512_loadu_ps(x + t);
-            __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);  /* as x != 0: NaN counts */
-            _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(m, v));
-            _mm512_storeu_si512((void *)(nz + n), _mm512_maskz_compress_epi32(m, idx));
-            n += __builtin_popcount(m);
-            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
-        }
-        for (; t < K; t++) { nz[n] = t; vals[n] = x[t]; n += x[t] != 0; }
-        return n;
-    }
-    #endif
-    /* the best of the two for this CPU, set by bp_sparse_vectorized (called once, at import) */
-    static int (*bp_nonzeros)(const float *, int, int *, float *) = bp_nonzeros_plain;
-
-
-    /* out[m] := argmax_j z[j], z = b + sum_{t: H[m,t] != 0} H[m,t] * W[t, j], when the lead over the runner-up
-       exceeds tol * (babs + sum_t |H[m,t]| * wabs[t]); else -1.  Wb: W in column blocks (N/BP_BLK, K, BP_BLK),
-       N a multiple of BP_BLK (padding classes have b = -inf), 64-byte aligned for whole-line loads.
-       nzs: BP_ROWS*(K+16) ints, vals: BP_ROWS*(K+16) floats of scratch. */
-    BP_CLONES
-    static void bp_sparse_argmax(const float *H, int M, int K, const float *Wb, int N, const float *b,
-                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals) {
-        int cnt[BP_ROWS];
-        /* per row, lane l of the 16-class chunks seen so far: the best (V1, first met in chunk I1) and the
-           runner-up (V2); no logits are stored */
-        bp_v16 V1[BP_ROWS], V2[BP_ROWS];
-        bp_i16 I1[BP_ROWS];
-        for (int m0 = 0; m0 < M; m0 += BP_ROWS) {
-            int mb = M - m0 < BP_ROWS ? M - m0 : BP_ROWS;
-            for (int i = 0; i < mb; i++) {  /* the nonzeros */
-                cnt[i] = bp_nonzeros(H + (size_t)(m0 + i) * K, K, nzs + i * (K + 16), vals + i * (K + 16));
-                V1[i] = V2[i] = (bp_v16){0} - INFINITY;
-                I1[i] = (bp_i16){0};
-            }
-            for (int j0 = 0; j0 < N; j0 += BP_BLK) {
-                const float *Wj = Wb + (size_t)j0 * K;
-                bp_i16 ch0 = (bp_i16){0} + j0 / 16, ch1 = ch0 + 1;
-                for (int i = 0; i < mb; i++) {
-                    bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), v1 = V1[i], v2 = V2[i];
-                    bp_i16 i1 = I1[i], g;
-                    bp_sum32(Wj, BP_BLK, nzs + i * (K + 16), vals + i * (K + 16), cnt[i], &a0, &a1);
-                    /* lane-wise top two; strictly greater, so that I1 keeps a lane's first chunk and an equal
-                       value becomes the runner-up (a tie gives lead 0) */
-                    g = a0 > v1; v2 = bp_vmax(bp_pick(g, v1, a0), v2); v1 = bp_pick(g, a0, v1);
-                    i1 = (g & ch0) | (~g & i1);
-                    g = a1 > v1; v2 = bp_vmax(bp_pick(g, v1, a1), v2); v1 = bp_pick(g, a1, v1);
-                    i1 = (g & ch1) | (~g & i1);
-                    V1[i] = v1; V2[i] = v2; I1[i] = i1;
-                }
-            }
-            for (int i = 0; i < mb; i++) {  /* best (its first class) and runner-up over the lanes */
-                float t1[16], t2[16], mx = -INFINITY, sv = -INFINITY, s = babs;
-                int c1[16], a = -1, L = -1;
-                memcpy(t1, &V1[i], sizeof t1);
-                memcpy(t2, &V2[i], sizeof t2);
-                memcpy(c1, &I1[i], sizeof c1);
-                for (int l = 0; l < 16; l++) {
-                    int j = c1[l] * 16 + l;
-                    if (t1[l] > mx || (t1[l] == mx && L >= 0 && j < a)) { mx = t1[l]; a = j; L = l; }
-                }
-                for (int l = 0; l < 16; l++) {
-                    sv = t2[l] > sv ? t2[l] : sv;
-                    if (l != L) sv = t1[l] > sv ? t1[l] : sv;
-                }
-                if (L < 0) { out[m0 + i] = -1; continue; }  /* no value above -inf */
-                /* a NaN logit never enters V1 and never replaces a value of V2 (bp_vmax keeps its second argument
-                   unless the first is greater); with finite W and b it means an inf or NaN product, so the bound
-                   is inf or NaN too and the row is declined */
-                for (int q = 0; q < cnt[i]; q++) s += fabsf(vals[i * (K + 16) + q]) * wabs[nzs[i * (K + 16) + q]];
-                /* the absolute term covers products that underflow (the relative bound does not) */
-                out[m0 + i] = mx - sv > tol * s + (K + 2) * FLT_MIN ? a : -1;
-            }
-        }
-    }
-
-    /* Y[m] := b + sum_{t: X[m,t] != 0} X[m,t] * W[t, :]  (W row-major (K, N); nz, vals: K + 16 ints / floats of
-       scratch); returns 0 without writing Y when X has more than max_nz nonzeros */
-    BP_CLONES
-    static int bp_sparse_dense(const float *X, int M, int K, const float *W, int N, const float *b, float *Y,
-                               double max_nz, int *nz, float *vals) {
-        size_t total = 0;
-        for (size_t t = 0; t < (size_t)M * K; t++) total += X[t] != 0;
-        if ((double)total > max_nz) return 0;
-        for (int m = 0; m < M; m++) {
-            const float *x = X + (size_t)m * K;
-            float *y = Y + (size_t)m * N;
-            int n = bp_nonzeros(x, K, nz, vals), j0 = 0;
-            for (; j0 + 128 <= N; j0 += 128) {  /* 128 columns: eight sums side by side */
-                bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16), a2 = bp_ld(b + j0 + 32), a3 = bp_ld(b + j0 + 48),
-                       a4 = bp_ld(b + j0 + 64), a5 = bp_ld(b + j0 + 80), a6 = bp_ld(b + j0 + 96),
-                       a7 = bp_ld(b + j0 + 112);
-                for (int q = 0; q < n; q++) {
-                    const float *w = W + (size_t)nz[q] * N + j0;
-                    float p = vals[q];
-                    a0 += p * bp_ld(w); a1 += p * bp_ld(w + 16); a2 += p * bp_ld(w + 32); a3 += p * bp_ld(w + 48);
-                    a4 += p * bp_ld(w + 64); a5 += p * bp_ld(w + 80); a6 += p * bp_ld(w + 96);
-                    a7 += p * bp_ld(w + 112);
-                }
-                memcpy(y + j0, &a0, 64); memcpy(y + j0 + 16, &a1, 64); memcpy(y + j0 + 32, &a2, 64);
-                memcpy(y + j0 + 48, &a3, 64); memcpy(y + j0 + 64, &a4, 64); memcpy(y + j0 + 80, &a5, 64);
-                memcpy(y + j0 + 96, &a6, 64); memcpy(y + j0 + 112, &a7, 64);
-            }
-            for (; j0 + 32 <= N; j0 += 32) {  /* 32 columns */
-                bp_v16 a0 = bp_ld(b + j0), a1 = bp_ld(b + j0 + 16);
-                bp_sum32(W + j0, (size_t)N, nz, vals, n, &a0, &a1);
-                memcpy(y + j0, &a0, 64); memcpy(y + j0 + 16, &a1, 64);
-            }
-            for (; j0 + 16 <= N; j0 += 16) {  /* 16 columns, four independent sums */
-                bp_v16 a0 = bp_ld(b + j0), c0 = {0}, d0 = {0}, e0 = {0};
-                int q = 0;
-                for (; q + 4 <= n; q += 4) {
-                    a0 += vals[q] * bp_ld(W + (size_t)nz[q] * N + j0);
-                    c0 += vals[q + 1] * bp_ld(W + (size_t)nz[q + 1] * N + j0);
-                    d0 += vals[q + 2] * bp_ld(W + (size_t)nz[q + 2] * N + j0);
-                    e0 += vals[q + 3] * bp_ld(W + (size_t)nz[q + 3] * N + j0);
-                }
-                for (; q < n; q++) a0 += vals[q] * bp_ld(W + (size_t)nz[q] * N + j0);
-                a0 += c0 + (d0 + e0);
-                memcpy(y + j0, &a0, 64);
-            }
-            for (; j0 < N; j0++) {
-                float a0 = b[j0];
-                for (int q = 0; q < n; q++) a0 += vals[q] * W[(size_t)nz[q] * N + j0];
-                y[j0] = a0;
-            }
-        }
-        return 1;
-    }
-    #else  /* no vector extensions (MSVC): never used, see bp_sparse_vectorized */
-    static void bp_sparse_argmax(const float *H, int M, int K, const float *Wb, int N, const float *b,
-                                 const float *wabs, float babs, float tol, int64_t *out, int *nzs, float *vals) {
-        for (int m = 0; m < M; m++) out[m] = -1;
-    }
-    static int bp_sparse_dense(const float *X, int M, int K, const float *W, int N, const float *b, float *Y,
-                               double max_nz, int *nz, float *vals) {
-        return 0;
-    }
-    #endif
-    /* 1 when a vector clone runs (the baseline is far slower than a GEMM: callers then use dense + argmax) */
-    static int bp_sparse_vectorized(void) {
-    #if BP_HAVE_CLONES
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f")) bp_nonzeros = bp_nonzeros_avx512;
-        return __builtin_cpu_supports("avx512f") || __builtin_cpu_supports("x86-64-v3");
-    #else
-        return 0;
-    #endif
-    }
-    """
-    int BP_BLK
-    int BP_ROWS
-    int _sparse_vectorized "bp_sparse_vectorized"() noexcept nogil
-    void _sparse_argmax "bp_sparse_argmax"(const float* H, int M, int K, const float* Wb, int N, const float* b,
-                                           const float* wabs, float babs, float tol, cnp.int64_t* out, int* nzs,
-                                           float* vals) noexcept nogil
-    int _sparse_dense "bp_sparse_dense"(const float* X, int M, int K, const float* W, int N, const float* b,
-                                        float* Y, double max_nz, int* nz, float* vals) noexcept nogil
-
-
-SPARSE_BLOCK = BP_BLK
-#: whether :func:`sparse_argmax` runs vectorized on this CPU (else it is slower than ``dense`` + ``argmax_rows``)
-SPARSE_VECTORIZED = bool(_sparse_vectorized())
+# The kernels are in _simd.h (see the channel-removal cores above). Without AVX2 the final layer is a GEMM.
 
 
 cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb, const float[::1] b,
