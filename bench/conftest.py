@@ -105,13 +105,20 @@ def _versions() -> dict:
     return out
 
 
+def _isa() -> str:
+    """The instruction set prune_ext's vector kernels run in (prune_ext.ISA)."""
+    import prune_ext
+
+    return prune_ext.ISA
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count()
     machine_info["badprune_bench"] = {
-        "cpu_model": _cpu_model(), "cores": cores, "load_at_start": list(_START.get("load", ())),
+        "cpu_model": _cpu_model(), "cores": cores, "isa": _isa(), "load_at_start": list(_START.get("load", ())),
         "load_at_end": list(os.getloadavg()), "started": _START.get("time"), "finished": time.time(),
         "suite_seconds": time.time() - _START.get("time", time.time()), "versions": _versions(),
         "small": labscale.small(), **RUN_INFO,

@@ -129,7 +129,8 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
     load0 = i.get("load_at_start") or []
     load1 = i.get("load_at_end") or []
     v = i.get("versions", {})
-    w(f"- CPU: {i.get('cpu_model', '?')}, {i.get('cores', '?')} cores "
+    w(f"- CPU: {i.get('cpu_model', '?')}, {i.get('cores', '?')} cores"
+      + (f", prune_ext's vector kernels in {i['isa']}" if i.get("isa") else "") + " "
       f"(`{run.js['machine_info'].get('release', '')}`, {run.js['machine_info'].get('machine', '')}); "
       f"load average at start {', '.join(f'{x:.2f}' for x in load0)} (1/5/15 min), at end "
       f"{', '.join(f'{x:.2f}' for x in load1)}; other sessions share these cores." + (f" {note}" if note else ""))
