@@ -308,7 +308,8 @@ cdef extern from *:
     #include <string.h>
     #include <stdint.h>
     #include <float.h>
-    #if defined(__GNUC__) && defined(__x86_64__)
+    #if defined(__GNUC__) && defined(__x86_64__) && !defined(_WIN32)
+    /* not on Windows: GCC there moves 32- and 64-byte vectors to and from 16-byte-aligned stack slots (GCC bug 54412) */
     #define BP_X86 1
     #include <immintrin.h>
     #pragma GCC diagnostic ignored "-Wpsabi"
@@ -439,7 +440,8 @@ cdef extern from *:
 
 #: the vector kernels' instruction set in use: the best the CPU has, or a lower one named by the environment
 #: variable PRUNE_EXT_ISA ("avx2" or "base"; for tests and comparisons; any other value is ignored)
-ISA = ("base", "avx2", "avx512")[_init_isa({"base": 0, "avx2": 1}.get(os.environ.get("PRUNE_EXT_ISA", ""), 2))]
+cdef int _level = _init_isa({"base": 0, "avx2": 1}.get(os.environ.get("PRUNE_EXT_ISA", ""), 2))
+ISA = ("base", "avx2", "avx512")[_level]
 #: whether the sparse final-layer kernels run vectorized (AVX2 or AVX-512; else :func:`sparse_argmax` declines
 #: every row and :func:`sparse_dense` every batch: a GEMM is faster)
 SPARSE_VECTORIZED = ISA != "base"
@@ -601,7 +603,7 @@ cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb
         return out
     if K == 0 or N == 0:
         raise ValueError("sparse_argmax: no inputs or no classes")
-    if not SPARSE_VECTORIZED:
+    if _level == 0:  # no sparse kernel built or chosen (SPARSE_VECTORIZED is False)
         out.fill(-1)
         return out
     nz = <int*>malloc(BP_ROWS * (K + 16) * sizeof(int))
@@ -620,8 +622,9 @@ cpdef cnp.ndarray sparse_argmax(const float[:, ::1] H, const float[:, :, ::1] Wb
 
 cpdef bint sparse_dense(const float[:, ::1] X, const float[:, ::1] W, const float[::1] b, float[:, ::1] Y,
                         double max_share=1.0):
-    """Y := X.W + b summed over X's nonzeros only (each row in order of t, two to four partial sums), if at most
-    ``max_share`` of X is nonzero; returns whether it did (else Y is untouched: use ``dense``). W best 64-byte
+    """Y := X.W + b summed over X's nonzeros only, if at most ``max_share`` of X is nonzero (each row in order of t:
+    one sum per column in the first N // 128 * 128 columns, four up to N // 16 * 16, then one; the same sums in
+    every instruction set); returns whether it did (else Y is untouched: use ``dense``). W best 64-byte
     aligned with rows of a multiple of 16 floats; without vector code (SPARSE_VECTORIZED) always False."""
     cdef Py_ssize_t M = X.shape[0], K = X.shape[1], N = W.shape[1]
     cdef int* nz
@@ -631,7 +634,7 @@ cpdef bint sparse_dense(const float[:, ::1] X, const float[:, ::1] W, const floa
         raise ValueError("sparse_dense: shapes do not match")
     if M == 0 or N == 0:
         return True
-    if not SPARSE_VECTORIZED:
+    if _level == 0:  # no sparse kernel built or chosen (SPARSE_VECTORIZED is False)
         return False
     nz = <int*>malloc((K + 16) * sizeof(int))
     vals = <float*>malloc((K + 16) * sizeof(float))

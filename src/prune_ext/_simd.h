@@ -217,8 +217,10 @@ BP_TARGET static int BP_ISA(sparse_dense)(const float *X, int M, int K, const fl
     for (int m = 0; m < M; m++) {
         const float *x = X + (size_t)m * K;
         float *y = Y + (size_t)m * N;
-        int n = BP_NONZEROS(x, K, nz, vals), j0 = 0;
-        for (; j0 + 8 * BP_VW <= N; j0 += 8 * BP_VW) {  /* eight vectors of columns, a sum each */
+        /* the columns' sums are the same in every instance: one running sum for columns below N1, four (by q mod 4)
+           below N2, one scalar sum after */
+        int n = BP_NONZEROS(x, K, nz, vals), j0 = 0, N1 = N / 128 * 128, N2 = N / 16 * 16;
+        for (; j0 < N1; j0 += 8 * BP_VW) {  /* eight vectors of columns, a sum each */
             VF a[8];
             for (int u = 0; u < 8; u++) a[u] = LD(b + j0 + u * BP_VW);
             for (int q = 0; q < n; q++) {
@@ -228,7 +230,7 @@ BP_TARGET static int BP_ISA(sparse_dense)(const float *X, int M, int K, const fl
             }
             for (int u = 0; u < 8; u++) ST(y + j0 + u * BP_VW, a[u]);
         }
-        for (; j0 + BP_VW <= N; j0 += BP_VW) {  /* one vector of columns, four sums added up as a + (c + (d + e)) */
+        for (; j0 < N2; j0 += BP_VW) {  /* one vector of columns, four sums added up as a + (c + (d + e)) */
             VF a = LD(b + j0), c = {0}, d = {0}, e = {0};
             int q = 0;
             for (; q + 4 <= n; q += 4) {
