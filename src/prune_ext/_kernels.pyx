@@ -351,10 +351,6 @@ cdef extern from *:
     #define BP_VW 4
     #define BP_SPARSE 0
     #include "_simd.h"
-    #undef BP_ISA
-    #undef BP_TARGET
-    #undef BP_VW
-    #undef BP_SPARSE
 
     #if BP_X86
     __attribute__((target("avx512f")))
@@ -378,20 +374,12 @@ cdef extern from *:
     #define BP_SPARSE 1
     #define BP_NONZEROS bp_nonzeros_plain
     #include "_simd.h"
-    #undef BP_ISA
-    #undef BP_TARGET
-    #undef BP_VW
-    #undef BP_NONZEROS
     #define BP_ISA(f) bp_##f##_avx512
     #define BP_TARGET __attribute__((target("avx512f")))
     #define BP_VW 16
+    #define BP_SPARSE 1
     #define BP_NONZEROS bp_nonzeros_avx512
     #include "_simd.h"
-    #undef BP_ISA
-    #undef BP_TARGET
-    #undef BP_VW
-    #undef BP_NONZEROS
-    #undef BP_SPARSE
     #endif
 
     /* the instance in use (set once, by bp_init_isa at import) */

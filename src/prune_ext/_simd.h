@@ -6,6 +6,7 @@
  *   BP_VW       floats per vector: 16 (AVX-512), 8 (AVX2), 4 (the 128-bit sets: SSE2, NEON);
  *   BP_SPARSE   1 to build the sparse final-layer kernels too (only wide vector units run them);
  *   BP_NONZEROS the nonzero scan the sparse kernels use (AVX-512 has a compressing one).
+ * and undefines them at its end.
  * A vector is exactly as wide as the instruction set's registers: GCC keeps a wider generic vector in memory, which
  * made AVX2 run the earlier 16-float code of the sparse kernels 11-21 times slower than its 8-float code here.
  *
@@ -261,3 +262,9 @@ BP_TARGET static int BP_ISA(sparse_dense)(const float *X, int M, int K, const fl
 #undef VI
 #undef LD
 #undef ST
+/* this instance's parameters, consumed */
+#undef BP_ISA
+#undef BP_TARGET
+#undef BP_VW
+#undef BP_SPARSE
+#undef BP_NONZEROS
