@@ -7,7 +7,7 @@ extensions = [
     Extension(
         "prune_ext._kernels",
         ["src/prune_ext/_kernels.pyx"],
-        depends=["src/prune_ext/_simd.h"],  # the vector kernels, included once per instruction set
+        depends=["src/prune_ext/_simd.h", "src/prune_ext/_trunk.h"],  # vector kernels, once per instruction set
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],

@@ -56,16 +56,19 @@ def test_extract(benchmark, engine, model, layer, datasets, bounds, features):
                        batch_size=BATCH)
 
     try:  # an engine that does not work here is skipped, not failed
-        bf.extract(model, layer, datasets["test"], 1.0, progress=False, engine=engine, batch_size=BATCH,
-                   out=F[bounds["test"]])
+        _, info = bf.extract(model, layer, datasets["test"], 1.0, progress=False, engine=engine, batch_size=BATCH,
+                             out=F[bounds["test"]], return_info=True)
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"engine {engine} does not work here: {type(e).__name__}: {e}")
     benchmark.group = "extract"
-    benchmark.extra_info.update(kind="reference" if engine == "predict" else "badprune", images=n, engine=engine)
+    benchmark.extra_info.update(kind="reference" if engine == "predict" else "badprune", images=n, engine=engine,
+                                trunk=info.get("trunk"))
     benchmark.pedantic(run, rounds=rounds(3 if engine != "predict" else 2), warmup_rounds=0)
     diff = float(np.abs(F - features).max())
     benchmark.extra_info["max_abs_diff_vs_tf"] = diff
     assert diff <= 1e-3 * max(1.0, float(np.abs(features).max()))
+    if engine in ("tf", "tf-function", "tf-serial"):  # TensorFlow's activations, to the bit, whatever computed them
+        assert F.tobytes() == features.tobytes()
 
 
 # ------------------------------------------------------------------------------------------------------ ranking

@@ -23,6 +23,7 @@ TARGETS = {"cli_seconds": 10.0, "cli_vs_seed": 45.0, "warm_seconds": 6.5, "sweep
 
 
 # ------------------------------------------------------------------------------------------------------ loading
+
 def newest_json() -> str | None:
     found = []
     for root in {Path.cwd(), REPO, HERE}:
@@ -108,6 +109,15 @@ def head_rate(run, lib="scipy"):
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def _trunk_words(run) -> str:
+    """What computed the tf engine's activations in this run (bench_badprune.test_extract records it)."""
+    trunk = run.x("test_extract[tf]", "trunk")
+    if trunk == "native":
+        return ("prune_ext's native trunk: the layers fused per image, one image stream per core, checked "
+                "bit-identical to TensorFlow's kernels on the first batch")
+    return "TensorFlow's oneDNN convolutions"
+
+
 def render(run: Run, note: str | None = None) -> tuple[str, dict]:
     i = run.info
     L = []
@@ -340,7 +350,7 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
             w(f"- **Extraction** ({ext_rate:,.0f} img/s): the trunk is {tfl / 1e6:.1f} MFLOP per image, "
               f"{n * tfl / 1e9:,.0f} GFLOP for the three sets: floor {fs(floor)} "
               f"({n / floor:,.0f} img/s) at the square-GEMM rate; measured {fs(ext_tf)}, i.e. the engine reaches "
-              f"{100 * floor / ext_tf:.0f} % of that rate (oneDNN convolutions, plus reading and converting "
+              f"{100 * floor / ext_tf:.0f} % of that rate ({_trunk_words(run)}, plus reading and converting "
               f"{sum(fix.get('bytes', {}).values()) / 1e9:.1f} GB of h5, the float64 valid set included).")
     if keras_b is not None and peak:
         tfl = run.x("test_sweep_stage[incremental]", "trunk_flops_per_image")
@@ -393,8 +403,9 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
           f"parent's size). Importing TensorFlow + Keras alone peaks at "
           f"{(imp_rss or 0) / GB:.2f} GB; the activations of all sets are one float32 array of "
           f"{(fb or 0) / GB:.2f} GB and the sweep's per-sample state (linear consumers' pre-activations and the "
-          f"labels of every step) about {(st or 0) / GB:.2f} GB; the rest is TensorFlow's working memory during extraction "
-          f"and scale detection, h5 chunks in flight and matplotlib/Keras when writing the outputs"
+          f"labels of every step) about {(st or 0) / GB:.2f} GB; the rest is TensorFlow's working memory (scale detection, "
+          f"and extraction unless the native trunk runs it), h5 chunks in flight and matplotlib/Keras when writing "
+          f"the outputs"
           + (f" (the warm run, which imports neither TensorFlow nor Keras and skips extraction, peaks {(rss - rss_warm) / GB:.2f} GB lower)."
              if rss_warm else "."))
     w("")

@@ -380,3 +380,94 @@ def test_detect_scale_decision_is_cached(tmp_path, counting_calls):
     n_calls = len(counting_calls)
     features.detect_scale(m, data.open_dataset(path), n=40, cache_dir=cache)
     assert len(counting_calls) > n_calls
+
+
+# ------------------------------------------------------------------------------------------ the native trunk
+
+
+def _tf_function_extract(model, ds, scale="raw", layer="pool_3"):
+    return features.extract(model, layer, ds, scale, batch_size=16, progress=False, engine="tf-function")
+
+
+def test_tf_engine_runs_the_native_trunk_bit_identical_to_tensorflow(lab_file, random_deepid):
+    import prune_ext
+
+    m = random_deepid(5, seed=4)
+    ds = data.open_dataset(lab_file)
+    for layer in ("pool_3", "pool_2", "conv_3"):
+        got, info = features.extract(m, layer, ds, "raw", batch_size=16, progress=False, return_info=True)
+        want = _tf_function_extract(m, ds, layer=layer)
+        assert got.tobytes() == want.tobytes()
+        if prune_ext.ISA == "avx512":  # oneDNN's x86-64 order, checked on this CPU kind (else TF may sum otherwise)
+            assert info["trunk"] == "native"
+        else:
+            assert info["trunk"] in ("native", "tf")
+
+
+def test_native_trunk_on_the_real_lab_weights(shared_dir, tmp_path):
+    """lab3 (raw pixels) and the HackML net (pixels / 255) on the real lab images: TensorFlow's bits."""
+    import prune_ext
+
+    x, y = _labelled_lab_images(shared_dir)
+    path = tmp_path / "lab.h5"
+    data.write_lab_h5(path, np.concatenate([x] * 20), np.concatenate([y] * 20))  # several batches and a tail
+    ds = data.open_dataset(path)
+    w = shared_dir / "lab" / "weights"
+    for name, scale in (("lab3_bd_weights.h5", "raw"), ("sunglasses_bd_weights.h5", "unit")):
+        m = models.load_model(weights=w / name)
+        got, info = features.extract(m, "pool_3", ds, scale, progress=False, return_info=True)
+        assert got.tobytes() == _tf_function_extract(m, ds, scale).tobytes()
+        assert info["trunk"] == ("native" if prune_ext.ISA == "avx512" else info["trunk"])
+
+
+def test_native_trunk_that_differs_is_dropped_for_tensorflow(lab_file, random_deepid, monkeypatch):
+    from badprune import trunk
+
+    real = trunk.NativeTrunk.__call__
+
+    def off_by_one_ulp(self, x, out):
+        done = real(self, x, out)
+        out[0, 0, 0, :] = np.nextafter(out[0, 0, 0, :], np.float32(np.inf))
+        return done
+
+    monkeypatch.setattr(trunk.NativeTrunk, "__call__", off_by_one_ulp)
+    m = random_deepid(5, seed=5)
+    ds = data.open_dataset(lab_file)
+    got, info = features.extract(m, "pool_3", ds, "raw", batch_size=16, progress=False, return_info=True)
+    assert info["trunk"] == "tf"
+    assert got.tobytes() == _tf_function_extract(m, ds).tobytes()
+
+
+def test_native_trunk_waits_for_a_batch_that_proves_it(lab_file, random_deepid, monkeypatch):
+    """A check on a batch with (almost) no nonzero activation proves nothing: TensorFlow computes until one does."""
+    monkeypatch.setattr(features, "CHECK_NONZEROS", 10 ** 9)
+    m = random_deepid(5, seed=6)
+    ds = data.open_dataset(lab_file)
+    got, info = features.extract(m, "pool_3", ds, "raw", batch_size=16, progress=False, return_info=True)
+    assert info["trunk"] == "tf"
+    assert got.tobytes() == _tf_function_extract(m, ds).tobytes()
+
+
+def test_compile_trunk_takes_plain_conv_pool_chains_only(random_deepid):
+    import prune_ext
+    from badprune.trunk import compile_trunk
+
+    if not prune_ext.TRUNK_VECTORIZED:
+        assert compile_trunk(features.trunk(random_deepid(5), "pool_3")) is None
+        return
+    t = compile_trunk(features.trunk(random_deepid(5), "pool_3"))
+    assert t.layers == ("conv_1", "pool_1", "conv_2", "pool_2", "conv_3", "pool_3")
+    assert t.spec[:, 0].tolist() == [0, 1, 0, 1, 0, 1] and t.spec[0, 1:6].tolist() == [4, 4, 3, 20, 1]
+
+    def chain(*layers, shape=(20, 18, 3)):
+        x = keras.Input(shape)
+        h = x
+        for lay in layers:
+            h = lay(h)
+        return keras.Model(x, h)
+
+    assert compile_trunk(chain(L.Conv2D(4, 3), L.Dropout(0.5), L.MaxPooling2D(3, strides=2))) is not None
+    for bad in ([L.Conv2D(4, 3, padding="same")], [L.Conv2D(4, 3, strides=2)], [L.Conv2D(4, 3, activation="tanh")],
+                [L.Conv2D(4, 3), L.BatchNormalization()], [L.Conv2D(4, 3), L.AveragePooling2D(2)],
+                [L.Conv2D(4, 3, dilation_rate=2)], [L.Rescaling(1 / 255), L.Conv2D(4, 3)]):
+        assert compile_trunk(chain(*bad)) is None, bad

@@ -209,7 +209,7 @@ def test_kernels_in_every_instruction_set(isa):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
-    if got != "base":  # sparse_dense (vectorized in both): the same sums, to the bit
+    if got != "base":  # sparse_dense and the trunk (vectorized in both): the same sums, to the bit
         code = ("import numpy as np, prune_ext; g = np.random.default_rng(5); out = []\n"
                 "for n in (64, 100, 200):\n"
                 "    X = np.maximum(g.standard_normal((9, 50)), 0).astype(np.float32)\n"
@@ -218,11 +218,97 @@ def test_kernels_in_every_instruction_set(isa):
                 "    Y = np.empty((9, n), np.float32)\n"
                 "    assert prune_ext.sparse_dense(X, W, b, Y)\n"
                 "    out.append(Y.tobytes().hex())\n"
+                "from test_kernels import TRUNKS, _trunk_case\n"  # the trunk: each output's sum in one order
+                "for shape, layers in TRUNKS:\n"
+                "    x, spec, ks, bs, ref = _trunk_case(shape, layers)\n"
+                "    y = np.empty(ref.shape, np.float32)\n"
+                "    assert prune_ext.trunk_forward(x, spec, ks, bs, y)\n"
+                "    out.append(y.tobytes().hex())\n"
                 "print(' '.join(out))")
-        here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+        here = subprocess.run([sys.executable, "-c", code], env=dict(env, PRUNE_EXT_ISA=""), capture_output=True,
+                              text=True, check=True).stdout
         there = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                check=True).stdout
         assert here == there
+
+
+def _ref_pool(x, ph, pw, sh, sw):
+    OH, OW = (x.shape[1] - ph) // sh + 1, (x.shape[2] - pw) // sw + 1
+    y = np.full((x.shape[0], OH, OW, x.shape[3]), -np.inf)
+    for dy in range(ph):
+        for dx in range(pw):
+            y = np.maximum(y, x[:, dy: dy + (OH - 1) * sh + 1: sh, dx: dx + (OW - 1) * sw + 1: sw])
+    return y
+
+
+# (input H, W, C) and the layers: ("conv", KH, KW, OC, relu) / ("pool", ph, pw, sh, sw): DeepID's shapes, odd widths
+# (garbage columns, vector tails), 1x1 and wide kernels, output channels in one and in several register blocks
+TRUNKS = [
+    ((55, 47, 3), [("conv", 4, 4, 20, 1), ("pool", 2, 2, 2, 2), ("conv", 3, 3, 40, 1), ("pool", 2, 2, 2, 2),
+                   ("conv", 3, 3, 60, 1), ("pool", 2, 2, 2, 2)]),
+    ((13, 29, 2), [("conv", 2, 5, 13, 0), ("pool", 3, 2, 2, 1), ("conv", 1, 1, 50, 1), ("conv", 3, 9, 1, 1)]),
+    ((9, 70, 4), [("conv", 1, 1, 30, 1), ("pool", 2, 2, 2, 2), ("conv", 4, 3, 25, 0)]),
+]
+
+
+def _trunk_case(shape, layers, n=5, seed=2):
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((n,) + shape).astype(np.float32)
+    spec, ks, bs = [], [], []
+    ref, c = x.astype(np.float64), shape[2]
+    for lay in layers:
+        if lay[0] == "conv":
+            _, kh, kw, oc, relu = lay
+            k = (g.standard_normal((kh, kw, c, oc)) / np.sqrt(kh * kw * c)).astype(np.float32)
+            b = (0.1 * g.standard_normal(oc)).astype(np.float32)
+            spec.append([0, kh, kw, c, oc, relu, 0, 0])
+            ks.append(k)
+            bs.append(b)
+            ref = ref_conv(ref, k, b, (1, 1), (0, 0, 0, 0), (1, 1))
+            ref = np.maximum(ref, 0) if relu else ref
+            c = oc
+        else:
+            spec.append([1, *lay[1:], 0, 0, 0])
+            ks.append(None)
+            bs.append(None)
+            ref = _ref_pool(ref, *lay[1:])
+    return x, np.array(spec, np.int32), ks, bs, ref
+
+
+@pytest.mark.parametrize("case", range(len(TRUNKS)))
+def test_trunk_forward_matches_reference(case):
+    x, spec, ks, bs, ref = _trunk_case(*TRUNKS[case])
+    y = np.full(ref.shape, 7.0, np.float32)
+    done = prune_ext.trunk_forward(x, spec, ks, bs, y)
+    assert done == prune_ext.TRUNK_VECTORIZED
+    if not done:  # no FMA instance: declined, Y untouched
+        assert (y == 7.0).all()
+        return
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # image by image: the same values whatever the batch
+    one = np.empty((1,) + ref.shape[1:], np.float32)
+    prune_ext.trunk_forward(np.ascontiguousarray(x[3:4]), spec, ks, bs, one)
+    assert one.tobytes() == y[3:4].tobytes()
+
+
+def test_trunk_forward_rejects_what_does_not_fit():
+    x, spec, ks, bs, ref = _trunk_case(*TRUNKS[0], n=2)
+    y = np.empty(ref.shape, np.float32)
+    bad = spec.copy()
+    bad[2, 3] = 7  # conv_2's input channels
+    with pytest.raises(ValueError, match="does not fit"):
+        prune_ext.trunk_forward(x, bad, ks, bs, y)
+    bad = spec.copy()
+    bad[1, 0] = 5
+    with pytest.raises(ValueError, match="neither"):
+        prune_ext.trunk_forward(x, bad, ks, bs, y)
+    with pytest.raises(ValueError, match="larger than its input"):
+        prune_ext.trunk_forward(np.ascontiguousarray(x[:, :3]), spec, ks, bs, y)
+    with pytest.raises(ValueError, match="Y must be"):
+        prune_ext.trunk_forward(x, spec, ks, bs, np.empty((2, 4, 4, 60), np.float32))
+    with pytest.raises(ValueError, match="a kernel and a bias per layer"):
+        prune_ext.trunk_forward(x, spec, ks[:2], bs, y)
 
 
 def _sparse_layer(W, b):

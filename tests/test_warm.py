@@ -43,7 +43,7 @@ def _probe(args):
 def _json(run):
     js = json.loads((run / "sweep.json").read_text())
     js.pop("timings")
-    for k in ("cached", "extract_img_per_s"):
+    for k in ("cached", "extract_img_per_s", "trunk"):
         js["config"].pop(k)
     return js
 

@@ -8,7 +8,13 @@ larger ones only cost memory). A model's TensorFlow function is traced once per 
 
 Engines (``engine=``):
 
-* ``tf`` (default): the trunk as a ``tf.function`` with a fixed input signature (oneDNN), two batches in flight
+* ``tf`` (default): TensorFlow's activations, computed by prune_ext's native trunk (:mod:`badprune.trunk`: the
+  layers fused per image, one image stream per core) once it has reproduced TensorFlow's output bit for bit on
+  the runner's first batch holding at least :data:`CHECK_NONZEROS` nonzero activations (TensorFlow's kernels run
+  op by op on it); until then, and for good on any difference (another CPU's kernels) or for a trunk it cannot
+  run, the traced function as ``tf-function``. Bit-identical to ``model.predict``; ``info['trunk']`` tells which
+  computed the activations.
+* ``tf-function``: the trunk as a ``tf.function`` with a fixed input signature (oneDNN), two batches in flight
   from two threads. Bit-identical to ``model.predict``.
 * ``tf-serial``: the same function, one batch at a time.
 * ``tf-xla``: ``tf.function(jit_compile=True)``, two batches in flight.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 from . import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 
+import contextlib
 import os
 import queue
 import threading
@@ -41,7 +48,7 @@ from .errors import BadpruneError, warn
 from .models import model_digest
 from .runfiles import SCALES, cache_home, cpu_count, scale_value
 
-ENGINES = ("tf", "tf-serial", "tf-xla", "litert", "predict")
+ENGINES = ("tf", "tf-function", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = cache.DEFAULT_ENGINE
 DEFAULT_BATCH_SIZE = 128
 #: the largest batch the engines run: the activations do not depend on the batch size, and larger batches only
@@ -49,6 +56,9 @@ DEFAULT_BATCH_SIZE = 128
 MAX_BATCH = 128
 #: batches in flight for the TensorFlow engines (each call also uses TF's intra-op threads)
 WORKERS = 2
+#: nonzero activations a batch must hold for the native trunk's check against TensorFlow to count (an all-zero
+#: output would agree whatever the order of the sums)
+CHECK_NONZEROS = 256
 
 
 def default_cache_dir() -> str:
@@ -92,13 +102,23 @@ class _Runner:
         if any(s is None for s in shape):
             raise BadpruneError(f"the model input shape {shape} is not fixed", fix="use a model with a fixed input")
         self.input_shape = tuple(int(s) for s in shape)
+        self.native = None  # the native trunk while it is used or checked (engine tf)
+        self._lock = threading.Lock()
         if engine.startswith("tf"):
-            import tensorflow as tf
+            self._fn = None  # the traced function, built on first use
+            self._call = self._tf_call
+            if engine == "tf":
+                from .trunk import compile_trunk
 
-            fn = tf.function(lambda x: net(x, training=False), jit_compile=(engine == "tf-xla"),
-                             input_signature=[tf.TensorSpec((None,) + self.input_shape, tf.float32)])
-            self._fn = fn.get_concrete_function()
-            self._call = lambda x: self._fn(x).numpy()
+                self.native = compile_trunk(net)
+            if self.native is None:
+                self._function()
+            else:  # one image stream per core; TensorFlow keeps its two batches in flight
+                self.out_shape = tuple(int(s) for s in net.outputs[0].shape[1:])
+                self.workers = max(WORKERS, cpu_count())
+                self._tf_slots = threading.BoundedSemaphore(WORKERS)
+                self._check_lock = threading.Lock()
+                self._call = self._checking_call
         elif engine == "litert":
             self._blob = self._convert_litert(net)
             self._pool: queue.Queue = queue.Queue()
@@ -107,6 +127,51 @@ class _Runner:
             self._call = self._litert_call
         else:
             self._call = lambda x: np.asarray(net.predict(x, batch_size=len(x), verbose=0))
+
+    _tf_slots = contextlib.nullcontext()
+
+    def _function(self):
+        """The trunk as a traced TensorFlow function (traced once)."""
+        with self._lock:
+            if self._fn is None:
+                import tensorflow as tf
+
+                net = self.net
+                fn = tf.function(lambda x: net(x, training=False), jit_compile=(self.engine == "tf-xla"),
+                                 input_signature=[tf.TensorSpec((None,) + self.input_shape, tf.float32)])
+                self._fn = fn.get_concrete_function()
+        return self._fn
+
+    def _tf_call(self, x):
+        fn = self._fn or self._function()
+        with self._tf_slots:
+            return fn(x).numpy()
+
+    def _native_call(self, x):
+        out = np.empty((len(x),) + self.out_shape, np.float32)
+        self.native(x, out)
+        return out
+
+    def _checking_call(self, x):
+        """TensorFlow's output, checked against the native trunk's: the native trunk takes over from the first batch
+        it reproduces bit for bit with at least :data:`CHECK_NONZEROS` nonzero activations, and is dropped (for the
+        traced function) on the first it does not. The check runs TensorFlow's kernels op by op (no trace to wait
+        for), one batch at a time."""
+        with self._check_lock:
+            if self._call == self._checking_call:
+                y = keras.ops.convert_to_numpy(self.net([x], training=False))
+                z = np.empty_like(y)
+                if self.native(x, z) and np.array_equal(z, y):
+                    if np.count_nonzero(y) >= CHECK_NONZEROS:
+                        self._call = self._native_call
+                    return y
+                self.native, self._call = None, self._tf_call
+        return self._call(x)
+
+    @property
+    def trunk_kind(self) -> str:
+        """What computes the activations now: 'native' (prune_ext's trunk, checked) or the engine's own."""
+        return "native" if self._call == self._native_call else self.engine
 
     @staticmethod
     def _convert_litert(net):
@@ -311,7 +376,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
                                                   "engine": engine})
     dt = time.perf_counter() - t0
     info = {"cached": False, "seconds": dt, "img_per_s": dataset.n / max(compute_s, 1e-9), "engine": engine,
-            "path": npy}
+            "trunk": runner.trunk_kind, "path": npy}
     return (out, info) if return_info else out
 
 

@@ -403,6 +403,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         "head_backend": d.head.backend, "sizes": {k: v.n for k, v in ds.items()},
         "cached": {k: bool(v.get("cached")) for k, v in extract_info.items()},
         "extract_img_per_s": {k: v.get("img_per_s") for k, v in extract_info.items()},
+        "trunk": {k: v.get("trunk") for k, v in extract_info.items()},
         "warnings": warned,
         "activations": {k: v.get("path") for k, v in extract_info.items()},
     }

@@ -21,6 +21,9 @@ from ._kernels import (  # noqa: F401
     SPARSE_VECTORIZED,
     sparse_argmax,
     sparse_dense,
+    TRUNK_MAX_KW,
+    TRUNK_VECTORIZED,
+    trunk_forward,
 )
 
 

@@ -318,6 +318,7 @@ cdef extern from *:
     #endif
     #define BP_BLK 64   /* classes per column block of the sparse argmax: W's block (K x 64 floats) */
     #define BP_ROWS 16  /* rows swept over each block while it is in cache */
+    #define BP_TR_PAD 128  /* floats after each plane of the trunk kernel (_trunk.h): over-reads of 4 vectors + KW */
 
     /* Channel c of a row is spread over its positions, one cache line each, in rows met in no useful order. Reading
        them as the taps are met puts a branch on each load (a zero tap is skipped), and a mispredicted one waits for
@@ -373,12 +374,16 @@ cdef extern from *:
     #define BP_VW 8
     #define BP_SPARSE 1
     #define BP_NONZEROS bp_nonzeros_plain
+    #define BP_FMA(a, b, c) ((VF)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+    #define BP_SET1(s) ((VF)_mm256_set1_ps(s))
     #include "_simd.h"
     #define BP_ISA(f) bp_##f##_avx512
     #define BP_TARGET __attribute__((target("avx512f")))
     #define BP_VW 16
     #define BP_SPARSE 1
     #define BP_NONZEROS bp_nonzeros_avx512
+    #define BP_FMA(a, b, c) ((VF)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
+    #define BP_SET1(s) ((VF)_mm512_set1_ps(s))
     #include "_simd.h"
     #endif
 
@@ -392,6 +397,8 @@ cdef extern from *:
                                     float, int64_t *, int *, float *) = NULL;
     static int (*bp_sparse_dense)(const float *, int, int, const float *, int, const float *, float *, double, int *,
                                   float *) = NULL;
+    static void (*bp_trunk)(const float *, int, int, int, int, int, const int *, const float *const *,
+                            const float *const *, float *, float *, size_t) = NULL;
     /* the best instance for this CPU up to level cap (2: AVX-512, 1: AVX2, 0: the portable one); returns the level
        chosen */
     static int bp_init_isa(int cap) {
@@ -400,19 +407,38 @@ cdef extern from *:
         if (cap >= 2 && __builtin_cpu_supports("avx512f")) {
             bp_dense_remove = bp_dense_remove_avx512; bp_conv_remove = bp_conv_remove_avx512;
             bp_sparse_argmax = bp_sparse_argmax_avx512; bp_sparse_dense = bp_sparse_dense_avx512;
+            bp_trunk = bp_trunk_avx512;
             return 2;
         }
         if (cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
             bp_dense_remove = bp_dense_remove_avx2; bp_conv_remove = bp_conv_remove_avx2;
             bp_sparse_argmax = bp_sparse_argmax_avx2; bp_sparse_dense = bp_sparse_dense_avx2;
+            bp_trunk = bp_trunk_avx2;
             return 1;
         }
     #endif
         return 0;
     }
+    /* the trunk kernel with denormals flushed (inputs and results), as TensorFlow runs its kernels; 0 when the
+       instance has none */
+    static int bp_trunk_run(const float *X, int N, int H, int W, int C, int nl, const int *spec,
+                            const float *const *Ks, const float *const *Bs, float *Y, float *buf, size_t bufn) {
+        if (!bp_trunk) return 0;
+    #if BP_X86
+        unsigned int csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040);  /* FTZ | DAZ */
+        bp_trunk(X, N, H, W, C, nl, spec, Ks, Bs, Y, buf, bufn);
+        _mm_setcsr(csr);
+    #endif
+        return 1;
+    }
     """
     int BP_BLK
     int BP_ROWS
+    int BP_TR_PAD
+    int _trunk_run "bp_trunk_run"(const float* X, int N, int H, int W, int C, int nl, const int* spec,
+                                  const float* const* Ks, const float* const* Bs, float* Y, float* buf,
+                                  size_t bufn) noexcept nogil
     int _init_isa "bp_init_isa"(int cap) noexcept nogil
     void _dense_remove "bp_dense_remove"(float* Z, const float* F, const cnp.int64_t* rows, int R, int P, int C,
                                          const float* W, int N, int c, float* out) noexcept nogil
@@ -636,3 +662,86 @@ cpdef bint sparse_dense(const float[:, ::1] X, const float[:, ::1] W, const floa
     free(nz)
     free(vals)
     return done != 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trunk: convolutions and max-pools over images, in oneDNN's summation order (the kernel is in _trunk.h)
+# --------------------------------------------------------------------------------------------------------------
+#: the trunk kernel's vector instruction sets (those with FMA); elsewhere :func:`trunk_forward` declines
+TRUNK_VECTORIZED = ISA != "base"
+#: widest convolution kernel the trunk kernel takes (its planes' padding)
+TRUNK_MAX_KW = BP_TR_PAD - 64
+
+
+def trunk_forward(const float[:, :, :, ::1] X, const int[:, ::1] spec, kernels, biases, float[:, :, :, ::1] Y):
+    """Y := the chain of layers ``spec`` over the images X (N, H, W, C), channels-last; returns whether it did
+    (False without an FMA instance, see TRUNK_VECTORIZED: Y is then untouched).
+
+    spec rows: ``(0, KH, KW, IC, OC, relu, 0, 0)`` a valid stride-1 convolution with ``kernels[l]`` (KH, KW, IC, OC)
+    and ``biases[l]`` (OC,), then ReLU (``max(y, 0)``) when ``relu``; ``(1, ph, pw, sh, sw, 0, 0, 0)`` a valid
+    max-pool. Each convolution output is acc + b with acc = 0, then acc = fma(x, K, acc) over ky, kx, ci in that
+    order (oneDNN's order on x86-64; denormals flushed, as TensorFlow runs), so the results can equal TensorFlow's to
+    the bit (a caller must check that they do on its CPU)."""
+    cdef Py_ssize_t N = X.shape[0], nl = spec.shape[0], l
+    cdef int h = <int>X.shape[1], w = <int>X.shape[2], c = <int>X.shape[3], rs, oh, ow
+    cdef size_t ps, bufn, need
+    cdef const float** Ks
+    cdef const float** Bs
+    cdef const float[:, :, :, ::1] k
+    cdef const float[::1] b
+    cdef float[::1] buf
+    cdef int ok
+    if spec.shape[1] != 8 or len(kernels) != nl or len(biases) != nl:
+        raise ValueError("trunk_forward: spec must be (layers, 8), with a kernel and a bias per layer")
+    ks, bs = [], []
+    rs, ps = w, <size_t>h * w + BP_TR_PAD
+    bufn = c * ps
+    for l in range(nl):
+        if spec[l, 0] == 0:
+            k, b = kernels[l], biases[l]
+            if (k.shape[0] != spec[l, 1] or k.shape[1] != spec[l, 2] or k.shape[2] != c or k.shape[3] != spec[l, 4]
+                    or spec[l, 3] != c or b.shape[0] != spec[l, 4] or spec[l, 4] < 1):
+                raise ValueError(f"trunk_forward: layer {l}'s kernel or bias does not fit")
+            if not 1 <= spec[l, 1] <= h or not 1 <= spec[l, 2] <= min(w, TRUNK_MAX_KW):
+                raise ValueError(f"trunk_forward: layer {l}'s kernel is larger than its input (or than "
+                                 f"{TRUNK_MAX_KW} columns)")
+            h, w, c = h - spec[l, 1] + 1, w - spec[l, 2] + 1, spec[l, 4]
+            ps = <size_t>h * rs + BP_TR_PAD
+            ks.append(k)
+            bs.append(b)
+        elif spec[l, 0] == 1:
+            if min(spec[l, 1], spec[l, 2], spec[l, 3], spec[l, 4]) < 1 or spec[l, 1] > h or spec[l, 2] > w:
+                raise ValueError(f"trunk_forward: layer {l}'s pool does not fit")
+            h, w = (h - spec[l, 1]) // spec[l, 3] + 1, (w - spec[l, 2]) // spec[l, 4] + 1
+            rs, ps = w, <size_t>h * w + BP_TR_PAD
+            ks.append(None)
+            bs.append(None)
+        else:
+            raise ValueError(f"trunk_forward: layer {l} is neither a convolution (0) nor a pool (1)")
+        need = c * ps
+        bufn = max(bufn, need)
+    if Y.shape[0] != N or Y.shape[1] != h or Y.shape[2] != w or Y.shape[3] != c:
+        raise ValueError(f"trunk_forward: Y must be {(N, h, w, c)}")
+    if not TRUNK_VECTORIZED:
+        return False
+    if N == 0:
+        return True
+    buf = np.zeros(2 * bufn, np.float32)
+    Ks = <const float**>malloc(max(nl, 1) * sizeof(float*))
+    Bs = <const float**>malloc(max(nl, 1) * sizeof(float*))
+    if Ks == NULL or Bs == NULL:
+        free(Ks)
+        free(Bs)
+        raise MemoryError()
+    for l in range(nl):
+        Ks[l] = Bs[l] = NULL
+        if ks[l] is not None:
+            k, b = ks[l], bs[l]
+            Ks[l] = &k[0, 0, 0, 0]
+            Bs[l] = &b[0]
+    with nogil:
+        ok = _trunk_run(&X[0, 0, 0, 0], <int>N, <int>X.shape[1], <int>X.shape[2], <int>X.shape[3], <int>nl,
+                        &spec[0, 0], Ks, Bs, &Y[0, 0, 0, 0], &buf[0], bufn)
+    free(Ks)
+    free(Bs)
+    return ok != 0

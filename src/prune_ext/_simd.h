@@ -5,7 +5,9 @@
  *   BP_TARGET   its target attribute (empty for the portable instance);
  *   BP_VW       floats per vector: 16 (AVX-512), 8 (AVX2), 4 (the 128-bit sets: SSE2, NEON);
  *   BP_SPARSE   1 to build the sparse final-layer kernels too (only wide vector units run them);
- *   BP_NONZEROS the nonzero scan the sparse kernels use (AVX-512 has a compressing one).
+ *   BP_NONZEROS the nonzero scan the sparse kernels use (AVX-512 has a compressing one);
+ *   BP_FMA, BP_SET1 (where the set has FMA) a fused multiply-add and a broadcast, to build the trunk kernel
+ *               (_trunk.h) too.
  * and undefines them at its end.
  * A vector is exactly as wide as the instruction set's registers: GCC keeps a wider generic vector in memory, which
  * made AVX2 run the earlier 16-float code of the sparse kernels 11-21 times slower than its 8-float code here.
@@ -257,6 +259,12 @@ BP_TARGET static int BP_ISA(sparse_dense)(const float *X, int M, int K, const fl
 #undef PICK
 #undef SUM
 #endif  /* BP_SPARSE */
+
+#ifdef BP_FMA  /* the trunk kernel: sums in oneDNN's order need a fused multiply-add */
+#include "_trunk.h"
+#undef BP_FMA
+#undef BP_SET1
+#endif
 
 #undef VF
 #undef VI

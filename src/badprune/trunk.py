@@ -1,0 +1,106 @@
+"""The trunk (the model's input -> the prune layer) compiled for prune_ext's native kernel.
+
+A trunk that is a plain chain of Conv2D (valid padding, stride 1, linear or ReLU) and MaxPooling2D (valid) layers,
+like the lab's DeepID (conv_1 -> pool_1 -> conv_2 -> pool_2 -> conv_3 -> pool_3), runs in
+:func:`prune_ext.trunk_forward`: one image at a time, every layer fused and kept in cache, each convolution output
+summed in the order oneDNN's x86-64 kernels sum it (zero, then a fused multiply-add per tap and input channel,
+then the bias). Where TensorFlow's kernels sum in that order, the activations are TensorFlow's to the bit; the
+extraction (:mod:`badprune.features`) uses this one only after checking that on real batches, else it keeps
+TensorFlow. :func:`compile_trunk` returns None for any other trunk.
+"""
+from __future__ import annotations
+
+import numpy as np
+import prune_ext
+
+from .errors import BadpruneError
+from .models.graph import trace
+
+#: layers that are the identity at inference (passed over)
+_IDENTITY = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity")
+_POOLS = ("MaxPooling2D", "MaxPool2D")
+
+
+class NativeTrunk:
+    """A trunk as :func:`prune_ext.trunk_forward`'s layer table: ``spec`` (layers, 8) and each layer's kernel and
+    bias (None for a pool). Calling it fills ``out`` (N, H, W, C) from images ``x`` (N, H, W, C), both float32
+    C-contiguous, and returns whether it could (False where prune_ext has no FMA instance)."""
+
+    def __init__(self, spec, kernels, biases, layers):
+        self.spec = np.ascontiguousarray(spec, np.int32).reshape(-1, 8)
+        self.kernels = kernels
+        self.biases = biases
+        self.layers = tuple(layers)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> bool:
+        return bool(prune_ext.trunk_forward(x, self.spec, self.kernels, self.biases, out))
+
+    def describe(self) -> str:
+        return " -> ".join(self.layers)
+
+
+def _conv(layer, cfg):
+    if (tuple(cfg.get("strides", (1, 1))) != (1, 1) or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1)
+            or cfg.get("padding") != "valid" or cfg.get("groups", 1) != 1 or cfg.get("lora_rank")
+            or cfg.get("activation") not in ("linear", "relu")):
+        return None
+    w = layer.get_weights()
+    kernel = np.ascontiguousarray(w[0], np.float32)
+    if kernel.ndim != 4 or w[0].dtype != np.float32 or kernel.shape[1] > prune_ext.TRUNK_MAX_KW:
+        return None
+    bias = np.ascontiguousarray(w[1], np.float32) if cfg.get("use_bias", True) else np.zeros(kernel.shape[3],
+                                                                                           np.float32)
+    kh, kw, ci, co = kernel.shape
+    return [0, kh, kw, ci, co, int(cfg["activation"] == "relu"), 0, 0], kernel, bias
+
+
+def _pool(layer, cfg):
+    if cfg.get("padding") != "valid":
+        return None
+    ph, pw = cfg["pool_size"]
+    sh, sw = cfg.get("strides") or (ph, pw)
+    return [1, ph, pw, sh, sw, 0, 0, 0], None, None
+
+
+def compile_trunk(net) -> NativeTrunk | None:
+    """``net`` (a one-input, one-output Keras model: a trunk, :func:`badprune.features.trunk`) as a
+    :class:`NativeTrunk`, or None when it is not a chain of the layers the kernel runs (float32, channels-last) or
+    prune_ext has no FMA instance."""
+    if not prune_ext.TRUNK_VECTORIZED or len(net.inputs) != 1 or len(net.outputs) != 1:
+        return None
+    x = net.inputs[0]
+    if len(x.shape) != 4 or str(getattr(x, "dtype", "float32")) != "float32":
+        return None
+    try:
+        nodes = trace(net.outputs[0], x)
+    except (BadpruneError, ValueError, AttributeError):
+        return None
+    spec, kernels, biases, names = [], [], [], []
+    prev = x
+    for n in nodes:
+        lay, node = n.layer, n.node
+        ins, outs = list(node.input_tensors), list(node.output_tensors)
+        if len(ins) != 1 or ins[0] is not prev or len(outs) != 1:
+            return None
+        cls = type(lay).__name__
+        cfg = lay.get_config()
+        policy = getattr(lay, "dtype_policy", None)
+        if getattr(policy, "compute_dtype", "float32") != "float32":
+            return None
+        if cfg.get("data_format", "channels_last") != "channels_last":
+            return None
+        if cls in _IDENTITY:
+            prev = outs[0]
+            continue
+        lowered = _conv(lay, cfg) if cls == "Conv2D" else _pool(lay, cfg) if cls in _POOLS else None
+        if lowered is None:
+            return None
+        s, k, b = lowered
+        spec.append(s)
+        kernels.append(k)
+        biases.append(b)
+        names.append(lay.name)
+        prev = outs[0]
+    if not spec:
+        return None
+    return NativeTrunk(spec, kernels, biases, names)
