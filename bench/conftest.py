@@ -118,7 +118,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     except (AttributeError, OSError):
         cores = os.cpu_count()
     machine_info["badprune_bench"] = {
-        "cpu_model": _cpu_model(), "cores": cores, "isa": _isa(), "load_at_start": list(_START.get("load", ())),
+        "cpu_model": _cpu_model(), "cores": cores, "isa": _isa(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "load_at_start": list(_START.get("load", ())),
         "load_at_end": list(os.getloadavg()), "started": _START.get("time"), "finished": time.time(),
         "suite_seconds": time.time() - _START.get("time", time.time()), "versions": _versions(),
         "small": labscale.small(), **RUN_INFO,

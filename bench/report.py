@@ -351,7 +351,11 @@ def render(run: Run, note: str | None = None) -> tuple[str, dict]:
               f"{n * tfl / 1e9:,.0f} GFLOP for the three sets: floor {fs(floor)} "
               f"({n / floor:,.0f} img/s) at the square-GEMM rate; measured {fs(ext_tf)}, i.e. the engine reaches "
               f"{100 * floor / ext_tf:.0f} % of that rate ({_trunk_words(run)}, plus reading and converting "
-              f"{sum(fix.get('bytes', {}).values()) / 1e9:.1f} GB of h5, the float64 valid set included).")
+              f"{sum(fix.get('bytes', {}).values()) / 1e9:.1f} GB of h5, the float64 valid set included)"
+              + (f". Above 100 %: that GEMM rate is the BLAS's here, not the CPU's peak (the trunk kernel runs in "
+                 f"{run.info.get('isa', '?')}"
+                 + (f"; OpenBLAS ran its {run.info['openblas_coretype']} kernels, as OPENBLAS_CORETYPE asks on this "
+                    f"machine" if run.info.get("openblas_coretype") else "") + ")." if floor > ext_tf else "."))
     if keras_b is not None and peak:
         tfl = run.x("test_sweep_stage[incremental]", "trunk_flops_per_image")
         hf = run.x("test_sweep_stage[incremental]", "head_flops_per_sample", {}) or {}
