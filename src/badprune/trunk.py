@@ -14,10 +14,9 @@ import numpy as np
 import prune_ext
 
 from .errors import BadpruneError
+from .models import IDENTITY_AT_INFERENCE
 from .models.graph import trace
 
-#: layers that are the identity at inference (passed over)
-_IDENTITY = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity")
 _POOLS = ("MaxPooling2D", "MaxPool2D")
 
 
@@ -89,7 +88,7 @@ def compile_trunk(net) -> NativeTrunk | None:
             return None
         if cfg.get("data_format", "channels_last") != "channels_last":
             return None
-        if cls in _IDENTITY:
+        if cls in IDENTITY_AT_INFERENCE:  # passed over
             prev = outs[0]
             continue
         lowered = _conv(lay, cfg) if cls == "Conv2D" else _pool(lay, cfg) if cls in _POOLS else None

@@ -11,11 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BadpruneError
+from ..models import IDENTITY_AT_INFERENCE
 from .ops import Op, activation_op, same_pad
 
-#: layers that are the identity at inference
-_IDENTITY = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-             "ActivityRegularization", "Identity")
 _MERGE = {"Add": np.add, "Subtract": np.subtract, "Multiply": np.multiply, "Maximum": np.maximum,
           "Minimum": np.minimum}
 
@@ -149,7 +147,7 @@ def _batchnorm(c, layer, cfg, w, ins, out, shape):
 #: None (not lowerable as configured). A class not listed makes the head fall back to TensorFlow.
 LOWERINGS = {
     "Dense": _dense, "Conv2D": _conv, "Flatten": _reshape, "Reshape": _reshape,
-    **{cls: _reshape for cls in _IDENTITY},
+    **{cls: _reshape for cls in IDENTITY_AT_INFERENCE},
     **{cls: _merge for cls in _MERGE}, "Average": _average, "Concatenate": _concat,
     "Activation": _activation, "ReLU": _relu, "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax,
     "MaxPooling2D": _pool, "AveragePooling2D": _pool, "GlobalAveragePooling2D": _gpool,

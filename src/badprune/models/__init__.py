@@ -29,6 +29,10 @@ import importlib
 
 from ..runfiles import model_name  # noqa: F401  (TF-free; re-exported)
 
+#: layer classes that are the identity at inference (the head compiler and the native trunk pass them over)
+IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+                         "ActivityRegularization", "Identity")
+
 #: module -> the names it gives this package
 _NAMES = {
     "archs": ("ARCHS", "build_deepid"),
@@ -54,4 +58,4 @@ def __getattr__(name):
     return value
 
 
-__all__ = sorted([*_WHERE, "model_name"])
+__all__ = sorted([*_WHERE, "model_name", "IDENTITY_AT_INFERENCE"])
