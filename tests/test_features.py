@@ -385,8 +385,9 @@ def test_detect_scale_decision_is_cached(tmp_path, counting_calls):
 # ------------------------------------------------------------------------------------------ the native trunk
 
 
-def _tf_function_extract(model, ds, scale="raw", layer="pool_3"):
-    return features.extract(model, layer, ds, scale, batch_size=16, progress=False, engine="tf-function")
+def _tf_function_extract(model, ds, scale="raw", layer="pool_3", batch_size=16):
+    """The reference: TensorFlow's traced trunk, in batches of ``batch_size`` (oneDNN's result can depend on it)."""
+    return features.extract(model, layer, ds, scale, batch_size=batch_size, progress=False, engine="tf-function")
 
 
 def test_tf_engine_runs_the_native_trunk_bit_identical_to_tensorflow(lab_file, random_deepid):
@@ -471,3 +472,71 @@ def test_compile_trunk_takes_plain_conv_pool_chains_only(random_deepid):
                 [L.Conv2D(4, 3), L.BatchNormalization()], [L.Conv2D(4, 3), L.AveragePooling2D(2)],
                 [L.Conv2D(4, 3, dilation_rate=2)], [L.Rescaling(1 / 255), L.Conv2D(4, 3)]):
         assert compile_trunk(chain(*bad)) is None, bad
+
+
+@pytest.fixture(scope="module")
+def gray_net():
+    """One input channel: oneDNN here sums a batch of one image in another order than larger batches."""
+    m = keras.Sequential([keras.Input((28, 28, 1)), L.Conv2D(20, 5, activation="relu", name="conv_a"),
+                          L.MaxPooling2D(2, name="pool_a"), L.Flatten(), L.Dense(10)])
+    g = np.random.default_rng(11)
+    m.set_weights([(g.standard_normal(w.shape) * 0.2).astype(np.float32) for w in m.get_weights()])
+    return m
+
+
+def _gray_file(path, x):
+    data.write_lab_h5(path, x, np.zeros(len(x)), dtype=np.float32)
+    return data.open_dataset(path)
+
+
+def test_native_trunk_is_checked_on_each_batch_size(gray_net, tmp_path):
+    """A check passed on a batch of one image does not vouch for batches of 65."""
+    g = np.random.default_rng(12)
+    x = (g.random((65, 28, 28, 1)) * 255).round().astype(np.float32)
+    features._RUNNERS.pop(gray_net, None)
+    features.extract(gray_net, "pool_a", _gray_file(tmp_path / "one.h5", x[:1]), "unit", progress=False)
+    many = _gray_file(tmp_path / "many.h5", x)
+    got = features.extract(gray_net, "pool_a", many, "unit", progress=False)  # one batch of 65
+    assert got.tobytes() == _tf_function_extract(gray_net, many, "unit", "pool_a", 128).tobytes()
+
+
+def test_blank_images_prove_nothing(gray_net, tmp_path):
+    """Blank images give the biases through the layers whatever the order of the sums: no proof."""
+    g = np.random.default_rng(13)
+    x = (g.random((48, 28, 28, 1)) * 255).round().astype(np.float32)
+    x[:16] = 0
+    features._RUNNERS.pop(gray_net, None)
+    ds = _gray_file(tmp_path / "blank.h5", x)
+    got = features.extract(gray_net, "pool_a", ds, "unit", batch_size=16, progress=False)
+    assert got.tobytes() == _tf_function_extract(gray_net, ds, "unit", "pool_a").tobytes()
+
+
+def test_native_trunk_follows_changed_weights(lab_file, random_deepid):
+    m = random_deepid(5, seed=7)
+    ds = data.open_dataset(lab_file)
+    a = features.extract(m, "pool_3", ds, "raw", progress=False)
+    w = m.get_layer("conv_2").get_weights()
+    m.get_layer("conv_2").set_weights([w[0] * 2, w[1]])
+    b, info = features.extract(m, "pool_3", ds, "raw", progress=False, return_info=True)
+    assert a.tobytes() != b.tobytes()
+    assert b.tobytes() == _tf_function_extract(m, ds).tobytes()
+    m.get_layer("conv_2").set_weights([np.full_like(w[0], np.nan), w[1]])  # not finite: TensorFlow's business
+    c, info = features.extract(m, "pool_3", ds, "raw", progress=False, return_info=True)
+    assert info["trunk"] == "tf"
+
+
+def test_native_max_pool_equals_tensorflow_on_nan_and_infinities():
+    import prune_ext
+    import tensorflow as tf
+
+    if not prune_ext.TRUNK_VECTORIZED:
+        pytest.skip("no FMA instance: trunk_forward declines")
+    g = np.random.default_rng(14)
+    x = g.standard_normal((3, 11, 37, 2)).astype(np.float32)
+    x[g.random(x.shape) < 0.3] = np.nan
+    x[0, :4, :6], x[1, :4, :6], x[2, 5, 7] = np.nan, -np.inf, np.inf
+    for ph, pw, sh, sw in ((2, 2, 2, 2), (3, 3, 1, 1), (2, 3, 2, 1)):
+        want = tf.nn.max_pool2d(x, (ph, pw), (sh, sw), "VALID").numpy()
+        got = np.empty_like(want)
+        assert prune_ext.trunk_forward(x, np.array([[1, ph, pw, sh, sw, 0, 0, 0]], np.int32), [None], [None], got)
+        assert got.tobytes() == want.tobytes()

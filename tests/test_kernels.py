@@ -394,3 +394,27 @@ def test_aligned_gives_a_64_byte_boundary():
         assert c.ctypes.data % 64 == 0 and c.dtype == np.float32 and c.flags.c_contiguous
         np.testing.assert_array_equal(c, a.astype(np.float32))
         assert prune_ext.aligned(c) is c  # already aligned: no copy
+
+
+@pytest.mark.parametrize("pool", [(2, 2, 2, 2), (3, 3, 1, 1), (2, 3, 2, 1)])
+def test_trunk_forward_max_pool_passes_over_nan_like_tensorflow(pool):
+    """TensorFlow's max-pool: -FLT_MAX, then the larger value where one is, NaN passed over (an all-NaN or all -inf
+    window gives -FLT_MAX)."""
+    if not prune_ext.TRUNK_VECTORIZED:
+        pytest.skip("no FMA instance: trunk_forward declines")
+    g = np.random.default_rng(9)
+    x = g.standard_normal((3, 11, 37, 2)).astype(np.float32)
+    x[g.random(x.shape) < 0.3] = np.nan
+    x[0, :4, :6] = np.nan  # whole windows
+    x[1, :4, :6] = -np.inf
+    x[2, 5, 7] = np.inf
+    ph, pw, sh, sw = pool
+    OH, OW = (11 - ph) // sh + 1, (37 - pw) // sw + 1
+    want = np.full((3, OH, OW, 2), -np.finfo(np.float32).max, np.float32)
+    for dy in range(ph):
+        for dx in range(pw):
+            v = x[:, dy: dy + (OH - 1) * sh + 1: sh, dx: dx + (OW - 1) * sw + 1: sw]
+            want = np.where(v > want, v, want)
+    y = np.empty_like(want)
+    assert prune_ext.trunk_forward(x, np.array([[1, ph, pw, sh, sw, 0, 0, 0]], np.int32), [None], [None], y)
+    assert y.tobytes() == want.tobytes()

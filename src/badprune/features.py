@@ -9,11 +9,11 @@ larger ones only cost memory). A model's TensorFlow function is traced once per 
 Engines (``engine=``):
 
 * ``tf`` (default): TensorFlow's activations, computed by prune_ext's native trunk (:mod:`badprune.trunk`: the
-  layers fused per image, one image stream per core) once it has reproduced TensorFlow's output bit for bit on
-  the runner's first batch holding at least :data:`CHECK_NONZEROS` nonzero activations (TensorFlow's kernels run
-  op by op on it); until then, and for good on any difference (another CPU's kernels) or for a trunk it cannot
-  run, the traced function as ``tf-function``. Bit-identical to ``model.predict``; ``info['trunk']`` tells which
-  computed the activations.
+  layers fused per image, one image stream per core) for each batch size on which it has reproduced TensorFlow's
+  output bit for bit (TensorFlow's kernels run op by op on the first batch of that size that holds at least
+  :data:`CHECK_NONZEROS` activations unlike a blank image's); until then, and for good on any difference
+  (another CPU's kernels) or for a trunk it cannot run, the traced function as ``tf-function``. Bit-identical to
+  ``model.predict``; ``info['trunk']`` tells which computed the activations.
 * ``tf-function``: the trunk as a ``tf.function`` with a fixed input signature (oneDNN), two batches in flight
   from two threads. Bit-identical to ``model.predict``.
 * ``tf-serial``: the same function, one batch at a time.
@@ -36,6 +36,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,8 +57,8 @@ DEFAULT_BATCH_SIZE = 128
 MAX_BATCH = 128
 #: batches in flight for the TensorFlow engines (each call also uses TF's intra-op threads)
 WORKERS = 2
-#: nonzero activations a batch must hold for the native trunk's check against TensorFlow to count (an all-zero
-#: output would agree whatever the order of the sums)
+#: activations unlike a blank image's that a batch must hold for the native trunk's check against TensorFlow to
+#: count (a blank image's output, the biases through the layers, agrees whatever the order of the sums)
 CHECK_NONZEROS = 256
 
 
@@ -118,6 +119,8 @@ class _Runner:
                 self.workers = max(WORKERS, cpu_count())
                 self._tf_slots = threading.BoundedSemaphore(WORKERS)
                 self._check_lock = threading.Lock()
+                self._proven = set()  # batch sizes on which the native trunk reproduced TensorFlow
+                self._blank = None  # its output for a blank image (a check must differ from it to count)
                 self._call = self._checking_call
         elif engine == "litert":
             self._blob = self._convert_litert(net)
@@ -152,26 +155,45 @@ class _Runner:
         self.native(x, out)
         return out
 
+    def _drop_native(self) -> None:
+        self.native, self._proven, self._call = None, set(), self._tf_call
+
+    def prepare(self) -> None:
+        """Before a pass: the native trunk reads the model's current weights (dropped for TensorFlow if one is not
+        finite)."""
+        if self.native is not None and not self.native.sync():
+            self._drop_native()
+
     def _checking_call(self, x):
-        """TensorFlow's output, checked against the native trunk's: the native trunk takes over from the first batch
-        it reproduces bit for bit with at least :data:`CHECK_NONZEROS` nonzero activations, and is dropped (for the
-        traced function) on the first it does not. The check runs TensorFlow's kernels op by op (no trace to wait
-        for), one batch at a time."""
+        """The native trunk's output for a batch size on which it has reproduced TensorFlow, else TensorFlow's.
+
+        A batch of a size not yet proven runs TensorFlow's kernels op by op (no trace to wait for) and the native
+        trunk: equal to the bit, and with at least :data:`CHECK_NONZEROS` activations unlike a blank image's (an
+        output the order of the sums cannot change proves nothing), the size is proven; any difference drops the
+        native trunk for the traced function for good. oneDNN's kernels (so their order of summing) can depend on
+        the batch size, hence a check per size."""
+        if len(x) in self._proven:
+            return self._native_call(x)
         with self._check_lock:
-            if self._call == self._checking_call:
-                y = keras.ops.convert_to_numpy(self.net([x], training=False))
+            if self._call == self._checking_call and len(x) not in self._proven:
+                with warnings.catch_warnings():  # Keras on the input's structure (a list or one tensor)
+                    warnings.simplefilter("ignore", UserWarning)
+                    y = keras.ops.convert_to_numpy(self.net(x, training=False))
                 z = np.empty_like(y)
                 if self.native(x, z) and np.array_equal(z, y):
-                    if np.count_nonzero(y) >= CHECK_NONZEROS:
-                        self._call = self._native_call
+                    if self._blank is None:
+                        self._blank = self._native_call(np.zeros((1,) + self.input_shape, np.float32))
+                    if np.count_nonzero(y != self._blank) >= CHECK_NONZEROS:
+                        self._proven.add(len(x))
                     return y
-                self.native, self._call = None, self._tf_call
+                self._drop_native()
         return self._call(x)
 
     @property
     def trunk_kind(self) -> str:
-        """What computes the activations now: 'native' (prune_ext's trunk, checked) or the engine's own."""
-        return "native" if self._call == self._native_call else self.engine
+        """What computed the activations: 'native' (prune_ext's trunk, on the batch sizes it was checked on; the
+        others ran TensorFlow's kernels) or the engine's own."""
+        return "native" if self._call == self._checking_call and self._proven else self.engine
 
     @staticmethod
     def _convert_litert(net):
@@ -224,6 +246,7 @@ class _Runner:
         stop = dataset.n if stop is None else min(stop, dataset.n)
         if stop <= start:
             return out
+        self.prepare()
         bs = min(int(batch_size), MAX_BATCH, stop - start)
         free: queue.Queue = queue.Queue()
         for _ in range(self.workers + 2):
@@ -421,6 +444,7 @@ def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | 
         if hit is not None:
             return hit
     runner = _runner(model, layer, engine)
+    runner.prepare()
     x1 = dataset.read(1.0, 0, n)
     end = model.get_layer(layer).output if layer else model.outputs[0]
     out = np.empty((n,) + tuple(int(s) for s in end.shape[1:]), np.float32)

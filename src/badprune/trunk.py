@@ -21,15 +21,36 @@ _POOLS = ("MaxPooling2D", "MaxPool2D")
 
 
 class NativeTrunk:
-    """A trunk as :func:`prune_ext.trunk_forward`'s layer table: ``spec`` (layers, 8) and each layer's kernel and
-    bias (None for a pool). Calling it fills ``out`` (N, H, W, C) from images ``x`` (N, H, W, C), both float32
+    """A trunk as :func:`prune_ext.trunk_forward`'s layer table: ``spec`` (layers, 8) and the Keras layers whose
+    weights it reads (:meth:`sync`, at :func:`compile_trunk` and before each pass: a model's weights may change
+    between passes). Calling it fills ``out`` (N, H, W, C) from images ``x`` (N, H, W, C), both float32
     C-contiguous, and returns whether it could (False where prune_ext has no FMA instance)."""
 
-    def __init__(self, spec, kernels, biases, layers):
+    def __init__(self, spec, layers, use_bias):
         self.spec = np.ascontiguousarray(spec, np.int32).reshape(-1, 8)
-        self.kernels = kernels
-        self.biases = biases
-        self.layers = tuple(layers)
+        self._layers = tuple(layers)
+        self._use_bias = tuple(use_bias)
+        self.layers = tuple(lay.name for lay in layers)
+        self.kernels = self.biases = None
+
+    def sync(self) -> bool:
+        """Read the layers' current weights; False when a weight is not finite (the kernel's ReLU and max-pool
+        then need not treat NaN as TensorFlow does: leave such a model to TensorFlow)."""
+        kernels, biases = [], []
+        for (kind, *_), lay, bias in zip(self.spec, self._layers, self._use_bias):
+            if kind != 0:
+                kernels.append(None)
+                biases.append(None)
+                continue
+            w = lay.get_weights()
+            k = np.ascontiguousarray(w[0], np.float32)
+            b = np.ascontiguousarray(w[1], np.float32) if bias else np.zeros(k.shape[3], np.float32)
+            if not (np.isfinite(k).all() and np.isfinite(b).all()):
+                return False
+            kernels.append(k)
+            biases.append(b)
+        self.kernels, self.biases = kernels, biases
+        return True
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> bool:
         return bool(prune_ext.trunk_forward(x, self.spec, self.kernels, self.biases, out))
@@ -44,13 +65,10 @@ def _conv(layer, cfg):
             or cfg.get("activation") not in ("linear", "relu")):
         return None
     w = layer.get_weights()
-    kernel = np.ascontiguousarray(w[0], np.float32)
-    if kernel.ndim != 4 or w[0].dtype != np.float32 or kernel.shape[1] > prune_ext.TRUNK_MAX_KW:
+    if len(w) < 1 or w[0].ndim != 4 or w[0].dtype != np.float32 or w[0].shape[1] > prune_ext.TRUNK_MAX_KW:
         return None
-    bias = np.ascontiguousarray(w[1], np.float32) if cfg.get("use_bias", True) else np.zeros(kernel.shape[3],
-                                                                                           np.float32)
-    kh, kw, ci, co = kernel.shape
-    return [0, kh, kw, ci, co, int(cfg["activation"] == "relu"), 0, 0], kernel, bias
+    kh, kw, ci, co = w[0].shape
+    return [0, kh, kw, ci, co, int(cfg["activation"] == "relu"), 0, 0], bool(cfg.get("use_bias", True))
 
 
 def _pool(layer, cfg):
@@ -58,7 +76,7 @@ def _pool(layer, cfg):
         return None
     ph, pw = cfg["pool_size"]
     sh, sw = cfg.get("strides") or (ph, pw)
-    return [1, ph, pw, sh, sw, 0, 0, 0], None, None
+    return [1, ph, pw, sh, sw, 0, 0, 0], False
 
 
 def compile_trunk(net) -> NativeTrunk | None:
@@ -74,7 +92,7 @@ def compile_trunk(net) -> NativeTrunk | None:
         nodes = trace(net.outputs[0], x)
     except (BadpruneError, ValueError, AttributeError):
         return None
-    spec, kernels, biases, names = [], [], [], []
+    spec, layers, use_bias = [], [], []
     prev = x
     for n in nodes:
         lay, node = n.layer, n.node
@@ -94,12 +112,11 @@ def compile_trunk(net) -> NativeTrunk | None:
         lowered = _conv(lay, cfg) if cls == "Conv2D" else _pool(lay, cfg) if cls in _POOLS else None
         if lowered is None:
             return None
-        s, k, b = lowered
-        spec.append(s)
-        kernels.append(k)
-        biases.append(b)
-        names.append(lay.name)
+        spec.append(lowered[0])
+        use_bias.append(lowered[1])
+        layers.append(lay)
         prev = outs[0]
     if not spec:
         return None
-    return NativeTrunk(spec, kernels, biases, names)
+    t = NativeTrunk(spec, layers, use_bias)
+    return t if t.sync() else None

@@ -73,7 +73,8 @@ BP_TARGET static void TR_CONV(const float *x, size_t psx, int rs, int IC, const 
     }
 }
 
-/* o[c, i, j] = max_{dy < ph, dx < pw} y[c, i*sh + dy, j*sw + dx]: y's rows rs apart, planes psy apart; o compact
+/* o[c, i, j] = max(-FLT_MAX, y[c, i*sh + dy, j*sw + dx] for dy < ph, dx < pw), NaN passed over (TensorFlow's
+   max-pool: m = -FLT_MAX, then m = v > m ? v : m over the window): y's rows rs apart, planes psy apart; o compact
    (rows ow apart, planes pso apart) */
 BP_TARGET static void BP_ISA(tr_pool)(const float *y, size_t psy, int rs, int C, float *o, size_t pso, int oh,
                                       int ow, int ph, int pw, int sh, int sw) {
@@ -84,19 +85,22 @@ BP_TARGET static void BP_ISA(tr_pool)(const float *y, size_t psy, int rs, int C,
 #else
         const VI ev = {0, 2, 4, 6, 8, 10, 12, 14}, od = ev + 1;
 #endif
+        const VF lo = BP_SET1(-FLT_MAX);
+#define TR_UP(m, v) do { VI g_ = (v) > (m); (m) = (VF)((g_ & (VI)(v)) | (~g_ & (VI)(m))); } while (0)
         for (int c = 0; c < C; c++)
             for (int i = 0; i < oh; i++) {
                 const float *r0 = y + c * psy + (size_t)(2 * i) * rs, *r1 = r0 + rs;
                 float *op = o + c * pso + (size_t)i * ow;
                 for (int j = 0; j < ow; j += BP_VW) {  /* the last store may run into the next row: written after */
-                    VF a0 = LD(r0 + 2 * j), a1 = LD(r1 + 2 * j), b0 = LD(r0 + 2 * j + BP_VW), b1 = LD(r1 + 2 * j + BP_VW);
-                    VI g = a1 > a0, h = b1 > b0;
-                    VF a = (VF)((g & (VI)a1) | (~g & (VI)a0)), bb = (VF)((h & (VI)b1) | (~h & (VI)b0));
-                    VF e = __builtin_shuffle(a, bb, ev), d = __builtin_shuffle(a, bb, od);
-                    VI k = d > e;
-                    ST(op + j, (VF)((k & (VI)d) | (~k & (VI)e)));
+                    VF a = lo, b = lo;  /* columns 2j.. and 2j + BP_VW.., rows 2i then 2i + 1 */
+                    TR_UP(a, LD(r0 + 2 * j)); TR_UP(a, LD(r1 + 2 * j));
+                    TR_UP(b, LD(r0 + 2 * j + BP_VW)); TR_UP(b, LD(r1 + 2 * j + BP_VW));
+                    VF m = __builtin_shuffle(a, b, ev);  /* the even column's maximum, then the odd one's */
+                    TR_UP(m, __builtin_shuffle(a, b, od));
+                    ST(op + j, m);
                 }
             }
+#undef TR_UP
         return;
     }
 #endif
@@ -104,7 +108,7 @@ BP_TARGET static void BP_ISA(tr_pool)(const float *y, size_t psy, int rs, int C,
         for (int i = 0; i < oh; i++)
             for (int j = 0; j < ow; j++) {
                 const float *p = y + c * psy + (size_t)(i * sh) * rs + (size_t)j * sw;
-                float m = p[0];
+                float m = -FLT_MAX;
                 for (int dy = 0; dy < ph; dy++)
                     for (int dx = 0; dx < pw; dx++) {
                         float v = p[(size_t)dy * rs + dx];
