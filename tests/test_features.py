@@ -540,3 +540,24 @@ def test_native_max_pool_equals_tensorflow_on_nan_and_infinities():
         got = np.empty_like(want)
         assert prune_ext.trunk_forward(x, np.array([[1, ph, pw, sh, sw, 0, 0, 0]], np.int32), [None], [None], got)
         assert got.tobytes() == want.tobytes()
+
+
+def test_a_difference_on_a_later_batch_size_drops_the_native_trunk(lab_file, random_deepid, monkeypatch):
+    from badprune import trunk
+
+    real = trunk.NativeTrunk.__call__
+
+    def off_on_the_tail(self, x, out):  # sizes 16 agree, the tail of 2 (50 = 3 x 16 + 2) does not
+        done = real(self, x, out)
+        if len(x) == 2:
+            out[0, 0, 0, :] = np.nextafter(out[0, 0, 0, :], np.float32(np.inf))
+        return done
+
+    monkeypatch.setattr(trunk.NativeTrunk, "__call__", off_on_the_tail)
+    m = random_deepid(5, seed=8)
+    ds = data.open_dataset(lab_file)
+    want = _tf_function_extract(m, ds)
+    got = features.extract(m, "pool_3", ds, "raw", batch_size=16, progress=False)
+    assert got.tobytes() == want.tobytes()
+    again, info = features.extract(m, "pool_3", ds, "raw", batch_size=16, progress=False, return_info=True)
+    assert info["trunk"] == "tf" and again.tobytes() == want.tobytes()

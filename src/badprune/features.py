@@ -150,9 +150,9 @@ class _Runner:
         with self._tf_slots:
             return fn(x).numpy()
 
-    def _native_call(self, x):
+    def _native_call(self, native, x):
         out = np.empty((len(x),) + self.out_shape, np.float32)
-        self.native(x, out)
+        native(x, out)
         return out
 
     def _drop_native(self) -> None:
@@ -172,17 +172,19 @@ class _Runner:
         output the order of the sums cannot change proves nothing), the size is proven; any difference drops the
         native trunk for the traced function for good. oneDNN's kernels (so their order of summing) can depend on
         the batch size, hence a check per size."""
-        if len(x) in self._proven:
-            return self._native_call(x)
+        native = self.native  # once: another thread may drop it meanwhile
+        if native is not None and len(x) in self._proven:
+            return self._native_call(native, x)
         with self._check_lock:
-            if self._call == self._checking_call and len(x) not in self._proven:
+            native = self.native
+            if native is not None and len(x) not in self._proven:
                 with warnings.catch_warnings():  # Keras on the input's structure (a list or one tensor)
                     warnings.simplefilter("ignore", UserWarning)
                     y = keras.ops.convert_to_numpy(self.net(x, training=False))
                 z = np.empty_like(y)
-                if self.native(x, z) and np.array_equal(z, y):
+                if native(x, z) and np.array_equal(z, y):
                     if self._blank is None:
-                        self._blank = self._native_call(np.zeros((1,) + self.input_shape, np.float32))
+                        self._blank = self._native_call(native, np.zeros((1,) + self.input_shape, np.float32))
                     if np.count_nonzero(y != self._blank) >= CHECK_NONZEROS:
                         self._proven.add(len(x))
                     return y
