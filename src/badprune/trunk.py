@@ -55,9 +55,6 @@ class NativeTrunk:
     def __call__(self, x: np.ndarray, out: np.ndarray) -> bool:
         return bool(prune_ext.trunk_forward(x, self.spec, self.kernels, self.biases, out))
 
-    def describe(self) -> str:
-        return " -> ".join(self.layers)
-
 
 def _conv(layer, cfg):
     if (tuple(cfg.get("strides", (1, 1))) != (1, 1) or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1)

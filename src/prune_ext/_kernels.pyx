@@ -683,8 +683,8 @@ def trunk_forward(const float[:, :, :, ::1] X, const int[:, ::1] spec, kernels, 
     order (oneDNN's order on x86-64; denormals flushed, as TensorFlow runs), so the results can equal TensorFlow's to
     the bit (a caller must check that they do on its CPU)."""
     cdef Py_ssize_t N = X.shape[0], nl = spec.shape[0], l
-    cdef int h = <int>X.shape[1], w = <int>X.shape[2], c = <int>X.shape[3], rs, oh, ow
-    cdef size_t ps, bufn, need
+    cdef int h = <int>X.shape[1], w = <int>X.shape[2], c = <int>X.shape[3], rs
+    cdef size_t ps, bufn
     cdef const float** Ks
     cdef const float** Bs
     cdef const float[:, :, :, ::1] k
@@ -718,8 +718,7 @@ def trunk_forward(const float[:, :, :, ::1] X, const int[:, ::1] spec, kernels, 
             bs.append(None)
         else:
             raise ValueError(f"trunk_forward: layer {l} is neither a convolution (0) nor a pool (1)")
-        need = c * ps
-        bufn = max(bufn, need)
+        bufn = max(bufn, c * ps)
     if Y.shape[0] != N or Y.shape[1] != h or Y.shape[2] != w or Y.shape[3] != c:
         raise ValueError(f"trunk_forward: Y must be {(N, h, w, c)}")
     if not TRUNK_VECTORIZED:

@@ -116,15 +116,16 @@ BP_TARGET static void BP_ISA(conv_remove)(float *Z, const float *F, const int64_
     }
 }
 
+#define VMAX BP_ISA(vmax)
+#define PICK BP_ISA(pick)
+/* a > b ? a : b lane by lane (a NaN a gives b);  g ? a : b lane by lane */
+BP_TARGET static inline VF VMAX(VF a, VF b) { VI c = a > b; return (VF)((c & (VI)a) | (~c & (VI)b)); }
+BP_TARGET static inline VF PICK(VI g, VF a, VF b) { return (VF)((g & (VI)a) | (~g & (VI)b)); }
+
 #if BP_SPARSE
 #define NV (BP_BLK / BP_VW)          /* vectors per class block */
 #define NS (NV >= 8 ? 1 : 8 / NV)    /* independent partial sums of a block: eight accumulators */
-#define VMAX BP_ISA(vmax)
-#define PICK BP_ISA(pick)
 #define SUM BP_ISA(sum_block)
-
-BP_TARGET static inline VF VMAX(VF a, VF b) { VI c = a > b; return (VF)((c & (VI)a) | (~c & (VI)b)); }
-BP_TARGET static inline VF PICK(VI g, VF a, VF b) { return (VF)((g & (VI)a) | (~g & (VI)b)); }
 
 /* a[0:NV] += sum_q v[q] * W[nz[q] * stride + 0:BP_BLK], in NS independent sums added up in order */
 BP_TARGET static inline void SUM(const float *W, size_t stride, const int *nz, const float *v, int n, VF *a) {
@@ -255,8 +256,6 @@ BP_TARGET static int BP_ISA(sparse_dense)(const float *X, int M, int K, const fl
 }
 #undef NV
 #undef NS
-#undef VMAX
-#undef PICK
 #undef SUM
 #endif  /* BP_SPARSE */
 
@@ -266,6 +265,8 @@ BP_TARGET static int BP_ISA(sparse_dense)(const float *X, int M, int K, const fl
 #undef BP_SET1
 #endif
 
+#undef VMAX
+#undef PICK
 #undef VF
 #undef VI
 #undef LD

@@ -34,7 +34,7 @@ BP_TARGET static void BP_ISA(tr_conv_##NB)(const float *x, size_t psx, int rs, i
             }                                                                                                        \
         _Pragma("GCC unroll 32") for (int j = 0; j < NB; j++) {                                                      \
             VF v = acc[j] + BP_SET1(b[oc0 + j]);                                                                     \
-            if (relu) { VI pos = v > BP_SET1(0.0f); v = (VF)(pos & (VI)v); }                                         \
+            if (relu) v = VMAX(v, BP_SET1(0.0f));                                                                    \
             ST(y + (size_t)(oc0 + j) * psy + q0, v);                                                                 \
         }                                                                                                            \
     }                                                                                                                \
@@ -86,21 +86,18 @@ BP_TARGET static void BP_ISA(tr_pool)(const float *y, size_t psy, int rs, int C,
         const VI ev = {0, 2, 4, 6, 8, 10, 12, 14}, od = ev + 1;
 #endif
         const VF lo = BP_SET1(-FLT_MAX);
-#define TR_UP(m, v) do { VI g_ = (v) > (m); (m) = (VF)((g_ & (VI)(v)) | (~g_ & (VI)(m))); } while (0)
         for (int c = 0; c < C; c++)
             for (int i = 0; i < oh; i++) {
                 const float *r0 = y + c * psy + (size_t)(2 * i) * rs, *r1 = r0 + rs;
                 float *op = o + c * pso + (size_t)i * ow;
                 for (int j = 0; j < ow; j += BP_VW) {  /* the last store may run into the next row: written after */
-                    VF a = lo, b = lo;  /* columns 2j.. and 2j + BP_VW.., rows 2i then 2i + 1 */
-                    TR_UP(a, LD(r0 + 2 * j)); TR_UP(a, LD(r1 + 2 * j));
-                    TR_UP(b, LD(r0 + 2 * j + BP_VW)); TR_UP(b, LD(r1 + 2 * j + BP_VW));
-                    VF m = __builtin_shuffle(a, b, ev);  /* the even column's maximum, then the odd one's */
-                    TR_UP(m, __builtin_shuffle(a, b, od));
-                    ST(op + j, m);
+                    /* columns 2j.. and 2j + BP_VW.., rows 2i then 2i + 1 (VMAX(v, m): v > m ? v : m) */
+                    VF a = VMAX(LD(r1 + 2 * j), VMAX(LD(r0 + 2 * j), lo));
+                    VF b = VMAX(LD(r1 + 2 * j + BP_VW), VMAX(LD(r0 + 2 * j + BP_VW), lo));
+                    /* the even column's maximum, then the odd one's */
+                    ST(op + j, VMAX(__builtin_shuffle(a, b, od), __builtin_shuffle(a, b, ev)));
                 }
             }
-#undef TR_UP
         return;
     }
 #endif
