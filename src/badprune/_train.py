@@ -134,25 +134,33 @@ class HeadTrainer:
         loss_fn, tv = _loss(p), m.trainable_variables
 
         @tf.function(jit_compile=True)
-        def step(X, Y, Q, b):
+        def step(X, Y, Q, b, D, j, u):
             x, y, q = tf.gather(X, b), tf.gather(Y, b), tf.gather(Q, b)
+            # unlearning: rows with u > 0 get u times the shift D[j], kept at their own label and soft target
+            x = tf.where(tf.reshape(u > 0, (-1,) + (1,) * (len(x.shape) - 1)),
+                         tf.nn.relu(x + tf.reshape(u, (-1,) + (1,) * (len(x.shape) - 1)) * tf.gather(D, j)), x)
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(loss_fn(y, q, m(x, training=True)))
             self.opt.apply_gradients(zip(tape.gradient(loss, tv), tv))
             return loss
 
         @tf.function
-        def epoch(X, Y, Q, idx):
+        def epoch(X, Y, Q, idx, D, J, U):
             total = tf.constant(0.0)
             for i in tf.range(tf.shape(idx)[0]):
-                total += step(X, Y, Q, idx[i])
+                total += step(X, Y, Q, idx[i], D, J[i], U[i])
             return total / tf.cast(tf.shape(idx)[0], tf.float32)
 
         self._epoch = epoch
 
-    def train(self, X, y, Q, seed: int):
+    def train(self, X, y, Q, seed: int, shifts=None, share: float = 0.5, scale: float = 1.5):
         """Train from B's head weights on inputs ``X``, labels ``y`` and soft targets ``Q`` (same rows); returns
-        the per-epoch mean losses. The trained weights are in ``self.net`` (its layers have B's names)."""
+        the per-epoch mean losses. The trained weights are in ``self.net`` (its layers have B's names).
+
+        ``shifts`` (S, *X.shape[1:]), or a function of (epoch, the head being trained) returning them: activation
+        shifts to unlearn. In every batch a seeded ``share`` of the rows
+        gets one of them (drawn at random) times a factor drawn from U(0, ``scale``), clipped at 0, and keeps its
+        own label and soft target: the head learns to answer the same with or without the shift."""
         import tensorflow as tf
 
         for v, w in zip(self.net.variables, self.start):
@@ -162,10 +170,20 @@ class HeadTrainer:
         rng = np.random.default_rng([int(seed), 11])
         X, Y = tf.constant(X, tf.float32), tf.constant(np.asarray(y, np.int32))
         Q = tf.constant(Q if Q is not None else np.zeros((len(y), 1), np.float32))
+        srng = np.random.default_rng([int(seed), 13])
+        none = np.zeros((1,) + tuple(X.shape[1:]), np.float32)
         losses = []
-        for _ in range(self.epochs):
+        for e in range(self.epochs):
             idx = rng.permutation(len(y))[:self.per * self.bs].reshape(self.per, self.bs).astype(np.int32)
-            losses.append(round(float(self._epoch(X, Y, Q, tf.constant(idx))), 5))
+            S = shifts(e, self.net) if callable(shifts) else shifts
+            D = tf.constant(none if S is None or not len(S) else np.asarray(S, np.float32))
+            J = srng.integers(0, D.shape[0], idx.shape).astype(np.int32)
+            U = np.zeros(idx.shape, np.float32)
+            if S is not None and len(S):
+                on = srng.random(idx.shape) < share
+                U[on] = srng.uniform(0, scale, int(on.sum()))
+            losses.append(round(float(self._epoch(X, Y, Q, tf.constant(idx), D, tf.constant(J), tf.constant(U))),
+                                5))
         return losses
 
 

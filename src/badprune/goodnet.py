@@ -182,7 +182,7 @@ def from_repaired(result, rep):
     """The GoodNet of B and R_X (a :class:`badprune.repair.Repaired` of ``result``): B's label where B and R_X
     agree, else N."""
     return build_goodnet(result.model, result.layer, rep.channels, name=model_stem(rep.x, "goodnet_repaired"),
-                         repaired=rep.model, shared_trunk=rep.mode == "head")
+                         repaired=rep.model, shared_trunk=rep.mode != "full")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadpruneError
+from .invert import HOLDOUT, holdout_split  # noqa: F401  (the clean split, shared with the scan)
 
-MODES = ("head", "full")
-#: share of the clean validation set held out (class-stratified, seeded)
-HOLDOUT = 0.2
+MODES = ("unlearn", "head", "full")
+#: the mode ``--fine-tune`` without a value runs (how it was chosen: the README's Repair section)
+RECOMMENDED = "unlearn"
 #: the recipe per mode: epochs, peak learning rate, batch size, AdamW weight decay, distillation weight and
 #: temperature, warm-up share, and the clean-range reset
 DEFAULTS = {
@@ -51,6 +52,10 @@ DEFAULTS = {
     "full": {"epochs": None, "steps": 450, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.1, "distill": 0.5,
              "temperature": 4.0, "warmup": 0.3, "reset": True},
 }
+#: ``unlearn``: the head mode, plus, when the scan finds a backdoor, its shift toward the suspected target unlearned
+#: (half of every batch shifted by U(0, 1.5) times it, at its own label), the shift inverted again against the head
+#: being trained every ``every`` epochs within a budget of ``unlearn_eps`` times the activations' mean norm
+DEFAULTS["unlearn"] = dict(DEFAULTS["head"], unlearn=True, unlearn_eps=0.2, every=1)
 #: with the default learning rate: gentler (lr, weight decay) settings tried in turn while the held-out clean
 #: accuracy of R_X is more than :data:`TOLERANCE` points below B'_X's
 BACKOFF = ((1e-3, 0.0), (3e-4, 0.0))
@@ -88,7 +93,7 @@ def check_args(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
     positive number.
     """
     if mode not in MODES:
-        raise BadpruneError(f"unknown fine-tuning mode '{mode}'", fix="use --fine-tune head or --fine-tune full")
+        raise BadpruneError(f"unknown fine-tuning mode '{mode}'", fix="use --fine-tune unlearn, head or full")
     p = dict(DEFAULTS[mode], mode=mode, reset=bool(reset))
     if epochs is not None:
         try:
@@ -114,21 +119,6 @@ def check_args(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
     except (TypeError, ValueError):
         raise BadpruneError(f"--seed must be a whole number, got {seed!r}") from None
     return p
-
-
-def holdout_split(y, seed: int, fraction: float = HOLDOUT) -> tuple:
-    """(train, held-out) sorted index arrays over clean validation labels ``y``: per class a seeded ``fraction``
-    is held out (classes with one image stay in training)."""
-    y = np.asarray(y)
-    rng = np.random.default_rng([int(seed), 7])
-    tr, ho = [], []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        idx = idx[rng.permutation(len(idx))]
-        k = int(round(fraction * len(idx))) if len(idx) > 1 else 0
-        ho.append(idx[:k])
-        tr.append(idx[k:])
-    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(ho))
 
 
 def _epochs(p, n: int) -> int:
@@ -193,6 +183,49 @@ def _info(p, tried, F_hold, stats, t0):
     return info
 
 
+def _unlearn_shifts(model, layer, F_b, F_tr, y_tr, keep, p, shared):
+    """The activation shifts R_X unlearns, or None: when the scan (:mod:`badprune.scan`, on B's clean training
+    activations ``F_b``, once per sweep: kept in ``shared``) finds a backdoor, the universal shift toward its most
+    suspicious class, inverted again within ``keep``'s channels (B'_X's) at the budget ``p['unlearn_eps']``.
+    Returns ``(shifts, what they are)`` or None."""
+    from ._train import head_model
+    from .head import compile_head
+    from .invert import invert_shifts, mean_norm
+    from .scan import scan_activations
+
+    if "scan" not in shared:
+        net = head_model(model, layer)
+        shared["scan"] = scan_activations(net, compile_head(model, layer).labels, F_b, y_tr,
+                                          int(model.outputs[0].shape[-1]), layer, seed=p["seed"])
+        shared.update(net=net, norm=mean_norm(F_tr))
+    sc = shared["scan"]
+    if not sc.backdoored:
+        return None
+    cls = np.array([sc.targets[0]["class"]])
+    D = invert_shifts(shared["net"], F_tr, y_tr, cls, p["unlearn_eps"] * shared["norm"], seed=p["seed"],
+                      keep=keep, init=sc.shifts[:1])
+    return D, {"classes": [int(c) for c in cls], "scan_score": round(sc.score, 4)}
+
+
+def _rounds(first, F_tr, y_tr, keep, p, shared):
+    """The shifts to unlearn at each epoch: ``first`` (found on B'_X), re-inverted against the head being trained
+    every ``p['every']`` epochs (from the previous ones), so that the head also unlearns the next-easiest
+    shifts toward the same classes."""
+    from .invert import invert_shifts
+
+    D, info = first
+    cls = np.asarray(info["classes"])
+    state = {"D": D}
+
+    def shifts(epoch, net):
+        if epoch and p.get("every") and epoch % p["every"] == 0:
+            state["D"] = invert_shifts(net, F_tr, y_tr, cls, p["unlearn_eps"] * shared["norm"], seed=p["seed"] + epoch,
+                                       keep=keep, init=state["D"])
+        return state["D"]
+
+    return shifts
+
+
 def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, shared: dict | None = None):
     """R_X by the head mode: the head trained over the clean validation activations ``F_valid`` with ``channels``
     zeroed. Returns ``(R_X, info, reset statistics or None)``.
@@ -220,6 +253,8 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
             else None
         shared["soft"] = soft_targets(z, p["temperature"]) if z is not None else None
     stats = _reset_stats(Xm[tr]) if p["reset"] else None
+    shifts = _unlearn_shifts(model, layer, np.asarray(F_valid[tr], np.float32), Xm[tr], y_valid[tr], keep, p,
+                             shared) if p.get("unlearn") else None
     Fh, yh = Xm[ho], y_valid[ho]
     b_prime = _pct(compile_head(model, layer).labels(Fh), yh)
     tried = []
@@ -229,7 +264,9 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
         if (lr, wd) not in shared:
             shared[(lr, wd)] = HeadTrainer(model, layer, len(tr), p)
         trainer = shared[(lr, wd)]
-        losses = trainer.train(Xm[tr], y_valid[tr], shared["soft"], p["seed"])
+        losses = trainer.train(Xm[tr], y_valid[tr], shared["soft"], p["seed"],
+                               shifts=None if shifts is None else _rounds(shifts, Xm[tr], y_valid[tr], keep, p,
+                                                                          shared))
         R = prune_model(model, layer, channels)
         for lay in trainer.net.layers:
             if lay.weights:
@@ -244,7 +281,13 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
                       "holdout_b_prime": b_prime})
         if acc is None or b_prime is None or acc >= b_prime - TOLERANCE:
             break
-    return R, _info(p, tried, Fh, stats, t0), stats
+    info = _info(p, tried, Fh, stats, t0)
+    if p.get("unlearn"):
+        sc = shared["scan"]
+        info["unlearn"] = {"scan_backdoored": bool(sc.backdoored), "scan_score": round(sc.score, 4),
+                           "class": shifts[1]["classes"][0] if shifts is not None else None,
+                           "eps_share": p["unlearn_eps"], "every": p.get("every")}
+    return R, info, stats
 
 
 def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, progress=None):
@@ -343,7 +386,7 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
 
     def evaluate(R, channels, stats):
         t0 = time.perf_counter()
-        if params["mode"] == "head":
+        if params["mode"] != "full":
             lab = repaired_labels(R, layer, channels, F, stats)
         else:
             lab = np.empty(len(F), np.int64)
@@ -358,7 +401,7 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
         for t in result.thresholds:
             if not t.reached:
                 continue
-            if params["mode"] == "head":
+            if params["mode"] != "full":
                 R, info, stats = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params,
                                                shared)
             else:

@@ -117,7 +117,7 @@ def _repaired_tables(result: SweepResult) -> list:
     """The R_X tables (fine-pruning) of a result that has them."""
     C = result.n_channels
     mode = result.repaired[0].mode
-    lines = [f"## Repaired network R_X (fine-pruning: B'_X with its {'head' if mode == 'head' else 'whole network'}"
+    lines = [f"## Repaired network R_X (fine-pruning: B'_X with its {'whole network' if mode == 'full' else 'head'}"
              " fine-tuned on clean validation data)", ""]
     rows = [[fmt_x(r.x), f"{r.step}/{C}", _pct(r.info.get("holdout_best")), _pct(r.row.get("test_acc")),
              _pct(r.row.get("asr"))] for r in result.repaired]

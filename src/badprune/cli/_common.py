@@ -56,10 +56,11 @@ def add_model_args(p, what="model"):
 
 def add_fine_tune_args(g, default_mode=None):
     """The fine-pruning flags of ``sweep`` and ``repair`` (mapped to :func:`badprune.repair.check_args`)."""
-    g.add_argument("--fine-tune", choices=["head", "full"], default=default_mode,
-                   help="head" + (" (default)" if default_mode == "head" else "") + ": train the layers after the "
-                        "prune layer over the cached activations (fast); full: train the whole network on the clean "
-                        "images")
+    g.add_argument("--fine-tune", choices=["unlearn", "head", "full"], default=default_mode, nargs="?",
+                   const="unlearn",
+                   help="unlearn (the recommended mode, also --fine-tune alone): head, plus unlearning the shift the "
+                        "scan finds toward a backdoor's target; head: train the layers after the prune layer over the "
+                        "cached activations (fast); full: train the whole network on the clean images")
     g.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")
     g.add_argument("--fine-tune-lr", type=float, help="peak learning rate (default: the recipe's, per mode)")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")

@@ -11,7 +11,7 @@ def add_parser(sub):
                                    "network on the images) and rewrite the folder with the R_X rows, tables, "
                                    "plot and models/repaired_X<X>.keras.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `badprune-fast sweep`")
-    add_fine_tune_args(p, default_mode="head")
+    add_fine_tune_args(p, default_mode="unlearn")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
     return p

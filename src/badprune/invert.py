@@ -1,0 +1,149 @@
+"""Feature-space trigger inversion: for a class t, a universal shift of the prune layer's activations that sends
+clean inputs of other classes to t, found on clean activations alone (no poisoned input is ever seen).
+
+A backdoor with a global trigger (a blended pattern, a sinusoid, a warp) shows at the prune layer as a small, nearly
+universal shift toward the target: adding the mean difference between triggered and clean activations to clean
+ones sends most of them to the target, and the shift is concentrated in a few channels. A patch trigger shows as a
+large local overshoot, also a shift. So for each class t we look for the shift d_t of bounded L2 norm that
+maximises the share of clean inputs sent to t: ``head(relu(F + d_t))`` (the relu keeps the activations in the
+range a ReLU/max-pool layer can produce). The backdoor's target needs a much smaller shift than any other class.
+
+The search is projected gradient descent on the cross-entropy toward t, all candidate classes at once (one batch
+of ``classes x batch`` rows through the head per step), each shift kept in the L2 ball of radius ``eps`` (a share
+of the clean activations' mean norm). It needs only the head (the layers after the prune layer) as a Keras model
+over cached activations: its cost does not depend on the trunk.
+
+Used by :mod:`badprune.scan` (which classes need anomalously small shifts: the verdict and the targets) and by
+:mod:`badprune.repair` (the shifts found for the suspected targets are unlearned).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: default number of PGD steps, rows of clean activations per class and step, and largest rows per head call
+STEPS = 40
+BATCH = 32
+MAX_ROWS = 8192
+#: the "class" of an untargeted shift
+UNTARGETED = -1
+#: share of the clean data held out (class-stratified, seeded) to measure what a shift or a repair does
+HOLDOUT = 0.2
+
+
+@dataclass
+class Shifts:
+    """Universal activation shifts, one per class of ``classes`` (``deltas[i]`` sends inputs to ``classes[i]``)."""
+
+    classes: np.ndarray        # (k,) int64
+    deltas: np.ndarray         # (k, H, W, C) float32, each of L2 norm <= eps
+    eps: float                 # the L2 budget (absolute)
+    flip: np.ndarray           # (k,) share of held-out clean inputs of other classes sent to the class
+
+    def channels(self, i: int, top: int = 8) -> list:
+        """The channels carrying most of shift ``i`` (L1 over positions), largest first: [(channel, share)]."""
+        mass = np.abs(self.deltas[i]).reshape(-1, self.deltas.shape[-1]).sum(axis=0)
+        total = float(mass.sum()) or 1.0
+        order = np.argsort(-mass, kind="stable")[:top]
+        return [(int(c), round(float(mass[c]) / total, 4)) for c in order]
+
+
+def holdout_split(y, seed: int, fraction: float = HOLDOUT) -> tuple:
+    """(train, held-out) sorted index arrays over clean validation labels ``y``: per class a seeded ``fraction``
+    is held out (classes with one image stay in training)."""
+    y = np.asarray(y)
+    rng = np.random.default_rng([int(seed), 7])
+    tr, ho = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = int(round(fraction * len(idx))) if len(idx) > 1 else 0
+        ho.append(idx[:k])
+        tr.append(idx[k:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(ho))
+
+
+def mean_norm(F) -> float:
+    """The mean L2 norm of activation rows (the unit of the shift budgets)."""
+    F = np.asarray(F, np.float32)
+    return float(np.linalg.norm(F.reshape(len(F), -1), axis=1).mean()) if len(F) else 0.0
+
+
+def flip_rate(labels_fn, F, y, classes, deltas, chunk: int = 4096) -> np.ndarray:
+    """Share of the rows of ``F`` whose label ``y`` is not class ``classes[i]`` that ``labels_fn`` labels
+    ``classes[i]`` once shifted by ``deltas[i]`` (and clipped at 0)."""
+    out = np.zeros(len(classes))
+    for i, (t, d) in enumerate(zip(classes, deltas)):
+        X = F[y != t]
+        if not len(X):
+            continue
+        hits = 0
+        for lo in range(0, len(X), chunk):
+            x = np.maximum(X[lo:lo + chunk] + d, 0, dtype=np.float32)
+            hits += int((labels_fn(x) == t).sum())
+        out[i] = hits / len(X)
+    return out
+
+
+def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int = BATCH, seed: int = 0,
+                  keep=None, init=None) -> np.ndarray:
+    """Per class of ``classes``, a shift of L2 norm at most ``eps`` that sends the clean activations ``F``
+    (labels ``y``) of other classes to it through ``net`` (a Keras model over the activations whose output is the
+    logits or a softmax). A class of :data:`UNTARGETED` (-1) asks instead for the shift that moves inputs away
+    from their own labels the most (a universal adversarial shift, over all rows). ``keep``: a bool mask over channels (or over every activation); shifts stay zero outside it (pruned
+    channels, a window).
+    ``init``: starting shifts (default zero). Returns (len(classes), H, W, C) float32.
+
+    Projected gradient descent: each step draws ``batch`` rows of other classes per class (seeded), takes a
+    normalised gradient step of the cross-entropy toward the class (step size decreasing from 0.27 eps to
+    0.02 eps) and projects back onto the ball.
+    """
+    from ._train import as_logits, keras_
+    import tensorflow as tf
+
+    keras = keras_()
+    F = np.asarray(F, np.float32)
+    y = np.asarray(y)
+    classes = np.asarray(classes, np.int64)
+    k, shape = len(classes), F.shape[1:]
+    if k == 0:
+        return np.zeros((0,) + shape, np.float32)
+    rng = np.random.default_rng([int(seed), 23])
+    others = [np.flatnonzero(y != t) if t != UNTARGETED else np.arange(len(y)) for t in classes]
+    mask = np.ones(shape, np.float32)
+    if keep is not None:
+        keep = np.asarray(keep, bool)
+        if keep.shape == shape:   # a mask over every activation (e.g. a window of positions)
+            mask[~keep] = 0
+        else:                     # a mask over channels
+            mask[..., ~keep] = 0
+    per = max(1, min(batch, MAX_ROWS // k))
+    sign = np.repeat(np.where(classes == UNTARGETED, -1.0, 1.0), per).astype(np.float32)
+    d0 = np.zeros((k,) + shape, np.float32) if init is None else np.asarray(init, np.float32) * mask
+    with as_logits(net) as m:
+        delta = tf.Variable(d0)
+        Ft = tf.constant(F)
+        yt = tf.constant(y.astype(np.int32))
+        cls = tf.constant(np.repeat(classes, per).astype(np.int32))
+        sg = tf.constant(sign)
+        mk = tf.constant(mask)
+
+        @tf.function
+        def step(rows, size):
+            tgt = tf.where(cls == UNTARGETED, tf.gather(yt, rows), cls)
+            with tf.GradientTape() as tape:
+                x = tf.nn.relu(tf.reshape(tf.gather(Ft, rows), (k, per) + shape) + delta[:, None])
+                z = m(tf.reshape(x, (k * per,) + shape), training=False)
+                loss = tf.reduce_sum(sg * keras.losses.sparse_categorical_crossentropy(tgt, z, from_logits=True))
+            g = tape.gradient(loss, delta) * mk
+            gn = tf.sqrt(tf.reduce_sum(g * g, axis=list(range(1, g.shape.rank)), keepdims=True)) + 1e-12
+            new = delta - size * g / gn
+            n = tf.sqrt(tf.reduce_sum(new * new, axis=list(range(1, g.shape.rank)), keepdims=True)) + 1e-12
+            delta.assign(new * tf.minimum(1.0, eps / n))
+
+        for s in range(int(steps)):
+            rows = np.concatenate([o[rng.integers(0, len(o), per)] if len(o) else np.zeros(per, np.int64)
+                                   for o in others]).astype(np.int32)
+            step(tf.constant(rows), tf.constant((0.25 * (1 - s / steps) + 0.02) * eps, tf.float32))
+        return delta.numpy()
