@@ -6,7 +6,8 @@ universal shift toward the target: adding the mean difference between triggered 
 ones sends most of them to the target, and the shift is concentrated in a few channels. A patch trigger shows as a
 large local overshoot, also a shift. So for each class t we look for the shift d_t of bounded L2 norm that
 maximises the share of clean inputs sent to t: ``head(relu(F + d_t))`` (the relu keeps the activations in the
-range a ReLU/max-pool layer can produce). The backdoor's target needs a much smaller shift than any other class.
+range a ReLU/max-pool layer can produce; its gradient is passed straight through, so that activations that are
+zero on clean inputs, where a backdoor's channels often sit, can grow). The backdoor's target needs a much smaller shift than any other class.
 
 The search is projected gradient descent on the cross-entropy toward t, all candidate classes at once (one batch
 of ``classes x batch`` rows through the head per step), each shift kept in the L2 ball of radius ``eps`` (a share
@@ -133,7 +134,10 @@ def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int
         def step(rows, size):
             tgt = tf.where(cls == UNTARGETED, tf.gather(yt, rows), cls)
             with tf.GradientTape() as tape:
-                x = tf.nn.relu(tf.reshape(tf.gather(Ft, rows), (k, per) + shape) + delta[:, None])
+                x = tf.reshape(tf.gather(Ft, rows), (k, per) + shape) + delta[:, None]
+                # clipped at 0 going forward, the gradient passed straight through: a dormant (zero) activation
+                # must be able to grow, which relu's zero gradient at 0 would forbid
+                x = x + tf.stop_gradient(tf.nn.relu(x) - x)
                 z = m(tf.reshape(x, (k * per,) + shape), training=False)
                 loss = tf.reduce_sum(sg * keras.losses.sparse_categorical_crossentropy(tgt, z, from_logits=True))
             g = tape.gradient(loss, delta) * mk

@@ -430,6 +430,10 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
         plot_sweep(result, tmp / SWEEP_PNG)
         if getattr(result, "poisoned_mean_activation", None) is not None:
             plot_channels(result, tmp / CHANNELS_PNG)
+        if getattr(result, "scan", None) is not None:
+            from .scan import write_files
+
+            write_files(result.scan, tmp)
         if save_models and (getattr(result, "model_record", None) is not None or result.model is not None):
             _save_models(result, tmp / MODELS_DIR, save_goodnets)
     return Path(out_dir).expanduser().absolute()

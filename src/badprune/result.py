@@ -45,6 +45,7 @@ class SweepResult:
     #: B's cached record (:class:`badprune.record.ModelRecord`): B'_X and G_X are written from its templates, and
     #: after a warm sweep (``model`` None) B is loaded from it on the first access to ``model``
     model_record: object = field(default=None, repr=False, compare=False)
+    scan: object = field(default=None, repr=False, compare=False)   # badprune.scan.ScanResult with --scan
 
     @classmethod
     def from_record(cls, doc: dict, model=None) -> "SweepResult":

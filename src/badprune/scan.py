@@ -31,7 +31,7 @@ from .invert import (BATCH, STEPS, flip_rate, holdout_split, invert_shifts, mean
 #: the shift budget: this share of the clean activations' mean L2 norm
 EPS = 0.1
 #: verdict: backdoored when the gap statistic reaches this (fixed on the demo models: README, Scan)
-THRESHOLD = 1.2
+THRESHOLD = 0.9
 #: logistic slope of the score around the threshold
 SCORE_SLOPE = 0.3
 #: classes searched in full directly; above this, a screen first

@@ -17,7 +17,7 @@ import sys
 import threading
 
 from ..errors import BadpruneError, cli_warnings, printable
-from . import deploy, demo, repair, sweep, zoo
+from . import deploy, demo, repair, scan, sweep, zoo
 from ._common import Parser as _Parser
 from ._common import TERMINATED, Terminated, on_sigterm
 
@@ -31,6 +31,7 @@ def build_parser():
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sweep.add_parser(sub)
     repair.add_parser(sub)
+    scan.add_parser(sub)
     demo.add_parser(sub)
     deploy.add_parsers(sub)
     zoo.add_parser(sub)

@@ -48,6 +48,8 @@ def add_parser(sub):
                    help="with --export: none (float32, default), float16 or int8")
     o.add_argument("--allow-lossy", action="store_true",
                    help="with --export: keep an export whose labels agree with Keras on < 99%% of the images")
+    o.add_argument("--scan", action="store_true",
+                   help="also scan B (is it backdoored, which target?) on the clean validation set: scan.json/.md/.png")
     o.add_argument("--all-steps", action="store_true", help="print every step, not only the threshold rows")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
     p.set_defaults(func=run)
@@ -102,11 +104,21 @@ def run(args):
                         trust_model=args.trust_model, name=name, log=lambda m: note(args, m),
                         fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
                         fine_tune_lr=args.fine_tune_lr, seed=args.seed, before_tensorflow=load_tensorflow)
+    if args.scan:
+        from .. import scan as _scan
+
+        load_tensorflow()
+        result.scan = _scan.run(model=result.model, valid=valid, layer=result.layer,
+                                scale=result.config["scale_value"], cache_dir=args.cache_dir,
+                                use_cache=not args.no_cache, batch_size=args.batch_size, progress=not args.quiet,
+                                log=lambda m: note(args, m), seed=args.seed, name=result.model_name)
     path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
     result.timings["command"] = time.perf_counter() - t0
     print(report.format_table(result, thresholds_only=not args.all_steps))
     print()
     print(report.summary_line(result))
+    if args.scan:
+        print(_scan.summary(result.scan))
     print(f"outputs: {path}")
     if args.export:
         from ..export import export_run, format_records
