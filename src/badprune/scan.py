@@ -2,7 +2,7 @@
 
 For every class t, :mod:`badprune.invert` looks for the universal shift of the prune layer's activations, of L2
 norm at most :data:`EPS` times the clean activations' mean norm, that sends the most clean inputs of other classes
-to t. A model's classes differ in how easily they are reached, but smoothly: the most reachable classes of a clean
+to t (the budget is halved while the median class is reached by more than :data:`MEDIAN_MAX` of the inputs). A model's classes differ in how easily they are reached, but smoothly: the most reachable classes of a clean
 model follow one another closely. A backdoor's target stands alone: a trigger that works on any input is, at the
 prune layer, a small shift toward one class, so that class is reached by far more inputs than the next.
 
@@ -31,6 +31,9 @@ from .invert import (BATCH, STEPS, flip_rate, holdout_split, invert_shifts, mean
 
 #: the shift budget: this share of the clean activations' mean L2 norm
 EPS = 0.1
+#: the budget is halved (down to MIN_EPS) while the median class's flip rate exceeds MEDIAN_MAX
+MEDIAN_MAX = 0.15
+MIN_EPS = 0.01
 #: verdict: backdoored when the gap statistic reaches this (fixed on the demo models: README, Scan)
 THRESHOLD = 0.9
 #: logistic slope of the score around the threshold
@@ -114,8 +117,18 @@ def scan_activations(head_net, labels_fn, F, y, num_classes: int, layer: str, se
     else:
         flip = np.zeros(K)
         cand = classes
-    D = invert_shifts(head_net, F[tr], y[tr], cand, eps, steps=STEPS, batch=BATCH, seed=seed)
-    flip[cand] = flip_rate(labels_fn, F[ho], y[ho], cand, D)
+    norm = eps / eps_share
+    while True:
+        D = invert_shifts(head_net, F[tr], y[tr], cand, eps, steps=STEPS, batch=BATCH, seed=seed)
+        flip[cand] = flip_rate(labels_fn, F[ho], y[ho], cand, D)
+        # a budget at which the typical class is already reached tells nothing: halve it (a small head, e.g. ten
+        # classes, is reached far more easily than a large one)
+        if K > SCREEN_ALL or np.median(flip[cand]) <= MEDIAN_MAX or eps_share / 2 < MIN_EPS:
+            break
+        eps_share /= 2
+        eps = eps_share * norm
+        say(f"scan: the median class is reached by more than {MEDIAN_MAX:.0%} of inputs: budget halved to "
+            f"{eps_share:.3g}")
     # the statistic over the classes searched in full (all of them up to SCREEN_ALL classes): with many classes
     # most are never reached at this budget, and their zeros would make the spread meaningless
     stat, med, mad = gap_statistic(flip[cand])
