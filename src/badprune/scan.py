@@ -32,7 +32,7 @@ from .invert import (BATCH, STEPS, flip_rate, holdout_split, invert_shifts, mean
 #: the shift budget: this share of the clean activations' mean L2 norm
 EPS = 0.1
 #: the budget is halved (down to MIN_EPS) while the median class's flip rate exceeds MEDIAN_MAX
-MEDIAN_MAX = 0.15
+MEDIAN_MAX = 0.3
 MIN_EPS = 0.01
 #: verdict: backdoored when the gap statistic reaches this (fixed on the demo models: README, Scan)
 THRESHOLD = 0.9
