@@ -148,7 +148,7 @@ def test_full_mode_trains_the_whole_network_and_keeps_the_channels_zero(sc, tmp_
     (["--fine-tune", "head", "--fine-tune-epochs", "0"], "--fine-tune-epochs must be a whole number of at least 1"),
     (["--fine-tune", "head", "--fine-tune-lr", "-1"], "--fine-tune-lr must be a positive learning rate"),
     (["--fine-tune", "bogus"], "invalid choice: 'bogus'"),
-    (["--fine-tune-epochs", "3"], "go with --fine-tune"),
+    (["--fine-tune-epochs", "3"], "--fine-tune-epochs goes with --fine-tune"),
 ])
 def test_bad_fine_tune_values_are_one_line(sc, tmp_path, capsys, extra, fragment):
     out = tmp_path / "run"

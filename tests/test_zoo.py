@@ -82,7 +82,7 @@ _RUN = '[[run]]\nname = "lab3"\nmodel = "m.keras"\nvalid = "v.h5"\n'
     (_RUN + 'scale = "half"\n', "manifest run 'lab3': key 'scale': unknown scale 'half'"),
     (_RUN + 'order = "random"\n', "manifest run 'lab3': key 'order': unknown order 'random'"),
     (_RUN + "batch_size = 0\n", "manifest run 'lab3': key 'batch_size': 'batch_size' must be positive"),
-    (_RUN + "fine_tune_epochs = 3\n", "manifest run 'lab3': key 'fine_tune_epochs' goes with 'fine_tune'"),
+    (_RUN + "fine_tune_epochs = 3\n", "manifest run 'lab3': key 'fine_tune_epochs': 'fine_tune_epochs' goes with 'fine_tune'"),
     (_RUN + 'fine_tune = "all"\n', "manifest run 'lab3': key 'fine_tune': unknown fine-tuning mode 'all'"),
     ('[[run]]\nname = 3\nmodel = "m.keras"\n', "manifest run #1: key 'name' is 3"),
     ('[[run]]\nmodel = "m.keras"\n', "manifest run #1: key 'name' is missing"),

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._console import progress as stage_progress
 from .errors import warn
-from .runfiles import SCALES, scale_value
+from .options import SCALES, scale_value
 
 #: bump when the cache layout or the meaning of its content changes
 FORMAT_VERSION = 2

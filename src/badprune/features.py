@@ -47,7 +47,8 @@ from ._console import progress as stage_progress, quiet_fds
 from . import cache
 from .errors import BadpruneError, warn
 from .models import model_digest
-from .runfiles import SCALES, cache_home, cpu_count, scale_value
+from .options import SCALES, scale_value
+from .runfiles import cache_home, cpu_count
 
 ENGINES = ("tf", "tf-function", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = cache.DEFAULT_ENGINE
@@ -355,7 +356,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
             out: np.ndarray | None = None):
     """Activations of ``layer`` over every image of ``dataset`` (pixels times ``scale``), float32 (N, H, W, C).
 
-    ``scale`` is a name of :data:`badprune.runfiles.SCALES` or a number; ``batch_size`` images per trunk call (at
+    ``scale`` is a name of :data:`badprune.options.SCALES` or a number; ``batch_size`` images per trunk call (at
     most :data:`MAX_BATCH`). With ``cache_dir`` the result is cached on
     disk. With ``return_info`` returns ``(array, {'cached', 'seconds', 'img_per_s', 'engine', 'path'})``.
     ``out``: a C-contiguous float32 array of the result's shape to write into (e.g. a slice of a larger array).

@@ -37,7 +37,8 @@ import numpy as np
 
 from . import cache
 from .errors import BadpruneError, warn
-from .runfiles import SCALES, fixed_scale, versions
+from .options import SCALES, fixed_scale
+from .runfiles import versions
 
 KINDS = ("bprime", "goodnet")
 #: the modules whose code shapes a record (a change to any of them makes old records unused)

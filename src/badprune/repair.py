@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import BadpruneError
 
-MODES = ("head", "full")
+from .options import FINE_TUNE_MODES as MODES  # noqa: E402,F401  (the fine-tuning modes)
 #: share of the clean validation set held out (class-stratified, seeded)
 HOLDOUT = 0.2
 #: the recipe per mode: epochs, peak learning rate, batch size, AdamW weight decay, distillation weight and
@@ -81,38 +81,22 @@ class Repaired:
 
 
 def check_args(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
-    """The fine-tuning settings, checked: the recipe of ``mode`` (:data:`DEFAULTS`) with ``epochs``, ``lr``,
-    ``seed`` and ``reset`` applied.
+    """The fine-tuning settings, checked (:func:`badprune.options.check_fine_tune`): :func:`recipe`."""
+    from .options import check_fine_tune
 
-    Raises :class:`BadpruneError` naming the flag for an unknown mode, epochs < 1, or a learning rate that is not a
-    positive number.
-    """
-    if mode not in MODES:
-        raise BadpruneError(f"unknown fine-tuning mode '{mode}'", fix="use --fine-tune head or --fine-tune full")
+    return recipe(**check_fine_tune(mode, epochs, lr, seed), reset=reset)
+
+
+def recipe(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
+    """The fine-tuning settings: the recipe of ``mode`` (:data:`DEFAULTS`) with ``epochs``, ``lr``, ``seed`` and
+    ``reset`` applied; the values as :func:`badprune.options.check_fine_tune` checked them."""
     p = dict(DEFAULTS[mode], mode=mode, reset=bool(reset))
     if epochs is not None:
-        try:
-            e = int(epochs)
-        except (TypeError, ValueError):
-            e = 0
-        if e < 1 or e != epochs:
-            raise BadpruneError(f"--fine-tune-epochs must be a whole number of at least 1, got {epochs}",
-                                fix="e.g. --fine-tune-epochs 10")
-        p["epochs"] = e
+        p["epochs"] = epochs
     p["backoff"] = lr is None
     if lr is not None:
-        try:
-            v = float(lr)
-        except (TypeError, ValueError):
-            v = float("nan")
-        if not np.isfinite(v) or v <= 0 or v > 1:
-            raise BadpruneError(f"--fine-tune-lr must be a positive learning rate (at most 1), got {lr}",
-                                fix="e.g. --fine-tune-lr 3e-3")
-        p["lr"] = v
-    try:
-        p["seed"] = int(seed)
-    except (TypeError, ValueError):
-        raise BadpruneError(f"--seed must be a whole number, got {seed!r}") from None
+        p["lr"] = lr
+    p["seed"] = seed
     return p
 
 

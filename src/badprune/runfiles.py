@@ -33,43 +33,6 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# ------------------------------------------------------------------------------------------------ pixel scales
-#: multiplier applied to stored pixels for each named ``--scale``
-SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
-
-
-def fixed_scale(scale) -> tuple:
-    """``(name, multiplier)`` of a scale that needs no detection (a name of :data:`SCALES`, or a number, named
-    ``x<number>``), as a run records it; ``scale`` is already checked."""
-    if isinstance(scale, str):
-        return scale, SCALES[scale]
-    return f"x{float(scale):g}", float(scale)
-
-
-def scale_value(scale) -> float:
-    """The pixel multiplier for ``scale``: a name of :data:`SCALES`, or a positive number (or its text).
-
-    Raises :class:`BadpruneError` naming the value for anything else.
-    """
-    if isinstance(scale, str):
-        if scale in SCALES:
-            return SCALES[scale]
-        try:
-            v = float(scale)
-        except ValueError:
-            raise BadpruneError(f"unknown scale '{scale}'",
-                                fix=f"use {', '.join(SCALES)} or a positive number") from None
-    else:
-        try:
-            v = float(scale)
-        except (TypeError, ValueError):
-            raise BadpruneError(f"bad scale {scale!r}", fix=f"use {', '.join(SCALES)} or a positive number") \
-                from None
-    if not math.isfinite(v) or v <= 0:
-        raise BadpruneError(f"bad scale {scale!r}", fix="use a positive number")
-    return v
-
-
 # ------------------------------------------------------------------------------------------------- file names
 def fmt_x(x) -> str:
     """A threshold as text, as in file names: integer-like values without decimals (``2``, ``10``), others as
@@ -153,24 +116,6 @@ def model_name(path) -> str:
     else:
         base = os.path.splitext(base)[0]
     return base or "model"
-
-
-def check_model_source(model=None, weights=None, arch=None, missing_fix: str | None = None) -> None:
-    """The rule for naming a model to run, shared by the sweep and predict / evaluate: a model file, or a weight
-    file with its architecture, never both. Raises :class:`BadpruneError` naming the flags otherwise.
-
-    (:func:`badprune.models.load_model` itself is the lower-level loader and also accepts a weight file that
-    overwrites a model's weights, or weights with the default architecture.)
-    """
-    if model is not None and weights is not None:
-        raise BadpruneError("give --model or --weights, not both")
-    if weights is not None and not arch:
-        raise BadpruneError("--weights needs --arch", fix="add --arch deepid (the lab's architecture)")
-    if arch and weights is None:
-        raise BadpruneError("--arch needs --weights", fix="add --weights bd_weights.h5")
-    if model is None and weights is None:
-        raise BadpruneError("no model given",
-                            fix=missing_fix or "pass --model bd_net.h5, or --weights bd_weights.h5 --arch deepid")
 
 
 # --------------------------------------------------------------------------------------- what outputs mean

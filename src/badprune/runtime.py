@@ -30,8 +30,8 @@ import numpy as np
 
 from ._console import quiet_fds
 from .errors import BadpruneError
-from .runfiles import (Kind, check_model_source, exported_kind, find_run, kind_from_shapes, labels_from_outputs,
-                       scale_value)
+from .options import check_batch_size, check_source, scale_value
+from .runfiles import Kind, exported_kind, find_run, kind_from_shapes, labels_from_outputs
 
 #: the lab's input size (height, width)
 INPUT_SIZE = (55, 47)
@@ -143,12 +143,6 @@ def resolve_scale(model_path, scale=None) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def _batch_size(v) -> int:
-    if int(v) < 1:
-        raise BadpruneError("--batch-size must be positive", fix="pass a batch size of at least 1")
-    return int(v)
-
-
 class _Model:
     """What LiteModel and KerasModel share: labels and scores from ``run``'s outputs, read through ``kind``."""
 
@@ -195,7 +189,7 @@ class LiteModel(_Model):
         Interpreter, self.backend = interpreter_class(backend)
         self.path = path
         self.threads = int(threads) if threads else (os.cpu_count() or 1)
-        self.batch_size = _batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         try:
             with quiet_fds(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice (the last fallback)
@@ -276,7 +270,7 @@ class KerasModel(_Model):
                  batch_size: int = 256, weights=None, arch=None, model=None):
         from . import goodnet as gn
 
-        self.batch_size = _batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         gn._keras()  # a clear error when TensorFlow is missing
         self.path = str(path) if path is not None else (str(weights) if weights is not None else "model")
         self.backend = "keras"
@@ -301,7 +295,7 @@ def open_model(path=None, threads: int | None = None, batch_size: int = 256, goo
                num_classes: int | None = None, trust: bool = False, weights=None, arch=None):
     """A :class:`LiteModel` for a ``.tflite`` file (no TensorFlow), else a :class:`KerasModel` (B, B'_X or G_X
     from ``path``, or B from ``weights`` + ``arch``)."""
-    check_model_source(path, weights, arch, missing_fix="pass --model goodnet_X4.tflite (or .keras / .h5)")
+    check_source(path, weights, arch, missing_fix='pass {model="goodnet_X4.tflite"} (or .keras / .h5)')
     if path is not None and str(path).lower().endswith((".tflite", ".lite")):
         return LiteModel(path, threads=threads, batch_size=batch_size, goodnet=goodnet, num_classes=num_classes)
     if path is not None and not os.path.exists(str(path)):

@@ -17,10 +17,11 @@ import numpy as np
 
 import prune_ext
 
+from . import options
 from .errors import BadpruneError, warn
+from .options import ORDERS, SCALES, fixed_scale  # noqa: F401  (ORDERS: the orders of rank_channels)
 from .result import SweepResult, Threshold
-from .runfiles import (COLUMNS, POISONED_MEAN, SCALES, cache_home, check_model_source, fixed_scale, model_name,
-                       versions)
+from .runfiles import COLUMNS, POISONED_MEAN, cache_home, model_name, versions
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0
@@ -28,16 +29,15 @@ LOW_BASE_ACC = 50.0
 #: inputs, :func:`run` warns that the attack success rate is meaningless
 ASR_BASELINE_WARN = 50.0
 
-#: orders of :func:`rank_channels`
-ORDERS = ("ascending", "descending")
-
-
 def rank_channels(F_valid: np.ndarray, order: str = "ascending"):
     """(ranking, mean activation per channel): channels by mean activation over the clean validation set.
 
     Stable: ties keep channel-index order, in both directions.
     """
-    _check_order(order)
+    return _rank(F_valid, options.check_order(order))
+
+
+def _rank(F_valid, order):
     C = F_valid.shape[-1]
     means = prune_ext.channel_means(np.ascontiguousarray(F_valid, np.float32).reshape(-1, C))
     ranking = np.argsort(means if order == "ascending" else -means, kind="stable")
@@ -47,10 +47,14 @@ def rank_channels(F_valid: np.ndarray, order: str = "ascending"):
 def select_thresholds(valid_acc, thresholds, relative=False, ranking=None):
     """B'_X for each X: the first step k >= 1 whose validation accuracy dropped by >= X points from step 0
     (``relative``: by >= X percent of the step-0 accuracy)."""
+    return _select(valid_acc, options.check_thresholds(thresholds), relative, ranking)
+
+
+def _select(valid_acc, thresholds, relative, ranking):
     valid_acc = np.asarray(valid_acc, dtype=np.float64)
     base = valid_acc[0]
     out = []
-    for x in _check_thresholds(thresholds):
+    for x in thresholds:
         limit = base * (1 - x / 100) if relative else base - x
         hits = np.flatnonzero(valid_acc[1:] <= limit + 1e-9)
         step = int(hits[0]) + 1 if len(hits) else None
@@ -83,41 +87,6 @@ def base_warnings(valid_acc, clean_pred, poisoned_labels, scale="", clean_name="
 
 def _pct(a):
     return 100.0 * float(np.mean(a)) if len(a) else float("nan")
-
-
-# ----------------------------------------------------------------------------------------- argument checks
-def _check_thresholds(thresholds) -> list:
-    try:
-        xs = [float(x) for x in thresholds]
-    except (TypeError, ValueError):
-        raise BadpruneError(f"thresholds must be numbers, got {thresholds!r}", fix="thresholds are in (0, 100)") \
-            from None
-    for x in xs:
-        if not 0 < x < 100:
-            raise BadpruneError(f"threshold {x:g} is out of range", fix="thresholds are in (0, 100)")
-    return xs
-
-
-def _check_order(order) -> None:
-    if order not in ORDERS:
-        raise BadpruneError(f"unknown order '{order}'", fix="use --order ascending or --order descending")
-
-
-def _check_scale(scale):
-    """'auto', a name of SCALES, or a positive number."""
-    if isinstance(scale, str):
-        if scale != "auto" and scale not in SCALES:
-            raise BadpruneError(f"unknown scale '{scale}'", fix="use --scale auto, raw or unit")
-        return scale
-    from .runfiles import scale_value
-
-    return scale_value(scale)
-
-
-def _check_batch_size(batch_size) -> int:
-    if int(batch_size) < 1:
-        raise BadpruneError("--batch-size must be positive", fix="pass a batch size of at least 1")
-    return int(batch_size)
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -268,7 +237,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     ----------
     model : keras.Model or str, optional
         B: a Keras model object or a path (.keras / .h5 full model); or give ``weights`` and ``arch``
-        (:func:`badprune.runfiles.check_model_source`).
+        (:func:`badprune.options.check_source`).
     weights, arch : str, optional
         A Keras 2 weight file and the built-in architecture it is for ('deepid').
     valid, test, poisoned : str
@@ -310,24 +279,22 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
     Raises
     ------
+    ParamError
+        For a bad parameter (:mod:`badprune.options`), naming it.
     BadpruneError
-        For any bad argument or input, naming the parameter or file.
+        For any bad input, naming the file.
     """
     say = log or (lambda msg: None)
     timings = {}
     t_all = time.perf_counter()
-    if not hasattr(model, "predict"):
-        check_model_source(model, weights, arch)
-    if valid is None:
-        raise BadpruneError("no validation data", fix="pass --valid valid.h5 (clean validation set)")
-    thresholds = _check_thresholds(thresholds)
-    _check_order(order)
-    scale = _check_scale(scale)
-    batch_size = _check_batch_size(batch_size)
+    checked = options.check_run(model, weights, arch, valid, thresholds=thresholds, order=order, scale=scale,
+                                batch_size=batch_size, mode=mode, fine_tune=fine_tune,
+                                fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, seed=seed)
+    thresholds, scale, batch_size = checked["thresholds"], checked["scale"], checked["batch_size"]
     if fine_tune is not None:
-        from .repair import check_args
+        from .repair import recipe
 
-        fine = check_args(fine_tune, fine_tune_epochs, fine_tune_lr, seed)
+        fine = recipe(**checked["fine"])
 
     if use_cache and cache_dir is None:
         cache_dir = cache_home()
@@ -370,7 +337,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
             rec = record.save(cdir, rkey, d.model, d.layer, d.conv_layer, d.num_classes, d.head)
 
     t = time.perf_counter()
-    ranking, means = rank_channels(F[bounds["valid"]], order)
+    ranking, means = _rank(F[bounds["valid"]], order)
     p_means = None
     if "poisoned" in bounds:
         p_means = prune_ext.channel_means(F[bounds["poisoned"]].reshape(-1, F.shape[-1]))
@@ -394,7 +361,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
                               d.num_classes, mode, on_step, p_means)
     timings["sweep"] = time.perf_counter() - t
 
-    ths = select_thresholds(cols["valid_acc"], thresholds, relative, ranking)
+    ths = _select(cols["valid_acc"], thresholds, relative, ranking)
     config = {
         "model": model if isinstance(model, str) else None, "weights": weights, "arch": arch,
         "valid": valid, "test": test, "poisoned": poisoned, "layer": d.layer, "conv_layer": d.conv_layer,

@@ -87,8 +87,6 @@ def run(args):
         raise BadpruneError("--export needs the models", fix="drop --no-models")
     if not args.export and (args.quantize != "none" or args.allow_lossy):
         raise BadpruneError("--quantize and --allow-lossy go with --export", fix="add --export")
-    if args.fine_tune is None and (args.fine_tune_epochs is not None or args.fine_tune_lr is not None):
-        raise BadpruneError("--fine-tune-epochs and --fine-tune-lr go with --fine-tune", fix="add --fine-tune head")
     # refuse an existing or unwritable output folder before doing the work, not after
     report.check_output(out, force=args.force)
 
