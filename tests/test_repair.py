@@ -15,7 +15,7 @@ import keras
 from badprune import cli
 from badprune.data import open_dataset, write_lab_h5
 from badprune.datasets import ensure_demo
-from badprune.sweep import run as sweep_run
+from badprune.defense import run as sweep_run
 
 
 @pytest.fixture(scope="module")

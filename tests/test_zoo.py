@@ -54,9 +54,9 @@ scale = 0.5
     assert a.options["thresholds"] == [2.0, 4.5] and a.options["no_models"] is True
     import inspect
 
-    from badprune.sweep import run as sweep_run
+    from badprune.defense import run
 
-    defaults = inspect.signature(sweep_run).parameters  # sweep.run's own defaults
+    defaults = inspect.signature(run).parameters  # defense.run's own defaults
     assert a.options["order"] == defaults["order"].default == "ascending"
     assert a.options["batch_size"] == defaults["batch_size"].default
     assert b.options["weights"] == "/abs/w.h5" and b.options["valid"] == str(tmp_path / "other" / "valid.h5")

@@ -15,7 +15,7 @@ that compiles heads and writes models. Its files, in the cache folder:
   the first run that saves models (:meth:`ModelRecord.model_template`); each B'_X / G_X is written from them with
   h5py alone (:func:`badprune.models.saving.write_variants`).
 
-A sweep (:func:`badprune.sweep.run`) writes the record once its activations are cached; the next one
+A sweep (:func:`badprune.sweep.stages`) writes the record once its activations are cached; the next one
 :func:`load`\ s it and :func:`find_warm` finds the scale decision and activation entries it keys, and reads the
 activations. A damaged record (any checksum or structure mismatch) is reported in one line and the sweep runs the
 normal way, writing it again. Heads that fall back to TensorFlow are not recorded.
@@ -272,7 +272,7 @@ class ModelRecord:
 
                 tm, patch = prune_template(model, self.layer)
             else:
-                from .goodnet import sweep_template
+                from .models.goodnet import sweep_template
 
                 tm, patch = sweep_template(model, self.layer, "goodnet")
         except BadpruneError as e:

@@ -317,7 +317,7 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
 
     from . import features
     from .head import compile_head
-    from .sweep import step_metrics
+    from .result import step_metrics
 
     say = log or (lambda m: None)
     B, layer = result.model, result.layer

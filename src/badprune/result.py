@@ -9,6 +9,31 @@ import numpy as np
 from .runfiles import COLUMNS, POISONED_MEAN
 
 
+def percent(hits) -> float:
+    """The share of true values in ``hits`` (a boolean array), in percent; NaN when empty."""
+    return 100.0 * float(np.mean(hits)) if len(hits) else float("nan")
+
+
+def step_metrics(pred: dict, base: dict, truth: dict, num_classes: int) -> dict:
+    """The table's metrics at one step, in percent, from the labels of B'_k (``pred``) and of B (``base``) per set
+    ('valid', and 'test' / 'poisoned' when present) and the sets' stored labels (``truth``).
+
+    GoodNet G = B'_k's label where B and B'_k agree, else N (``num_classes``). Sets that are absent give no key.
+    """
+    out = {"valid_acc": percent(pred["valid"] == truth["valid"])}
+    if "test" in pred:
+        p = pred["test"]
+        g = np.where(p == base["test"], p, num_classes)
+        out.update(test_acc=percent(p == truth["test"]), goodnet_test_acc=percent(g == truth["test"]),
+                   goodnet_false_alarm=percent(g == num_classes))
+    if "poisoned" in pred:
+        p = pred["poisoned"]
+        g = np.where(p == base["poisoned"], p, num_classes)
+        out.update(asr=percent(p == truth["poisoned"]), goodnet_asr=percent(g == truth["poisoned"]),
+                   goodnet_detection=percent(g == num_classes))
+    return out
+
+
 @dataclass
 class Threshold:
     """B'_X for one threshold X: the first step whose validation accuracy dropped by at least X."""

@@ -271,7 +271,7 @@ class KerasModel(_Model):
         from . import goodnet as gn
 
         self.batch_size = check_batch_size(batch_size)
-        gn._keras()  # a clear error when TensorFlow is missing
+        gn.import_keras()  # a clear error when TensorFlow is missing
         self.path = str(path) if path is not None else (str(weights) if weights is not None else "model")
         self.backend = "keras"
         self.model = model if model is not None else gn.load(path, trust=trust, weights=weights, arch=arch)

@@ -20,7 +20,7 @@ import prune_ext
 from . import options
 from .errors import BadpruneError, warn
 from .options import ORDERS, SCALES, fixed_scale  # noqa: F401  (ORDERS: the orders of rank_channels)
-from .result import SweepResult, Threshold
+from .result import SweepResult, Threshold, percent, step_metrics  # noqa: F401  (step_metrics: bench/)
 from .runfiles import COLUMNS, POISONED_MEAN, cache_home, model_name, versions
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
@@ -83,10 +83,6 @@ def base_warnings(valid_acc, clean_pred, poisoned_labels, scale="", clean_name="
                             f"{share:.1f}% of the clean {clean_name} inputs: the attack success rate is "
                             "meaningless (it measures that bias, not a backdoor)")
     return msgs
-
-
-def _pct(a):
-    return 100.0 * float(np.mean(a)) if len(a) else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -173,26 +169,6 @@ def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, pro
     return F, bounds, info
 
 
-def step_metrics(pred: dict, base: dict, truth: dict, num_classes: int) -> dict:
-    """The table's metrics at one step, in percent, from the labels of B'_k (``pred``) and of B (``base``) per set
-    ('valid', and 'test' / 'poisoned' when present) and the sets' stored labels (``truth``).
-
-    GoodNet G = B'_k's label where B and B'_k agree, else N (``num_classes``). Sets that are absent give no key.
-    """
-    out = {"valid_acc": _pct(pred["valid"] == truth["valid"])}
-    if "test" in pred:
-        p = pred["test"]
-        g = np.where(p == base["test"], p, num_classes)
-        out.update(test_acc=_pct(p == truth["test"]), goodnet_test_acc=_pct(g == truth["test"]),
-                   goodnet_false_alarm=_pct(g == num_classes))
-    if "poisoned" in pred:
-        p = pred["poisoned"]
-        g = np.where(p == base["poisoned"], p, num_classes)
-        out.update(asr=_pct(p == truth["poisoned"]), goodnet_asr=_pct(g == truth["poisoned"]),
-                   goodnet_detection=_pct(g == num_classes))
-    return out
-
-
 def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes: int, mode: str = "incremental",
                 on_step=None, poisoned_means=None) -> tuple:
     """Mask ``ranking``'s channels one at a time over the activations ``F`` of all sets (``bounds``: set ->
@@ -230,72 +206,40 @@ def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes:
 def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=None, *, layer=None,
         thresholds=(2, 4, 10), relative=False, order="ascending", scale="auto", cache_dir=None, use_cache=True,
         batch_size=128, mode="incremental", progress=True, trust_model=False, name=None, log=None,
-        fine_tune=None, fine_tune_epochs=None, fine_tune_lr=None, seed=0, before_tensorflow=None) -> SweepResult:
-    """Run the pruning defense and return a :class:`SweepResult`.
+        before_tensorflow=None) -> SweepResult:
+    """The sweep alone: :func:`badprune.defense.run` (``badprune.run_sweep``, which documents the parameters)
+    without the repair. Checks its parameters (:func:`badprune.options.check_run`), then runs :func:`stages`."""
+    p = options.check_run(model, weights, arch, valid, thresholds=thresholds, order=order, scale=scale,
+                          batch_size=batch_size, mode=mode)
+    return stages(model, weights, arch, valid, test, poisoned, layer=layer, thresholds=p["thresholds"],
+                  relative=relative, order=order, scale=p["scale"], cache_dir=cache_dir, use_cache=use_cache,
+                  batch_size=p["batch_size"], mode=mode, progress=progress, trust_model=trust_model, name=name,
+                  log=log, before_tensorflow=before_tensorflow).result
 
-    Parameters
-    ----------
-    model : keras.Model or str, optional
-        B: a Keras model object or a path (.keras / .h5 full model); or give ``weights`` and ``arch``
-        (:func:`badprune.options.check_source`).
-    weights, arch : str, optional
-        A Keras 2 weight file and the built-in architecture it is for ('deepid').
-    valid, test, poisoned : str
-        Lab-format h5 paths; ``valid`` is required (ranking and thresholds); without ``test`` / ``poisoned``
-        their columns are NaN.
-    layer : str, optional
-        The prune layer (default: the last pooling layer that cuts the model in two).
-    thresholds : sequence of float
-        X values in (0, 100): validation-accuracy drops in points (or percent of the base with ``relative``).
-    order : {'ascending', 'descending'}
-        Pruning order by mean clean activation.
-    scale : 'auto', 'raw', 'unit' or float
-        Pixel multiplier; 'auto' picks raw or /255 on up to 1,000 validation images.
-    cache_dir : str, optional
-        Where prune-layer activations are cached (default: the user cache folder); ``use_cache=False`` disables.
-    batch_size : int
-        Trunk batch size (at most :data:`badprune.features.MAX_BATCH`, 128: larger batches only hold more of
-        TensorFlow's working memory; the activations do not depend on it).
-    mode : {'incremental', 'full'}
-        The sweep engine's mode (``full``: the reference without shortcuts).
-    progress : bool
-        Progress bars on stderr.
-    trust_model : bool
-        Allow code from the model file.
-    name : str, optional
-        The model's name in the outputs.
-    log : callable, optional
-        Called with one-line notes.
-    fine_tune : {None, 'head', 'full'}
-        Also repair each reached B'_X into R_X by fine-pruning on clean data (:mod:`badprune.repair`);
-        ``fine_tune_epochs``, ``fine_tune_lr`` override the recipe's defaults; ``seed`` makes it deterministic.
-    before_tensorflow : callable, optional
-        Called before the run first needs TensorFlow. A warm run never does: B given by its file, without
-        ``fine_tune``, with B's record (:mod:`badprune.record`), the scale decision and every activation cached.
 
-    Returns
-    -------
-    SweepResult
+@dataclass
+class Swept:
+    """What :func:`stages` leaves: the result, and for a repair that follows (:func:`badprune.defense.run`) the
+    activations of all sets ``F`` (rows ``bounds[set]``), the opened ``datasets``, the activation cache in use
+    (None without one) and the run's start (``time.perf_counter`` origin of ``timings['total']``)."""
 
-    Raises
-    ------
-    ParamError
-        For a bad parameter (:mod:`badprune.options`), naming it.
-    BadpruneError
-        For any bad input, naming the file.
-    """
+    result: SweepResult
+    F: np.ndarray
+    bounds: dict
+    datasets: dict
+    cache_dir: str | None
+    started: float
+
+
+def stages(model, weights, arch, valid, test, poisoned, *, layer, thresholds, relative, order, scale, cache_dir,
+           use_cache, batch_size, mode, progress, trust_model, name, log, before_tensorflow,
+           allow_warm=True) -> Swept:
+    """The sweep's stages on parameters :func:`badprune.options.check_run` has checked (thresholds as floats,
+    scale and batch size normalized). ``allow_warm``: B may come from its cached record without TensorFlow (a
+    repair that follows needs B itself)."""
     say = log or (lambda msg: None)
     timings = {}
     t_all = time.perf_counter()
-    checked = options.check_run(model, weights, arch, valid, thresholds=thresholds, order=order, scale=scale,
-                                batch_size=batch_size, mode=mode, fine_tune=fine_tune,
-                                fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, seed=seed)
-    thresholds, scale, batch_size = checked["thresholds"], checked["scale"], checked["batch_size"]
-    if fine_tune is not None:
-        from .repair import recipe
-
-        fine = recipe(**checked["fine"])
-
     if use_cache and cache_dir is None:
         cache_dir = cache_home()
     cdir = cache_dir if use_cache else None
@@ -306,7 +250,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
         rkey = record.source_key(model, weights, arch, trust_model, layer)
         rec = record.load(cdir, rkey)
-        if rec is not None and fine_tune is None:
+        if rec is not None and allow_warm:
             rec.source = {"model": model, "weights": weights, "arch": arch, "trust": trust_model}
             warm = record.find_warm(cdir, rec, sets, scale)
     if warm is not None:  # B's record and every activation come from the cache: no TensorFlow
@@ -350,7 +294,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     def on_step(k, pred):
         if k == 0:
             clean = "test" if "test" in pred else "valid"
-            issued = base_warnings(_pct(pred["valid"] == ds["valid"].labels), pred[clean],
+            issued = base_warnings(percent(pred["valid"] == ds["valid"].labels), pred[clean],
                                    ds["poisoned"].labels if "poisoned" in ds else None, scale_name,
                                    "test" if clean == "test" else "validation")
             warned.extend(warn(m) for m in issued)
@@ -378,13 +322,5 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
                          ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
                          num_classes=d.num_classes, config=config, timings=timings, versions=versions(),
                          model=d.model, poisoned_mean_activation=p_means, model_record=rec)
-    if fine_tune is not None:
-        from .repair import repair_thresholds
-
-        t = time.perf_counter()
-        config["fine_tune"] = {k: v for k, v in fine.items()}
-        result.repaired = repair_thresholds(result, F, bounds, ds, fine, cdir, say)
-        timings["repair"] = time.perf_counter() - t
-    del F
     timings["total"] = time.perf_counter() - t_all
-    return result
+    return Swept(result, F, bounds, ds, cdir, t_all)

@@ -57,8 +57,7 @@ def add_parser(sub):
 def run(args):
     """Run the sweep the flags describe, write its run folder, print the table and the summary. A warm sweep (B's
     record and every activation cached, :mod:`badprune.record`) never imports TensorFlow."""
-    from .. import report
-    from .. import sweep as _sweep
+    from .. import defense, report
 
     model, weights, arch = args.model, args.weights, args.arch
     valid, test, poisoned = args.valid, args.test, args.poisoned
@@ -93,13 +92,13 @@ def run(args):
     t0 = time.perf_counter()
     if args.export:  # LiteRT export needs TensorFlow anyway
         load_tensorflow()
-    result = _sweep.run(model=model, weights=weights, arch=arch, valid=valid, test=test, poisoned=poisoned,
-                        layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
-                        scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                        batch_size=args.batch_size, mode=args.mode, progress=not args.quiet,
-                        trust_model=args.trust_model, name=name, log=lambda m: note(args, m),
-                        fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
-                        fine_tune_lr=args.fine_tune_lr, seed=args.seed, before_tensorflow=load_tensorflow)
+    result = defense.run(model=model, weights=weights, arch=arch, valid=valid, test=test, poisoned=poisoned,
+                         layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
+                         scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                         batch_size=args.batch_size, mode=args.mode, progress=not args.quiet,
+                         trust_model=args.trust_model, name=name, log=lambda m: note(args, m),
+                         fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
+                         fine_tune_lr=args.fine_tune_lr, seed=args.seed, before_tensorflow=load_tensorflow)
     path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
     result.timings["command"] = time.perf_counter() - t0
     print(report.format_table(result, thresholds_only=not args.all_steps))

@@ -1,6 +1,6 @@
 """Many suspect models at once: one TOML manifest, one sweep per model, run as Ray tasks, one table at the end.
 
-A manifest has a ``[defaults]`` table and one ``[[run]]`` table per model; the keys are :func:`badprune.sweep.run`'s
+A manifest has a ``[defaults]`` table and one ``[[run]]`` table per model; the keys are :func:`badprune.defense.run`'s
 keyword arguments (:data:`KEYS`), a run's keys override the defaults and paths are relative to the manifest's
 folder::
 
@@ -24,7 +24,7 @@ folder::
     fine_tune = "head"
 
 :func:`read_manifest` checks all of it before anything runs (one :class:`~badprune.errors.BadpruneError` naming the
-run and the key). :func:`run_zoo` runs each model as one Ray task (:func:`_run_entry`: :func:`badprune.sweep.run`
+run and the key). :func:`run_zoo` runs each model as one Ray task (:func:`_run_entry`: :func:`badprune.defense.run`
 and :func:`badprune.report.write_outputs` into a temporary folder on the task's node, the activation cache in that
 node's user cache folder), writes each run folder under ``out`` whole on the driver
 (:func:`badprune.outdir.staged_folder`) with its resolved manifest entry in ``zoo-entry.json``, and then the

@@ -148,7 +148,7 @@ def _read_tree(folder: Path) -> dict:
 
 
 def _run_entry(kwargs: dict, save_models: bool) -> dict:
-    """The body of one zoo task: what ``badprune-fast sweep`` does (:func:`badprune.sweep.run` and
+    """The body of one zoo task: what ``badprune-fast sweep`` does (:func:`badprune.defense.run` and
     :func:`badprune.report.write_outputs`) into a temporary folder on this node, the activation cache in this
     node's user cache folder. Returns the run folder's files ({relative path: bytes}), its summary line, the
     warnings, where it ran and how long it took; a failure is returned as its one-line error, not raised (so Ray
@@ -167,10 +167,10 @@ def _run_entry(kwargs: dict, save_models: bool) -> dict:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BadpruneWarning)
-            from .. import report, sweep
+            from .. import defense, report
 
             with tempfile.TemporaryDirectory(prefix="badprune-zoo-") as tmp:
-                result = sweep.run(**kwargs, progress=False)
+                result = defense.run(**kwargs, progress=False)
                 folder = report.write_outputs(result, Path(tmp) / "run", save_models=save_models)
                 out["files"] = _read_tree(folder)
             out["summary"] = report.summary_line(result)

@@ -19,7 +19,7 @@ INSTALL_FIX = 'pip install "badprune[cluster]"'
 
 
 # ------------------------------------------------------------------------------------------------ manifest keys
-#: the keys of :func:`badprune.sweep.run` a manifest may set (its other parameters belong to the zoo: cache_dir,
+#: the keys of :func:`badprune.defense.run` a manifest may set (its other parameters belong to the zoo: cache_dir,
 #: progress, name, log)
 _SWEEP_KEYS = ("model", "weights", "arch", "valid", "test", "poisoned", "layer", "thresholds", "relative", "order",
                "scale", "mode", "trust_model", "fine_tune", "fine_tune_epochs", "fine_tune_lr", "seed", "batch_size",
@@ -43,8 +43,8 @@ def _spell(name: str, value: str | None) -> str:
 
 
 def _defaults() -> dict:
-    """Every key's default: :func:`badprune.sweep.run`'s own (read from its signature), ``no_models`` False."""
-    from ..sweep import run
+    """Every key's default: :func:`badprune.defense.run`'s own (read from its signature), ``no_models`` False."""
+    from ..defense import run
 
     params = inspect.signature(run).parameters
     d = {k: params[k].default for k in _SWEEP_KEYS}
@@ -75,7 +75,7 @@ class ZooEntry:
         return self.given.get("model") or self.given.get("weights") or ""
 
     def sweep_kwargs(self) -> dict:
-        """The keyword arguments of :func:`badprune.sweep.run` for this run."""
+        """The keyword arguments of :func:`badprune.defense.run` for this run."""
         return {k: self.options[k] for k in _SWEEP_KEYS}
 
     def record(self) -> dict:
