@@ -28,7 +28,7 @@ import numpy as np
 
 from ._console import quiet_fds
 from .errors import BadpruneError
-from .runfiles import EXPORT_JSON, TFLITE_DIR, fmt_x, model_stem, read_run, tflite_filename
+from .runfolder import EXPORT_JSON, TFLITE_DIR, fmt_x, model_stem, read_run, tflite_filename
 
 QUANTIZE = ("none", "float16", "int8")
 #: default minimum label agreement (percent) between an exported model and its Keras model
@@ -44,7 +44,7 @@ class ExportRecord:
     """One exported file and how well it agrees with its Keras model."""
 
     x: float
-    kind: str                  # a name of badprune.runfiles.MODEL_KINDS
+    kind: str                  # a name of badprune.runfolder.MODEL_KINDS
     quantize: str
     path: str
     bytes: int

@@ -48,7 +48,7 @@ from . import cache
 from .errors import BadpruneError, warn
 from .models import model_digest
 from .options import SCALES, scale_value
-from .runfiles import cache_home, cpu_count
+from ._env import cache_home, cpu_count
 
 ENGINES = ("tf", "tf-function", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = cache.DEFAULT_ENGINE
@@ -64,7 +64,7 @@ CHECK_NONZEROS = 256
 
 
 def default_cache_dir() -> str:
-    """Where activations are cached by default: :func:`badprune.runfiles.cache_home`."""
+    """Where activations are cached by default: :func:`badprune._env.cache_home`."""
     return cache_home()
 
 

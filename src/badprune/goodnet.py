@@ -14,7 +14,7 @@ has the channels' kernel and bias zeroed, :func:`badprune.models.prune_model`): 
 layer through zero-keeping per-channel ops only, so they are exactly 0 there either way. Both heads use the same
 layer objects (shared weights, stored once).
 
-The model has one output, named ``goodnet_scores`` (:data:`badprune.runfiles.GOODNET_OUTPUT`): float32
+The model has one output, named ``goodnet_scores`` (:data:`badprune.models.kinds.GOODNET_OUTPUT`): float32
 (n, N + 1), B's class probabilities with a 0 appended where B and B'_X agree, the one-hot vector of class N where
 they differ. Its argmax is the GoodNet's label in [0, N], so the lab's ``eval.py``
 (``np.argmax(model.predict(x), axis=1)``) runs on the file unchanged and gets G_X's labels.
@@ -26,7 +26,7 @@ squeeze, equal, where, ...; argmax is written as top_k with k=1, which LiteRT ru
 ``keras.models.load_model`` opens them with ``safe_mode`` on and without badprune installed. :func:`load` is
 badprune's safe loader for all three kinds (B, B'_X, G_X).
 
-How a model is told apart (:func:`model_kind`, :func:`badprune.runfiles.kind_from_shapes`): an output named
+How a model is told apart (:func:`model_kind`, :func:`badprune.models.kinds.kind_from_shapes`): an output named
 ``goodnet_scores...`` is a GoodNet's, with N = its width - 1 (older two-output GoodNets: a rank-1 label output). Any
 other single (n, K) output is a classifier (B or B'_X) with N = K, unless the caller says it is a GoodNet
 (``goodnet=True``: N = K - 1, label = argmax).
@@ -39,8 +39,8 @@ import numpy as np
 
 from .errors import BadpruneError
 from .models.goodnet import build_goodnet, import_keras, sweep_template  # noqa: F401  (the graph: models/goodnet.py)
-from .runfiles import Kind, kind_from_shapes, labels_from_outputs  # noqa: F401  (the vocabulary of model kinds)
-from .runfiles import fmt_x, goodnet_filename, model_stem
+from .models.kinds import Kind, kind_from_shapes, labels_from_outputs  # noqa: F401  (the vocabulary of model kinds)
+from .runfolder import fmt_x, goodnet_filename, model_stem
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def from_repaired(result, rep):
 
 
 def model_kind(model, goodnet: bool = False, num_classes: int | None = None) -> Kind:
-    """The :class:`~badprune.runfiles.Kind` of a Keras model (from its output shapes and names)."""
+    """The :class:`~badprune.models.kinds.Kind` of a Keras model (from its output shapes and names)."""
     return kind_from_shapes([tuple(o.shape) for o in model.outputs], goodnet, num_classes,
                             names=list(getattr(model, "output_names", None) or []))
 

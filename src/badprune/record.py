@@ -38,7 +38,7 @@ import numpy as np
 from . import cache
 from .errors import BadpruneError, warn
 from .options import SCALES, fixed_scale
-from .runfiles import versions
+from ._env import versions
 
 KINDS = ("bprime", "goodnet")
 #: the modules whose code shapes a record (a change to any of them makes old records unused)

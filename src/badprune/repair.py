@@ -375,7 +375,7 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
     from . import cache, data
     from .models import load_model
     from .report import write_outputs
-    from .runfiles import TFLITE_DIR, read_run
+    from .runfolder import TFLITE_DIR, read_run
     from .result import SweepResult
 
     params = check_args(mode, epochs, lr, seed)
@@ -393,7 +393,7 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
                             run_dir, "re-run the sweep with --fine-tune instead")
     B = load_model(model=cfg.get("model"), weights=cfg.get("weights"),
                    arch=cfg.get("arch") if cfg.get("weights") else None)
-    result = SweepResult.from_record(run.doc, B)
+    result = SweepResult.from_run(run, B)
     in_shape = tuple(int(v) for v in B.input_shape[1:])
     ds = {k: data.open_dataset(cfg[k], input_shape=in_shape, num_classes=result.num_classes) for k in sets}
     arrays, bounds, lo = [], {}, 0

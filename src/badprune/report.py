@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadpruneError
-from .runfiles import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN, RESULTS_MD, SWEEP_CSV, SWEEP_JSON,
-                       SWEEP_PNG, fmt_x, goodnet_filename, missing, model_filename, sweep_json_text, table_channel,
-                       table_columns, table_value)
+from .runfolder import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN, RESULTS_MD, SWEEP_CSV,
+                        SWEEP_JSON, SWEEP_PNG, fmt_x, goodnet_filename, json_text, missing, model_filename,
+                        table_channel, table_columns, table_value)
 from .outdir import check_output, staged_folder
 from .result import SweepResult
 
@@ -54,7 +54,7 @@ def _x_unit(result: SweepResult) -> str:
 
 # ---------------------------------------------------------------------------------------------- the outputs
 def sweep_csv(result: SweepResult) -> str:
-    """The per-step table as CSV text (header: :func:`~badprune.runfiles.table_columns`; step 0 has an empty
+    """The per-step table as CSV text (header: :func:`~badprune.runfolder.table_columns`; step 0 has an empty
     channel; missing values empty)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -425,7 +425,7 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
     """
     with staged_folder(out_dir, force, keep) as tmp:
         (tmp / SWEEP_CSV).write_text(sweep_csv(result), encoding="utf-8")
-        (tmp / SWEEP_JSON).write_text(sweep_json_text(result), encoding="utf-8")
+        (tmp / SWEEP_JSON).write_text(json_text(result), encoding="utf-8")
         (tmp / RESULTS_MD).write_text(results_markdown(result), encoding="utf-8")
         plot_sweep(result, tmp / SWEEP_PNG)
         if getattr(result, "poisoned_mean_activation", None) is not None:

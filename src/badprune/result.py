@@ -1,12 +1,12 @@
 """What a sweep produced: :class:`SweepResult` (the per-step table, the ranking, B'_X per :class:`Threshold`),
-built by :func:`badprune.sweep.run` or read back from its ``sweep.json`` (:meth:`SweepResult.from_record`)."""
+built by :func:`badprune.sweep.run` or read back from its run folder (:meth:`SweepResult.from_run`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runfiles import COLUMNS, POISONED_MEAN
+from .runfolder import COLUMNS, POISONED_MEAN
 
 
 def percent(hits) -> float:
@@ -72,27 +72,18 @@ class SweepResult:
     model_record: object = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_record(cls, doc: dict, model=None) -> "SweepResult":
-        """A result read back from its ``sweep.json`` document (:func:`badprune.runfiles.sweep_record`), with B
-        (``model``) given again; the repaired networks are not part of it."""
-        table = {}
-        for c in COLUMNS + ((POISONED_MEAN,) if POISONED_MEAN in doc["table"] else ()):
-            v = doc["table"][c]
-            if c == "channel":
-                table[c] = np.array([-1 if x is None else int(x) for x in v], np.int64)
-            elif c == "step":
-                table[c] = np.array(v, np.int64)
-            else:
-                table[c] = np.array([np.nan if x is None else float(x) for x in v], np.float64)
-        ths = [Threshold(float(t["x"]), t["step"], [int(c) for c in t["channels"]]) for t in doc["thresholds"]]
+    def from_run(cls, run, model=None) -> "SweepResult":
+        """A result read back from its run folder (a :class:`badprune.runfolder.Run`, :func:`~badprune.runfolder.
+        read_run`), with B (``model``) given again; the repaired networks are not part of it."""
+        doc = run.doc
+        ths = [Threshold(float(t["x"]), t["step"], [int(c) for c in t["channels"]]) for t in run.thresholds]
         return cls(model_name=doc["model_name"], layer=doc["layer"], conv_layer=doc.get("conv_layer"),
                    n_channels=int(doc["n_channels"]), ranking=np.array(doc["ranking"], np.int64),
-                   mean_activation=np.array([np.nan if v is None else v for v in doc["mean_activation"]]),
-                   table=table, thresholds=ths, relative=bool(doc["relative"]), num_classes=int(doc["num_classes"]),
-                   config=dict(doc.get("config") or {}), timings=dict(doc.get("timings") or {}),
+                   mean_activation=run.per_channel("mean_activation"), table=run.table(), thresholds=ths,
+                   relative=bool(doc["relative"]), num_classes=int(doc["num_classes"]),
+                   config=dict(run.config), timings=dict(doc.get("timings") or {}),
                    versions=dict(doc.get("versions") or {}), model=model,
-                   poisoned_mean_activation=None if doc.get(POISONED_MEAN) is None else
-                   np.array([np.nan if v is None else v for v in doc[POISONED_MEAN]]))
+                   poisoned_mean_activation=run.per_channel(POISONED_MEAN))
 
     def row(self, step: int) -> dict:
         return {c: self.table[c][step].item() for c in COLUMNS}

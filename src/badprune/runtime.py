@@ -8,9 +8,10 @@ Needs only numpy, Pillow (for images) and one LiteRT interpreter, tried in this 
 
 Nothing here imports TensorFlow unless the third is the only one present (or a ``.keras`` / ``.h5`` file is given
 to :func:`open_model`, which then uses Keras). ``import badprune.runtime`` itself imports numpy and
-badprune's TF-free modules only (:mod:`~badprune.errors`, :mod:`~badprune.runfiles`).
+badprune's TF-free modules only (:mod:`~badprune.errors`, :mod:`~badprune.options`, :mod:`~badprune.runfolder`,
+:mod:`~badprune.models.kinds`).
 
-A model's outputs are told apart by rank, as :func:`badprune.runfiles.kind_from_shapes` does: a rank-1 int output
+A model's outputs are told apart by rank, as :func:`badprune.models.kinds.kind_from_shapes` does: a rank-1 int output
 is a GoodNet's label (in [0, N], N = "backdoored input detected"), a rank-2 output holds scores (probabilities).
 
 Example (on a device with numpy, Pillow and ai-edge-litert only)::
@@ -31,7 +32,8 @@ import numpy as np
 from ._console import quiet_fds
 from .errors import BadpruneError
 from .options import check_batch_size, check_source, scale_value
-from .runfiles import Kind, exported_kind, find_run, kind_from_shapes, labels_from_outputs
+from .models.kinds import Kind, kind_from_shapes, labels_from_outputs
+from .runfolder import exported_kind, find_run
 
 #: the lab's input size (height, width)
 INPUT_SIZE = (55, 47)
@@ -176,7 +178,7 @@ class LiteModel(_Model):
 
     ``threads``: interpreter threads (default: all cores); ``batch_size``: images per invoke (the input tensor is
     resized to it and the last batch padded); ``goodnet`` / ``num_classes`` as in
-    :func:`badprune.runfiles.kind_from_shapes`; ``backend``: force one interpreter (see :func:`interpreter_class`).
+    :func:`badprune.models.kinds.kind_from_shapes`; ``backend``: force one interpreter (see :func:`interpreter_class`).
     """
 
     def __init__(self, path, threads: int | None = None, batch_size: int = 256, goodnet: bool = False,

@@ -21,7 +21,8 @@ from . import options
 from .errors import BadpruneError, warn
 from .options import ORDERS, SCALES, fixed_scale  # noqa: F401  (ORDERS: the orders of rank_channels)
 from .result import SweepResult, Threshold, percent, step_metrics  # noqa: F401  (step_metrics: bench/)
-from .runfiles import COLUMNS, POISONED_MEAN, cache_home, model_name, versions
+from ._env import cache_home, versions
+from .runfolder import COLUMNS, POISONED_MEAN, model_name
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0

@@ -76,7 +76,7 @@ def run(args):
         from ..outdir import fresh_folder
 
         if default_out is None:
-            from ..runfiles import model_name
+            from ..runfolder import model_name
 
             default_out = os.path.join("runs", model_name(model or weights or "model"))
         out = default_out if args.force else str(fresh_folder(default_out))

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import BadpruneError
-from ..runfiles import cache_home
+from .._env import cache_home
 from .orl import ORL_PHOTOS, SPLIT, augment, load_orl, orl_faces_dir, split_photos
 from .triggers import make_trigger
 
@@ -192,7 +192,7 @@ def load_demo(d) -> DemoScenario:
 
 
 def default_demo_dir() -> str:
-    """Where demos are cached by default: :func:`badprune.runfiles.cache_home`."""
+    """Where demos are cached by default: :func:`badprune._env.cache_home`."""
     return cache_home()
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..runfiles import model_name  # noqa: F401  (TF-free; re-exported)
+from ..runfolder import model_name  # noqa: F401  (TF-free; re-exported)
 
 #: layer classes that are the identity at inference (the head compiler and the native trunk pass them over)
 IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",

@@ -4,7 +4,7 @@ that the cache's record of B, :mod:`badprune.record`, can keep its template with
 from __future__ import annotations
 
 from ..errors import BadpruneError
-from ..runfiles import GOODNET_OUTPUT
+from .kinds import GOODNET_OUTPUT
 
 
 def import_keras():

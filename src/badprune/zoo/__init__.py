@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from ..errors import BadpruneError, printable, short
-from ..runfiles import jsonable, missing
+from ..runfolder import jsonable, missing
 from .cluster import _run_entry, connect
 from .manifest import (ENTRY_JSON, INSTALL_FIX, KEYS, PATH_KEYS, ZOO_CSV, ZOO_JSON, ZOO_MD, ZOO_PNG, Manifest, ZooEntry,
                        _is_number, parse_manifest, read_manifest)

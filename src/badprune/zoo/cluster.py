@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadpruneError, BadpruneWarning, printable, short
-from ..runfiles import cache_home, jsonable
+from .._env import cache_home
+from ..runfolder import jsonable
 from .manifest import INSTALL_FIX
 
 

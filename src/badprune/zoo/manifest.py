@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import options
 from ..errors import BadpruneError, ParamError, printable, short
-from ..runfiles import jsonable
+from ..runfolder import jsonable
 
 #: the resolved manifest entry, inside each run folder the zoo wrote (compared on the next invocation)
 ENTRY_JSON = "zoo-entry.json"

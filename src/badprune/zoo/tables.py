@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import BadpruneError
 from ..outdir import staged_folder
-from ..runfiles import RESULTS_MD, SWEEP_CSV, fmt_x, jsonable, missing, read_run
+from ..runfolder import RESULTS_MD, SWEEP_CSV, fmt_x, jsonable, missing, read_run
 from .cluster import Cluster
 from .manifest import ENTRY_JSON, PATH_KEYS, ZOO_CSV, ZOO_JSON, ZOO_MD, ZOO_PNG, ZooEntry
 
@@ -72,7 +72,7 @@ def _write_run(folder: Path, entry: ZooEntry, inputs: dict, res: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------- the table
 def _row_numbers(folder: Path) -> dict:
-    """A run's numbers from its sweep.json (:func:`badprune.runfiles.read_run`): base test accuracy and ASR, and
+    """A run's numbers from its sweep.json (:func:`badprune.runfolder.read_run`): base test accuracy and ASR, and
     per threshold X: channels pruned, clean accuracy, ASR, GoodNet detection and false alarm, R_X's accuracy and
     ASR."""
     run = read_run(folder)
