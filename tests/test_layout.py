@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: the README's Layout section, lowest first (keep the two in step)
 ORDER = [
     "prune_ext",
-    "errors", "_console", "_tf", "_env", "options", "runfolder", "outdir",
+    "errors", "_console", "_tf", "_env", "atomic", "options", "runfolder", "outdir",
     "data", "cache", "models",
     "trunk", "features", "head", "record", "result", "sweep",
     "goodnet", "runtime", "export", "report", "_train", "repair", "defense",

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import atomic
 from ._console import quiet_fds
 from .errors import BadpruneError
 from .runfolder import EXPORT_JSON, TFLITE_DIR, fmt_x, model_stem, read_run, tflite_filename
@@ -208,8 +208,8 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
         raise BadpruneError("the run names no validation set", run_dir, "pass --valid valid.h5")
 
     out_dir = os.path.join(str(run_dir), TFLITE_DIR)
-    tmp = os.path.join(str(run_dir), f".tflite.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.temp_name(out_dir)  # the new files, moved in one by one once all are checked
+    atomic.remove(tmp)
     os.makedirs(tmp)
     records = []
     try:
@@ -256,7 +256,7 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
         raise BadpruneError(f"cannot write the export ({e.strerror or e})", run_dir,
                             "check free space and permissions") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.remove(tmp)
     return records
 
 
@@ -273,11 +273,7 @@ def _update_index(out_dir, records):
         d = asdict(r)
         d["path"] = os.path.basename(r.path)
         index[d["path"]] = d
-    tmp = f"{p}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(sorted(index.items())), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, p)
+    atomic.write_text(p, json.dumps(dict(sorted(index.items())), indent=1) + "\n")
 
 
 def format_records(records) -> str:

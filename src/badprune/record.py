@@ -399,7 +399,7 @@ def find_warm(cache_dir, rec: ModelRecord, sets: dict, scale) -> Warm | None:
     else:
         name, value = fixed_scale(scale)
     seconds["scale"] = time.perf_counter() - t
-    entries, bounds, lo = {}, {}, 0
+    entries = {}
     shape = tuple(rec.head.input_shape)
     for k, dset in ds.items():
         akey = cache.cache_key(rec.digest, rec.layer, dset, value, cache.DEFAULT_ENGINE)
@@ -407,10 +407,8 @@ def find_warm(cache_dir, rec: ModelRecord, sets: dict, scale) -> Warm | None:
         if not cache.has_entry(npy, marker, akey, (dset.n,) + shape):
             return None
         entries[k] = (npy, marker, akey)
-        bounds[k] = slice(lo, lo + dset.n)
-        lo += dset.n
     try:
-        F = np.empty((lo,) + shape, np.float32)
+        F, bounds = cache.stacked({k: dset.n for k, dset in ds.items()}, shape)
     except MemoryError:
         return None
     info = {}

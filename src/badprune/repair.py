@@ -186,7 +186,8 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
     only decides). ``shared``: a dict kept across the thresholds of one sweep (same ``F_valid``), holding B's soft
     targets and the traced trainers, which do not depend on X.
     """
-    from ._train import HeadTrainer, head_model, predict_logits, seed_all, soft_targets
+    from ._tf import seed_all
+    from ._train import HeadTrainer, head_model, predict_logits, soft_targets
     from .head import compile_head
     from .models import channel_mask, prune_model
 
@@ -235,7 +236,8 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
     """R_X by the full mode: all of B'_X trained on the clean validation images ``X_valid`` (scaled float32
     NHWC); the pruned channels' producing convolution is re-zeroed after every batch. Returns ``(R_X, info,
     reset statistics or None)``."""
-    from ._train import fit, keras_, predict_logits, seed_all
+    from ._tf import seed_all
+    from ._train import fit, keras_, predict_logits
     from .features import trunk
     from .models import conv_producer, prune_model
 
@@ -396,17 +398,16 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
     result = SweepResult.from_run(run, B)
     in_shape = tuple(int(v) for v in B.input_shape[1:])
     ds = {k: data.open_dataset(cfg[k], input_shape=in_shape, num_classes=result.num_classes) for k in sets}
-    arrays, bounds, lo = [], {}, 0
+    F = bounds = None
     for k in sets:
         a = cache.load_cached(acts[k])
         if a is None or len(a) != ds[k].n:
             raise BadpruneError(f"the run's cached activations of its {k} set are gone or changed", acts[k],
                                 "re-run the sweep with --fine-tune instead")
-        arrays.append(a)
-        bounds[k] = slice(lo, lo + len(a))
-        lo += len(a)
-    F = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-    del arrays
+        if F is None:
+            F, bounds = cache.stacked({s: ds[s].n for s in sets}, a.shape[1:])
+        F[bounds[k]] = a
+        del a
     t = time.perf_counter()
     result.config["fine_tune"] = dict(params)
     cache_dir = os.path.dirname(acts["valid"])

@@ -151,13 +151,12 @@ def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, pro
     concatenation copy): (F, {set: slice}, {set: extract info})."""
     from . import features
 
-    bounds, lo = {}, 0
-    for k, dset in ds.items():
-        bounds[k] = slice(lo, lo + dset.n)
-        lo += dset.n
+    from . import cache
+
     try:
-        F = np.empty((lo,) + tuple(d.head.input_shape), np.float32)
+        F, bounds = cache.stacked({k: dset.n for k, dset in ds.items()}, d.head.input_shape)
     except MemoryError:
+        lo = sum(dset.n for dset in ds.values())
         gb = lo * int(np.prod(d.head.input_shape)) * 4 / 1e9
         raise BadpruneError(f"not enough memory for the activations of {lo:,} images at '{d.layer}' ({gb:.1f} GB)",
                             fix="use smaller data sets or an earlier, smaller --layer") from None

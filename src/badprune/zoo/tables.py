@@ -2,7 +2,6 @@
 zoo.json and zoo.png."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -10,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import atomic
 from ..errors import BadpruneError
 from ..outdir import staged_folder
 from ..runfolder import RESULTS_MD, SWEEP_CSV, fmt_x, jsonable, missing, read_run
@@ -269,15 +269,9 @@ def plot_zoo(result: ZooResult, path) -> None:
 
 
 def _write_file(path: Path, write) -> None:
-    """Write one file whole: a temporary sibling renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write one file whole (:func:`badprune.atomic.replacing`): ``write(temporary path)``."""
+    with atomic.replacing(path) as tmp:
+        write(Path(tmp))
 
 
 def zoo_record(result: ZooResult) -> dict:
