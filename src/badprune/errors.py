@@ -1,8 +1,9 @@
 """The one error type every user-facing failure raises (the CLI turns it into one line and exit 2), and warnings.
 
 Errors: :class:`BadpruneError` ``(what, file, fix)``; :class:`ParamError`, one of them, for a bad parameter (it
-names the parameter, ``param``, and each front end words it: flags on the command line, keys in a manifest). The CLI prints ``error: <what> (<file>): <how to fix>`` on
-one line and exits 2; any other exception is an internal fault (one line, exit 1; ``--debug`` shows the traceback).
+names the parameter, ``param``, and each front end words it: flags on the command line, keys in a manifest). The
+CLI prints ``error: <what> (<file>): <how to fix>`` on one line and exits 2; any other exception is an internal
+fault (one line, exit 1; ``--debug`` shows the traceback).
 
 Warnings: something suspicious that does not stop the run and never changes its results (e.g. a base accuracy
 under 50 %, an attack success rate that would be meaningless) is reported with :func:`warn`, which issues a

@@ -52,7 +52,7 @@ def from_sweep(result, x):
     t = result.threshold(x)
     if not t.reached:
         raise BadpruneError(f"threshold {fmt_x(x)} was never reached: there is no G_{fmt_x(x)}")
-    if result.model is None:
+    if result.get_model() is None:
         raise BadpruneError("the sweep result holds no model")
     return build_goodnet(result.model, result.layer, t.channels, name=goodnet_filename(x, ""))
 
@@ -62,7 +62,7 @@ def sweep_variants(result, xs) -> tuple:
     ``(template, [(name, {mask layer name: [mask weights]})])`` for :func:`badprune.models.save_variants`. The
     graph is built once (:func:`sweep_template`, named as the first G_X): G_X differ only in their 0/1 mask (and
     name)."""
-    if result.model is None:
+    if result.get_model() is None:
         raise BadpruneError("the sweep result holds no model")
     ts = [result.threshold(x) for x in xs]
     template, patch = sweep_template(result.model, result.layer, goodnet_filename(xs[0], ""))
@@ -72,7 +72,7 @@ def sweep_variants(result, xs) -> tuple:
 def from_repaired(result, rep):
     """The GoodNet of B and R_X (a :class:`badprune.repair.Repaired` of ``result``): B's label where B and R_X
     agree, else N."""
-    return build_goodnet(result.model, result.layer, rep.channels, name=model_stem(rep.x, "goodnet_repaired"),
+    return build_goodnet(result.get_model(), result.layer, rep.channels, name=model_stem(rep.x, "goodnet_repaired"),
                          repaired=rep.model, shared_trunk=rep.mode == "head")
 
 

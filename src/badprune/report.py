@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BadpruneError
+from .errors import BadpruneError, warn
 from .runfolder import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN, RESULTS_MD, SWEEP_CSV,
                         SWEEP_JSON, SWEEP_PNG, fmt_x, goodnet_filename, json_text, missing, model_filename,
                         table_channel, table_columns, table_value)
@@ -352,7 +351,7 @@ def _from_record(result: SweepResult, kind: str, variants) -> bool:
     """Write ``variants`` ((path, name, channels)) of ``kind`` from the templates in B's cached record (TF-free
     when it holds them; the first time Keras saves them into it); False when the result has no usable record."""
     rec = getattr(result, "model_record", None)
-    got = None if rec is None else rec.model_template(kind, lambda: result.model)
+    got = None if rec is None else rec.model_template(kind, result.get_model)
     if got is None:
         return False
     from .models.saving import write_variants
@@ -372,7 +371,7 @@ def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None
     if not _from_record(result, "bprime", [(folder / model_filename(t.x), None, t.channels) for t in reached]):
         from .models import prune_variants, save_variants
 
-        template, weights = prune_variants(result.model, result.layer, [t.channels for t in reached])
+        template, weights = prune_variants(result.get_model(), result.layer, [t.channels for t in reached])
         save_variants(template, [(folder / model_filename(t.x), None, w) for t, w in zip(reached, weights)])
     if save_goodnets:
         from .goodnet import sweep_variants
@@ -385,7 +384,7 @@ def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None
                 g, per_x = sweep_variants(result, [t.x for t in reached])
         except BadpruneError as e:  # B'_X are still useful without their one-graph GoodNets
             for t in reached:
-                print(f"warning: no {goodnet_filename(t.x)}: {e.line()}", file=sys.stderr)
+                warn(f"no {goodnet_filename(t.x)}: {e.line()}")
         else:
             if not done:
                 save_variants(g, [(folder / goodnet_filename(t.x), name, w) for t, (name, w) in zip(reached, per_x)])

@@ -64,12 +64,14 @@ class SweepResult:
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
-    model: object = field(default=None, repr=False, compare=False)   # the Keras model B (for pruned_model)
+    model: object = field(default=None, repr=False, compare=False)   # B (Keras); None after a warm sweep: get_model
     repaired: list = field(default_factory=list)   # [badprune.repair.Repaired] when fine-tuning ran
     poisoned_mean_activation: np.ndarray | None = None   # per channel, on the poisoned set (None without one)
-    #: B's cached record (:class:`badprune.record.ModelRecord`): B'_X and G_X are written from its templates, and
-    #: after a warm sweep (``model`` None) B is loaded from it on the first access to ``model``
+    #: B's cached record (:class:`badprune.record.ModelRecord`): B'_X and G_X are written from its templates
     model_record: object = field(default=None, repr=False, compare=False)
+    #: after a warm sweep (``model`` None): how to load B when it is needed (:func:`badprune.models.load_model`'s
+    #: keywords model, weights, arch, trust), checked against ``model_record``
+    model_source: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_run(cls, run, model=None) -> "SweepResult":
@@ -88,13 +90,12 @@ class SweepResult:
     def row(self, step: int) -> dict:
         return {c: self.table[c][step].item() for c in COLUMNS}
 
-    def _get_model(self):
-        if self.__dict__.get("_model") is None and getattr(self.model_record, "source", None):
-            self._model = self.model_record.load_model()
-        return self.__dict__.get("_model")
-
-    def _set_model(self, model):
-        self.__dict__["_model"] = model
+    def get_model(self):
+        """B: ``model``; after a warm sweep, loaded now (once, with Keras) from ``model_source`` and checked to be
+        the model of ``model_record``. None when there is no way to it."""
+        if self.model is None and self.model_record is not None and self.model_source:
+            self.model = self.model_record.load_model(self.model_source)
+        return self.model
 
     def threshold(self, x: float) -> Threshold:
         for t in self.thresholds:
@@ -109,8 +110,4 @@ class SweepResult:
         t = self.threshold(x)
         if not t.reached:
             raise ValueError(f"threshold {x} was never reached")
-        return prune_model(self.model, self.layer, t.channels)
-
-
-SweepResult.model = property(SweepResult._get_model, SweepResult._set_model,
-                             doc="B (a Keras model); after a warm sweep, loaded on first access (model_record)")
+        return prune_model(self.get_model(), self.layer, t.channels)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import warnings
 
 import numpy as np
 
 from ._console import quiet_fds
+from . import errors
 from .errors import BadpruneError
 from .options import check_batch_size, check_source, scale_value
 from .models.kinds import Kind, kind_from_shapes, labels_from_outputs
@@ -78,16 +78,15 @@ def load_images(paths, size=INPUT_SIZE, warn=None) -> np.ndarray:
 
     PNG, JPEG and whatever else Pillow reads; grayscale, palette, RGBA / LA (alpha dropped) and 16-bit images become
     RGB. Damaged files and images over :data:`MAX_IMAGE_PIXELS` raise :class:`BadpruneError` (checked on the header,
-    before decoding). An image whose size is not ``size`` (height, width) is resized (bilinear) with a warning through ``warn``
-    (default: a line on stderr).
+    before decoding). An image whose size is not ``size`` (height, width) is resized (bilinear) with a warning
+    through ``warn`` (default: :func:`badprune.errors.warn`, a :class:`~badprune.errors.BadpruneWarning`).
     """
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise BadpruneError("reading images needs Pillow", fix="pip install pillow") from None
     if warn is None:
-        def warn(msg):
-            print(f"warning: {msg}", file=sys.stderr)
+        warn = errors.warn
     h, w = (int(v) for v in size)
     out = np.empty((len(paths), h, w, 3), np.float32)
     for i, p in enumerate(paths):

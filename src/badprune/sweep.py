@@ -251,7 +251,6 @@ def stages(model, weights, arch, valid, test, poisoned, *, layer, thresholds, re
         rkey = record.source_key(model, weights, arch, trust_model, layer)
         rec = record.load(cdir, rkey)
         if rec is not None and allow_warm:
-            rec.source = {"model": model, "weights": weights, "arch": arch, "trust": trust_model}
             warm = record.find_warm(cdir, rec, sets, scale)
     if warm is not None:  # B's record and every activation come from the cache: no TensorFlow
         d = _Defended(None, name or model_name(model or weights), rec.num_classes, rec.layer, rec.conv_layer,
@@ -321,6 +320,8 @@ def stages(model, weights, arch, valid, test, poisoned, *, layer, thresholds, re
     result = SweepResult(model_name=d.name, layer=d.layer, conv_layer=d.conv_layer, n_channels=len(ranking),
                          ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
                          num_classes=d.num_classes, config=config, timings=timings, versions=versions(),
-                         model=d.model, poisoned_mean_activation=p_means, model_record=rec)
+                         model=d.model, poisoned_mean_activation=p_means, model_record=rec,
+                         model_source=None if warm is None else
+                         {"model": model, "weights": weights, "arch": arch, "trust": trust_model})
     timings["total"] = time.perf_counter() - t_all
     return Swept(result, F, bounds, ds, cdir, t_all)

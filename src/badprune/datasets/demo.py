@@ -23,6 +23,7 @@ Nothing here imports TensorFlow until a model is trained (:func:`build_demo`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -376,7 +377,7 @@ def _train(data: dict, seed: int, variant: dict, epochs: int | None, progress: b
     t0 = time.perf_counter()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=int(seed), reshuffle_each_iteration=True)
     ds = ds.batch(bs).prefetch(2)
-    callbacks = [_Progress(epochs, steps)] if progress else []
+    callbacks = [_progress_class()(epochs, steps)] if progress else []
     model.fit(ds, epochs=epochs, verbose=0, callbacks=callbacks, shuffle=False)  # ds shuffles (seeded)
     return model, time.perf_counter() - t0
 
@@ -401,34 +402,31 @@ def _save_model(model, path: str, num_classes: int):
         clean.save(tmp)
 
 
-def _progress_callback_base():
+@functools.cache
+def _progress_class():
+    """The training's progress callback class, a Keras ``Callback`` (defined once, on first use: keras is imported
+    lazily)."""
     import keras
 
-    return keras.callbacks.Callback
+    class Progress(keras.callbacks.Callback):
+        def __init__(self, epochs, steps):
+            super().__init__()
+            self.epochs, self.steps = epochs, steps
+            self.tty = sys.stderr.isatty()
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+            self.epoch = epoch
 
-class _Progress:  # replaced by a keras Callback subclass on first use (keras is imported lazily)
-    def __new__(cls, epochs, steps):
-        base = _progress_callback_base()
+        def on_train_batch_end(self, batch, logs=None):
+            if self.tty and (batch % 20 == 0 or batch + 1 == self.steps):
+                _say(f"\rdemo: training epoch {self.epoch + 1}/{self.epochs}  {batch + 1}/{self.steps}", end="")
 
-        class Progress(base):
-            def __init__(self):
-                super().__init__()
-                self.tty = sys.stderr.isatty()
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            _say(("\r" if self.tty else "") + f"demo: training epoch {epoch + 1}/{self.epochs}  "
+                 f"loss {logs.get('loss', float('nan')):.4f}  "
+                 f"accuracy {100 * logs.get('accuracy', float('nan')):.2f} %  "
+                 f"({time.perf_counter() - self.t:.1f} s)")
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t = time.perf_counter()
-                self.epoch = epoch
-
-            def on_train_batch_end(self, batch, logs=None):
-                if self.tty and (batch % 20 == 0 or batch + 1 == steps):
-                    _say(f"\rdemo: training epoch {self.epoch + 1}/{epochs}  {batch + 1}/{steps}", end="")
-
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
-                _say(("\r" if self.tty else "") + f"demo: training epoch {epoch + 1}/{epochs}  "
-                     f"loss {logs.get('loss', float('nan')):.4f}  "
-                     f"accuracy {100 * logs.get('accuracy', float('nan')):.2f} %  "
-                     f"({time.perf_counter() - self.t:.1f} s)")
-
-        return Progress()
+    return Progress
