@@ -161,8 +161,9 @@ def _with_reset(R, layer, cap, mean):
     return insert_after(R, layer, reset)
 
 
-def _pct(a, b):
-    return 100.0 * float(np.mean(a == b)) if len(b) else None
+def _accuracy(labels, truth) -> float | None:
+    """Percent of ``labels`` equal to ``truth`` (None when there are none)."""
+    return 100.0 * float(np.mean(labels == truth)) if len(truth) else None
 
 
 def _info(p, tried, F_hold, stats, t0):
@@ -206,7 +207,7 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
         shared["soft"] = soft_targets(z, p["temperature"]) if z is not None else None
     stats = _reset_stats(Xm[tr]) if p["reset"] else None
     Fh, yh = Xm[ho], y_valid[ho]
-    b_prime = _pct(compile_head(model, layer).labels(Fh), yh)
+    b_prime = _accuracy(compile_head(model, layer).labels(Fh), yh)
     tried = []
     for lr, wd in _attempts(p, len(tr), K):
         p.update(lr=lr, weight_decay=wd)
@@ -224,7 +225,7 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
             hold = compile_head(R, layer + RESET_SUFFIX).labels(apply_reset(Fh, *stats))
         else:
             hold = compile_head(R, layer).labels(Fh)
-        acc = _pct(hold, yh)
+        acc = _accuracy(hold, yh)
         tried.append({"lr": lr, "weight_decay": wd, "loss": losses, "holdout": int(len(yh)), "holdout_acc": acc,
                       "holdout_b_prime": b_prime})
         if acc is None or b_prime is None or acc >= b_prime - TOLERANCE:
@@ -271,7 +272,7 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
             if progress is not None:
                 progress(f"fine-tune full: epoch {epoch + 1}/{p['epochs']} (loss {(logs or {}).get('loss', 0):.4f})")
 
-    b_prime = _pct(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
+    b_prime = _accuracy(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
     losses = fit(R, X_valid[tr], y_valid[tr], teacher, p, callbacks=[Rezero()])
     trained, R = R, prune_model(model, layer, channels)  # an uncompiled copy holding the trained weights
     R.set_weights(trained.get_weights())
@@ -280,7 +281,7 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
         stats = _reset_stats(trunk(R, layer).predict(X_valid[tr], batch_size=512, verbose=0))
         R = _with_reset(R, layer, *stats)
     Fh = trunk(R, layer).predict(X_valid[ho], batch_size=512, verbose=0)
-    acc = _pct(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
+    acc = _accuracy(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
     tried = [{"lr": p["lr"], "weight_decay": p["weight_decay"], "loss": losses, "holdout": int(len(ho)),
               "holdout_acc": acc, "holdout_b_prime": b_prime}]
     return R, _info(p, tried, Fh, stats, t0), stats

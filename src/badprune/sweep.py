@@ -1,12 +1,12 @@
 """Ranking, the pruning sweep and threshold selection, gathered into one :class:`~badprune.result.SweepResult`.
 
-:func:`run` is the whole defense short of writing files, in named stages: check the arguments, load B and compile
-its head, open the data sets, settle the pixel scale, extract the prune layer's activations once per set (cached),
-rank channels by mean activation on clean validation data, mask them one at a time
-(:class:`badprune.head.MaskedSweep`) recording per step the accuracies of B'_k and of GoodNet(B, B'_k)
-(:func:`sweep_table`, :func:`step_metrics`), and pick B'_X for each threshold. When B's record and every
-activation are cached (a warm run, :func:`badprune.record.find_warm`), B is neither loaded nor compiled and
-TensorFlow is not imported.
+:func:`run` is the sweep short of writing files (:func:`badprune.defense.run` adds the repair), in named stages
+(:func:`stages`, on arguments :mod:`badprune.options` checked): load B and compile its head, open the data sets,
+settle the pixel scale, extract the prune layer's activations once per set (cached), rank channels by mean
+activation on clean validation data, mask them one at a time (:class:`badprune.head.MaskedSweep`) recording per
+step the accuracies of B'_k and of GoodNet(B, B'_k) (:func:`sweep_table`, :func:`badprune.result.step_metrics`),
+and pick B'_X for each threshold. When B's record and every activation are cached (a warm run,
+:func:`badprune.record.find_warm`), B is neither loaded nor compiled and TensorFlow is not imported.
 """
 from __future__ import annotations
 

@@ -106,10 +106,10 @@ def run(args):
     print(report.summary_line(result))
     print(f"outputs: {path}")
     if args.export:
-        from ..export import export_run, format_records
+        from ..export import export_run, format_exported
 
-        records = export_run(path, quantize=args.quantize, allow_lossy=args.allow_lossy,
+        exported = export_run(path, quantize=args.quantize, allow_lossy=args.allow_lossy,
                              log=lambda m: note(args, m))
-        print(format_records(records))
+        print(format_exported(exported))
         print(f"exported: {os.path.join(str(path), 'tflite')}")
     return 0

@@ -71,7 +71,7 @@ def _check_cpus(cpus_per_run) -> float:
 
 def _base_row(entry: ZooEntry, folder: Path) -> dict:
     return {"name": entry.name, "model": entry.label, "status": None, "error": None, "folder": str(folder),
-            "node_id": None, "host": None, "seconds": None, "entry": entry.record()}
+            "node_id": None, "host": None, "seconds": None, "entry": entry.to_json()}
 
 
 def _ran_here(row: dict, res: dict) -> None:

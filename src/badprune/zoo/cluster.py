@@ -32,7 +32,7 @@ class Cluster:
     startup_seconds: float
     temp_dir: str | None = None
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         return jsonable(self.__dict__)
 
 

@@ -78,7 +78,7 @@ class ZooEntry:
         """The keyword arguments of :func:`badprune.defense.run` for this run."""
         return {k: self.options[k] for k in _SWEEP_KEYS}
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         """The resolved entry as plain JSON (what ``zoo-entry.json`` keeps and the next invocation compares)."""
         return jsonable({"name": self.name, **self.options})
 
