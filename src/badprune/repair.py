@@ -323,7 +323,7 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
     from .result import step_metrics
 
     say = log or (lambda m: None)
-    B, layer = result.get_model(), result.layer
+    B, layer = result.model, result.layer  # loaded: a repair never follows a warm sweep
     scale = result.config.get("scale_value", 1.0)
     truth = {k: d.labels for k, d in datasets.items()}
     X_valid = datasets["valid"].read(scale) if params["mode"] == "full" else None
