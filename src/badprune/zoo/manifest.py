@@ -234,7 +234,8 @@ def read_manifest(path) -> Manifest:
     ------
     BadpruneError
         For an unreadable file, bad TOML, an unknown key, a run without a model, a value of the wrong type or one
-        the sweep's own checks refuse, a missing, duplicate or unsafe name: one line naming the run and the key.
+        the parameters' rules (:mod:`badprune.options`) refuse, a missing, duplicate or unsafe name: one line
+        naming the run and the key.
     """
     import tomllib
 
