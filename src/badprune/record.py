@@ -16,7 +16,7 @@ that compiles heads and writes models. Its files, in the cache folder:
   h5py alone (:func:`badprune.models.saving.write_variants`).
 
 A sweep (:func:`badprune.sweep.stages`) writes the record once its activations are cached; the next one
-:func:`load`\ s it and :func:`find_warm` finds the scale decision and activation entries it keys, and reads the
+reads it (:func:`load`) and :func:`find_warm` finds the scale decision and activation entries it keys, and reads the
 activations. A damaged record (any checksum or structure mismatch) is reported in one line and the sweep runs the
 normal way, writing it again. Heads that fall back to TensorFlow are not recorded.
 """
