@@ -9,7 +9,7 @@ import numpy as np
 def run(head, F, ranking, bounds, labels, num_classes, mode="incremental"):
     """The per-step metrics {valid_acc, test_acc, asr, goodnet_*} (percent, C+1 rows) as ``badprune.sweep.run``
     computes them, plus ``stats``: the engine's row counts."""
-    from badprune.runfiles import PERCENT_COLUMNS
+    from badprune.runfolder import PERCENT_COLUMNS
     from badprune.sweep import sweep_table
 
     cols, engine = sweep_table(head, F, ranking, None, bounds, labels, num_classes, mode=mode)

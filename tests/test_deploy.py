@@ -14,7 +14,7 @@ from badprune import _tf  # noqa: F401
 from badprune import cli, goodnet
 import badprune
 from badprune.data import open_dataset
-from badprune.errors import BadpruneError
+from badprune.errors import BadpruneError, BadpruneWarning
 from badprune.export import export_run, tflite_filename
 from badprune.runtime import LiteModel, load_images
 
@@ -240,9 +240,9 @@ def test_load_images_formats_and_sizes(images, capsys):
     assert capsys.readouterr().err == ""
     J = load_images([paths["b"]], size=(16, 12))
     assert 0 < np.abs(J[0] - px[1]).mean() < 4          # jpeg: lossy but close
-    W = load_images([paths["e"]], size=(16, 12))
-    err = capsys.readouterr().err
-    assert "resized to 12x16" in err and W.shape == (1, 16, 12, 3)
+    with pytest.warns(BadpruneWarning, match="resized to 12x16"):
+        W = load_images([paths["e"]], size=(16, 12))
+    assert W.shape == (1, 16, 12, 3)
     with pytest.raises(BadpruneError, match="not found"):
         load_images(["/no/such.png"])
     bad = Path(paths["a"]).with_name("bad.png")

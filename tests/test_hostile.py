@@ -579,7 +579,7 @@ def test_existing_run_is_kept_unless_force(lab, tmp_path, capsys):
 def test_internal_fault_is_one_line_exit_1_and_debug_shows_traceback(lab, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom\nsecond line")
-    monkeypatch.setattr(sweep_mod, "run", boom)
+    monkeypatch.setattr(importlib.import_module("badprune.defense"), "run", boom)
     with pytest.raises(RuntimeError):
         cli.main(["--debug"] + sweep_args(lab, tmp_path / "run"))
     assert _main(sweep_args(lab, tmp_path / "run")) == 1

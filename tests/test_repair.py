@@ -15,7 +15,7 @@ import keras
 from badprune import cli
 from badprune.data import open_dataset, write_lab_h5
 from badprune.datasets import ensure_demo
-from badprune.sweep import run as sweep_run
+from badprune.defense import run as sweep_run
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def runs(sc, tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")
     cache = str(d / "cache")
     common = _files(sc) + ["--cache-dir", cache, "--thresholds", "2", "10", "-q"]
-    assert cli.main(["sweep"] + common + ["--out", str(d / "tuned"), "--fine-tune", "head"]) == 0
+    assert cli.main(["sweep"] + common + ["--out", str(d / "tuned"), "--fine-tune"]) == 0  # the recommended mode, as `repair`
     assert cli.main(["sweep"] + common + ["--out", str(d / "later")]) == 0
     assert not (d / "later" / "models" / "repaired_X2.keras").exists()
     assert cli.main(["repair", str(d / "later"), "-q"]) == 0
@@ -148,7 +148,7 @@ def test_full_mode_trains_the_whole_network_and_keeps_the_channels_zero(sc, tmp_
     (["--fine-tune", "head", "--fine-tune-epochs", "0"], "--fine-tune-epochs must be a whole number of at least 1"),
     (["--fine-tune", "head", "--fine-tune-lr", "-1"], "--fine-tune-lr must be a positive learning rate"),
     (["--fine-tune", "bogus"], "invalid choice: 'bogus'"),
-    (["--fine-tune-epochs", "3"], "go with --fine-tune"),
+    (["--fine-tune-epochs", "3"], "--fine-tune-epochs goes with --fine-tune"),
 ])
 def test_bad_fine_tune_values_are_one_line(sc, tmp_path, capsys, extra, fragment):
     out = tmp_path / "run"

@@ -10,7 +10,8 @@ from badprune import _tf  # noqa: F401
 import keras
 
 from badprune import repair
-from badprune._train import HeadTrainer, seed_all, soft_targets
+from badprune._tf import seed_all
+from badprune._train import HeadTrainer, soft_targets
 
 
 def _model():

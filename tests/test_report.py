@@ -166,6 +166,7 @@ def test_results_markdown(written, result):
     md = (written / "results.md").read_text()
     assert md == report.results_markdown(result)
     lines = md.splitlines()
+    assert "## Pruned network B'_X" in lines and "## Repaired network B'_X" not in lines  # R_X is the repaired one
     assert any(line.startswith("| B (base) | 0 | 0.0% | 98.00% | 97.70% | 100.00% |") for line in lines)
     # B'_X table: X=2 reached at step 3 (98 -> 95.25)
     assert "| 2 | 3/6 | 50.0% | 95.25% | 94.95% | 80.12% |" in lines  # 80.125 rounds half to even

@@ -54,16 +54,16 @@ scale = 0.5
     assert a.options["thresholds"] == [2.0, 4.5] and a.options["no_models"] is True
     import inspect
 
-    from badprune.sweep import run as sweep_run
+    from badprune.defense import run
 
-    defaults = inspect.signature(sweep_run).parameters  # sweep.run's own defaults
+    defaults = inspect.signature(run).parameters  # defense.run's own defaults
     assert a.options["order"] == defaults["order"].default == "ascending"
     assert a.options["batch_size"] == defaults["batch_size"].default
     assert b.options["weights"] == "/abs/w.h5" and b.options["valid"] == str(tmp_path / "other" / "valid.h5")
     assert b.options["fine_tune_epochs"] == 3 and b.options["scale"] == 0.5
     assert a.label == "models/a.keras" and b.label == "/abs/w.h5"
     assert set(a.sweep_kwargs()) == set(zoo.KEYS) - {"no_models"}
-    assert json.loads(json.dumps(a.record())) == a.record()
+    assert json.loads(json.dumps(a.to_json())) == a.to_json()
 
 
 _RUN = '[[run]]\nname = "lab3"\nmodel = "m.keras"\nvalid = "v.h5"\n'
@@ -82,7 +82,8 @@ _RUN = '[[run]]\nname = "lab3"\nmodel = "m.keras"\nvalid = "v.h5"\n'
     (_RUN + 'scale = "half"\n', "manifest run 'lab3': key 'scale': unknown scale 'half'"),
     (_RUN + 'order = "random"\n', "manifest run 'lab3': key 'order': unknown order 'random'"),
     (_RUN + "batch_size = 0\n", "manifest run 'lab3': key 'batch_size': 'batch_size' must be positive"),
-    (_RUN + "fine_tune_epochs = 3\n", "manifest run 'lab3': key 'fine_tune_epochs' goes with 'fine_tune'"),
+    (_RUN + "fine_tune_epochs = 3\n",
+     "manifest run 'lab3': key 'fine_tune_epochs': 'fine_tune_epochs' goes with 'fine_tune'"),
     (_RUN + 'fine_tune = "all"\n', "manifest run 'lab3': key 'fine_tune': unknown fine-tuning mode 'all'"),
     ('[[run]]\nname = 3\nmodel = "m.keras"\n', "manifest run #1: key 'name' is 3"),
     ('[[run]]\nmodel = "m.keras"\n', "manifest run #1: key 'name' is missing"),

@@ -8,10 +8,10 @@ TensorFlow)::
                                 valid="valid.h5", test="test.h5", poisoned="bd_test.h5")
     badprune.write_outputs(result, "runs/lab3")
 
-Data flows one way through the modules: :mod:`~badprune.runfiles` (TF-free vocabulary) -> :mod:`~badprune.data`
--> :mod:`~badprune.models` -> :mod:`~badprune.features` -> :mod:`~badprune.head` -> :mod:`~badprune.sweep` ->
-:mod:`~badprune.goodnet` -> :mod:`~badprune.export` / :mod:`~badprune.runtime` -> :mod:`~badprune.report`;
-:mod:`~badprune.datasets` builds the demo scenario and :mod:`~badprune.cli` is the command line.
+Data flows one way through the modules, in the order of the README's Layout section (tests/test_layout.py checks
+every import): errors and :mod:`~badprune.options` (the parameters' rules) -> the run folder's format -> data,
+cache, models -> features, head -> :mod:`~badprune.sweep` -> goodnet, runtime, export, report -> repair ->
+:mod:`~badprune.defense` (``run_sweep``: the sweep, then the repair) -> zoo -> datasets -> cli.
 """
 __version__ = "0.1.0"
 
@@ -19,7 +19,8 @@ from .errors import BadpruneError, BadpruneWarning  # noqa: F401
 
 #: module -> its public names re-exported here ("name=attr" where the name differs), imported on first access
 _EXPORTS = {
-    "sweep": ("run_sweep=run", "SweepResult", "Threshold"),
+    "defense": ("run_sweep=run",),
+    "result": ("SweepResult", "Threshold"),
     "models": ("load_model", "prune_model"),
     "head": ("compile_head", "MaskedSweep"),
     "report": ("write_outputs",),

@@ -66,3 +66,16 @@ def _import():
 
 
 _quiet_import()
+
+
+def seed_all(seed) -> None:
+    """Seed Keras/TensorFlow/numpy's global generators and make TensorFlow's ops deterministic (the one seeding of
+    every training: the repair's, :mod:`badprune._train`, and the demo BadNet's)."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    try:
+        tf.config.experimental.enable_op_determinism()
+    except Exception:  # pragma: no cover  (older TensorFlow)
+        pass

@@ -25,18 +25,6 @@ def keras_():
     return keras
 
 
-def seed_all(seed):
-    """Seed Keras/TensorFlow/numpy's global generators and make TensorFlow's ops deterministic."""
-    keras = keras_()
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(int(seed))
-    try:
-        tf.config.experimental.enable_op_determinism()
-    except Exception:  # pragma: no cover  (older TensorFlow)
-        pass
-
-
 @contextlib.contextmanager
 def as_logits(model):
     """``model`` with its output as logits for the block: a final Dense's softmax is switched to linear (and back

@@ -13,15 +13,15 @@ import hashlib
 import io
 import json
 import os
-import threading
 import time
 import zlib
 
 import numpy as np
 
+from . import atomic
 from ._console import progress as stage_progress
 from .errors import warn
-from .runfiles import SCALES, scale_value
+from .options import SCALES, scale_value
 
 #: bump when the cache layout or the meaning of its content changes
 FORMAT_VERSION = 2
@@ -170,40 +170,40 @@ def load_cached(npy) -> np.ndarray | None:
 
 
 def write_entry(npy, marker, key, arr, meta):
-    tmp = f"{npy}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
         if os.path.exists(marker):
             os.remove(marker)
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, npy)
+        with atomic.replacing(npy) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
         info = dict(meta, key=key, shape=list(arr.shape), dtype="float32", bytes=os.path.getsize(npy),
                     crc32=checksum(arr), version=FORMAT_VERSION, created=time.time())
-        write_json(marker, info)
+        write_json(marker, info, fsync=True)  # the marker vouches for the array (checked on read: size, CRC-32)
         return True
     except OSError as e:
         warn(f"cannot write the activation cache ({e.strerror or e}); continuing without it")
         return False
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary name, then a rename); raises OSError."""
-    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``data`` to ``path`` whole (:func:`badprune.atomic.write_bytes`); raises OSError."""
+    atomic.write_bytes(path, data)
 
 
-def write_json(path, obj):
-    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_bytes`); raises OSError."""
-    write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
+def write_json(path, obj, fsync: bool = False):
+    """Write ``obj`` as the cache's JSON to ``path`` whole (:func:`badprune.atomic.write_json`); raises OSError."""
+    atomic.write_json(path, obj, fsync=fsync, indent=1, default=str)
+
+
+def stacked(sizes: dict, row_shape) -> tuple:
+    """One float32 array for the activations of several sets, evaluated together (filled set by set in place, no
+    concatenation copy): ``(F, {set: slice of its rows})`` for ``sizes`` {set: rows}, in their order. Raises
+    MemoryError when it does not fit."""
+    bounds, lo = {}, 0
+    for k, n in sizes.items():
+        bounds[k] = slice(lo, lo + int(n))
+        lo += int(n)
+    return np.empty((lo,) + tuple(row_shape), np.float32), bounds
 
 
 def best_scale(accs: dict) -> str:

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 from prune_ext import _convert
 
+from . import atomic
 from .errors import BadpruneError, short
 
 
@@ -335,17 +336,11 @@ def write_lab_h5(path, images_nhwc, labels, dtype=np.float32, chunk=1024):
     images_nhwc = np.asarray(images_nhwc)
     labels = np.asarray(labels)
     n = images_nhwc.shape[0]
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            shape = (n, images_nhwc.shape[3], images_nhwc.shape[1], images_nhwc.shape[2])
-            d = f.create_dataset("data", shape=shape, dtype=dtype,
-                                 chunks=(min(max(n, 1), 256),) + shape[1:] if n else None)
-            for lo in range(0, n, chunk):
-                d[lo:lo + chunk] = images_nhwc[lo:lo + chunk].transpose(0, 3, 1, 2).astype(dtype)
-            f.create_dataset("label", data=labels.astype(np.float64))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        shape = (n, images_nhwc.shape[3], images_nhwc.shape[1], images_nhwc.shape[2])
+        d = f.create_dataset("data", shape=shape, dtype=dtype,
+                             chunks=(min(max(n, 1), 256),) + shape[1:] if n else None)
+        for lo in range(0, n, chunk):
+            d[lo:lo + chunk] = images_nhwc[lo:lo + chunk].transpose(0, 3, 1, 2).astype(dtype)
+        f.create_dataset("label", data=labels.astype(np.float64))
     return path

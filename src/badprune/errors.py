@@ -1,7 +1,9 @@
 """The one error type every user-facing failure raises (the CLI turns it into one line and exit 2), and warnings.
 
-Errors: :class:`BadpruneError` ``(what, file, fix)``. The CLI prints ``error: <what> (<file>): <how to fix>`` on
-one line and exits 2; any other exception is an internal fault (one line, exit 1; ``--debug`` shows the traceback).
+Errors: :class:`BadpruneError` ``(what, file, fix)``; :class:`ParamError`, one of them, for a bad parameter (it
+names the parameter, ``param``, and each front end words it: flags on the command line, keys in a manifest). The
+CLI prints ``error: <what> (<file>): <how to fix>`` on one line and exits 2; any other exception is an internal
+fault (one line, exit 1; ``--debug`` shows the traceback).
 
 Warnings: something suspicious that does not stop the run and never changes its results (e.g. a base accuracy
 under 50 %, an attack success rate that would be meaningless) is reported with :func:`warn`, which issues a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import string
 import sys
 import unicodedata
 import warnings
@@ -63,6 +66,49 @@ class BadpruneError(Exception):
         if self.fix:
             s += f": {printable(self.fix)}"
         return s
+
+
+class _Spelling(string.Formatter):
+    """Fills :class:`ParamError`'s templates: ``{name}`` is a parameter's name and ``{name=value}`` an example
+    setting of it, both as ``spell(name, value)`` (value None for a bare name). The whole field is the parameter
+    (values may hold dots)."""
+
+    def __init__(self, spell):
+        super().__init__()
+        self.spell = spell
+
+    def get_field(self, field_name, args, kwargs):
+        name, eq, value = field_name.partition("=")
+        return self.spell(name, value if eq else None), field_name
+
+
+def python_spelling(name: str, value: str | None) -> str:
+    """A parameter as a Python caller writes it: ``fine_tune_epochs``, ``fine_tune_epochs=10``."""
+    return name if value is None else f"{name}={value}"
+
+
+class ParamError(BadpruneError):
+    """A bad parameter value. ``param`` is the parameter's name (a keyword argument of the API, e.g.
+    ``fine_tune_epochs``); ``what`` and ``fix`` are templates that name parameters as ``{name}`` and example
+    settings as ``{name=value}`` (value as a Python literal; literal braces doubled), so each front end words the
+    message in its own terms with :meth:`spelled` (the CLI's flags, the zoo's TOML keys), without parsing text.
+    Raised spelled for Python callers (:func:`python_spelling`)."""
+
+    def __init__(self, param: str, what: str, fix: str | None = None, file: str | None = None,
+                 spell=python_spelling):
+        self.param = param
+        self.template = (what, fix)
+        fill = _Spelling(spell).format
+        super().__init__(fill(what), file, None if fix is None else fill(fix))
+
+    def spelled(self, spell) -> "ParamError":
+        """The same error worded by ``spell(name, value)`` (value None for a bare name)."""
+        return ParamError(self.param, *self.template, file=self.file, spell=spell)
+
+
+def literal(v) -> str:
+    """A value to put inside a :class:`ParamError` template as text (its braces doubled)."""
+    return str(v).replace("{", "{{").replace("}", "}}")
 
 
 def short(e: BaseException, limit: int = 200) -> str:

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import atomic
 from ._console import quiet_fds
 from .errors import BadpruneError
-from .runfiles import EXPORT_JSON, TFLITE_DIR, fmt_x, model_stem, read_run, tflite_filename
+from .runfolder import EXPORT_JSON, TFLITE_DIR, fmt_x, model_stem, read_run, tflite_filename
 
 QUANTIZE = ("none", "float16", "int8")
 #: default minimum label agreement (percent) between an exported model and its Keras model
@@ -40,11 +40,11 @@ CALIBRATION_IMAGES = 300
 
 
 @dataclass
-class ExportRecord:
+class Exported:
     """One exported file and how well it agrees with its Keras model."""
 
     x: float
-    kind: str                  # a name of badprune.runfiles.MODEL_KINDS
+    kind: str                  # a name of badprune.runfolder.MODEL_KINDS
     quantize: str
     path: str
     bytes: int
@@ -179,7 +179,7 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
                check_images: int = CHECK_IMAGES, valid=None, poisoned=None, thresholds=None, threads=None,
                log=None) -> list:
     """Export every reached X of a run (or only ``thresholds``) to ``<run_dir>/tflite``; see the module docstring.
-    Returns the :class:`ExportRecord` list. Raises :class:`BadpruneError` when a file's agreement is below
+    Returns the :class:`Exported` list. Raises :class:`BadpruneError` when a file's agreement is below
     ``min_agreement`` and not ``allow_lossy`` (then nothing is written)."""
     say = log or (lambda m: None)
     if quantize not in QUANTIZE:
@@ -208,10 +208,10 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
         raise BadpruneError("the run names no validation set", run_dir, "pass --valid valid.h5")
 
     out_dir = os.path.join(str(run_dir), TFLITE_DIR)
-    tmp = os.path.join(str(run_dir), f".tflite.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.temp_name(out_dir)  # the new files, moved in one by one once all are checked
+    atomic.remove(tmp)
     os.makedirs(tmp)
-    records = []
+    exported = []
     try:
         sets = None
         for t in reached:
@@ -235,12 +235,12 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
                 with open(path, "wb") as f:
                     f.write(blob)
                 agree, n = agreement(model, path, sets, threads=threads)
-                rec = ExportRecord(x, kind, quantize, os.path.join(out_dir, name), len(blob), agree, n,
-                                   time.perf_counter() - t0)
-                records.append(rec)
+                done = Exported(x, kind, quantize, os.path.join(out_dir, name), len(blob), agree, n,
+                                time.perf_counter() - t0)
+                exported.append(done)
                 say(f"{name}: {len(blob) / 1e6:.2f} MB, label agreement with the Keras model: "
                     + ", ".join(f"{k} {v:.2f}% of {n[k]}" for k, v in agree.items()))
-        bad = [r for r in records if r.worst < float(min_agreement)]
+        bad = [r for r in exported if r.worst < float(min_agreement)]
         if bad and not allow_lossy:
             r = bad[0]
             worst = min(r.agreement, key=r.agreement.get)
@@ -249,18 +249,18 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
                 f"{r.agreement[worst]:.2f}% of {r.images[worst]} {worst} images (< {float(min_agreement):g}%)",
                 run_dir, "pass --allow-lossy to write it anyway, or use --quantize float16 or none")
         os.makedirs(out_dir, exist_ok=True)
-        for r in records:
+        for r in exported:
             os.replace(os.path.join(tmp, os.path.basename(r.path)), r.path)
-        _update_index(out_dir, records)
+        _update_index(out_dir, exported)
     except OSError as e:
         raise BadpruneError(f"cannot write the export ({e.strerror or e})", run_dir,
                             "check free space and permissions") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return records
+        atomic.remove(tmp)
+    return exported
 
 
-def _update_index(out_dir, records):
+def _update_index(out_dir, exported):
     p = os.path.join(out_dir, EXPORT_JSON)
     try:
         with open(p, encoding="utf-8") as f:
@@ -269,24 +269,20 @@ def _update_index(out_dir, records):
             index = {}
     except (OSError, ValueError):
         index = {}
-    for r in records:
+    for r in exported:
         d = asdict(r)
         d["path"] = os.path.basename(r.path)
         index[d["path"]] = d
-    tmp = f"{p}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(sorted(index.items())), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, p)
+    atomic.write_text(p, json.dumps(dict(sorted(index.items())), indent=1) + "\n")
 
 
-def format_records(records) -> str:
+def format_exported(exported) -> str:
     """A small table of exported files."""
-    sets = sorted({k for r in records for k in r.agreement}, key=lambda s: (s != "valid", s))
+    sets = sorted({k for r in exported for k in r.agreement}, key=lambda s: (s != "valid", s))
     head = ["file", "size"] + [f"agree {s}" for s in sets]
     rows = [[os.path.basename(r.path), f"{r.bytes / 1e6:.2f} MB"] + [f"{r.agreement[s]:.2f}%"
                                                                      if s in r.agreement else "-" for s in sets]
-            for r in records]
+            for r in exported]
     widths = [max(len(str(row[i])) for row in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [head] + rows]

@@ -22,8 +22,8 @@ Engines (``engine=``):
   its own thread. Within ~1e-6 (relative) of Keras.
 * ``predict``: ``keras.Model.predict`` per batch (the reference).
 
-Cache entries (:mod:`badprune.cache`) live in :func:`default_cache_dir` (or ``cache_dir``): ``<key>.npy`` plus a
-JSON completion marker ``<key>.json`` written after it, holding the array's CRC-32; an entry without a marker, or
+Cache entries (:mod:`badprune.cache`) live in :func:`default_cache_dir` (or ``cache_dir``): ``act-<key>.npy`` plus
+a JSON completion marker ``act-<key>.json`` written after it, holding the array's CRC-32; an entry without a marker, or
 whose marker, file size or checksum disagrees (a value changed on disk) is rebuilt, the last with a one-line
 warning. :func:`detect_scale` keeps its decision (and the accuracies behind it) in ``scale-<key>.json`` beside them.
 """
@@ -47,7 +47,8 @@ from ._console import progress as stage_progress, quiet_fds
 from . import cache
 from .errors import BadpruneError, warn
 from .models import model_digest
-from .runfiles import SCALES, cache_home, cpu_count, scale_value
+from .options import SCALES, scale_value
+from ._env import cache_home, cpu_count
 
 ENGINES = ("tf", "tf-function", "tf-serial", "tf-xla", "litert", "predict")
 DEFAULT_ENGINE = cache.DEFAULT_ENGINE
@@ -63,7 +64,7 @@ CHECK_NONZEROS = 256
 
 
 def default_cache_dir() -> str:
-    """Where activations are cached by default: :func:`badprune.runfiles.cache_home`."""
+    """Where activations are cached by default: :func:`badprune._env.cache_home`."""
     return cache_home()
 
 
@@ -105,9 +106,12 @@ class _Runner:
         self.input_shape = tuple(int(s) for s in shape)
         self.native = None  # the native trunk while it is used or checked (engine tf)
         self._lock = threading.Lock()
+        #: how a batch runs (:meth:`__call__`): 'tf' (the traced function), 'checking' (the native trunk on the
+        #: batch sizes proven equal to TensorFlow, :meth:`_checking_call`), 'litert' or 'predict'
+        self.path = "predict"
         if engine.startswith("tf"):
             self._fn = None  # the traced function, built on first use
-            self._call = self._tf_call
+            self.path = "tf"
             if engine == "tf":
                 from .trunk import compile_trunk
 
@@ -121,15 +125,13 @@ class _Runner:
                 self._check_lock = threading.Lock()
                 self._proven = set()  # batch sizes on which the native trunk reproduced TensorFlow
                 self._blank = None  # its output for a blank image (a check must differ from it to count)
-                self._call = self._checking_call
+                self.path = "checking"
         elif engine == "litert":
             self._blob = self._convert_litert(net)
             self._pool: queue.Queue = queue.Queue()
             for _ in range(self.workers):
                 self._pool.put(self._new_interpreter())
-            self._call = self._litert_call
-        else:
-            self._call = lambda x: np.asarray(net.predict(x, batch_size=len(x), verbose=0))
+            self.path = "litert"
 
     _tf_slots = contextlib.nullcontext()
 
@@ -156,7 +158,7 @@ class _Runner:
         return out
 
     def _drop_native(self) -> None:
-        self.native, self._proven, self._call = None, set(), self._tf_call
+        self.native, self._proven, self.path = None, set(), "tf"
 
     def prepare(self) -> None:
         """Before a pass: the native trunk reads the model's current weights (dropped for TensorFlow if one is not
@@ -189,13 +191,13 @@ class _Runner:
                         self._proven.add(len(x))
                     return y
                 self._drop_native()
-        return self._call(x)
+        return self._run_batch(x)
 
     @property
     def trunk_kind(self) -> str:
         """What computed the activations: 'native' (prune_ext's trunk, on the batch sizes it was checked on; the
         others ran TensorFlow's kernels) or the engine's own."""
-        return "native" if self._call == self._checking_call and self._proven else self.engine
+        return "native" if self.path == "checking" and self._proven else self.engine
 
     @staticmethod
     def _convert_litert(net):
@@ -235,8 +237,17 @@ class _Runner:
         finally:
             self._pool.put(slot)
 
+    def _run_batch(self, x):
+        if self.path == "checking":
+            return self._checking_call(x)
+        if self.path == "tf":
+            return self._tf_call(x)
+        if self.path == "litert":
+            return self._litert_call(x)
+        return np.asarray(self.net.predict(x, batch_size=len(x), verbose=0))
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._call(np.ascontiguousarray(x, dtype=np.float32))
+        return self._run_batch(np.ascontiguousarray(x, dtype=np.float32))
 
     def run(self, dataset, batch_size, scale, out, start=0, stop=None, on_batch=None):
         """Fill ``out[i - start]`` for images [start, stop) of ``dataset``; reading overlaps computing.
@@ -355,7 +366,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
             out: np.ndarray | None = None):
     """Activations of ``layer`` over every image of ``dataset`` (pixels times ``scale``), float32 (N, H, W, C).
 
-    ``scale`` is a name of :data:`badprune.runfiles.SCALES` or a number; ``batch_size`` images per trunk call (at
+    ``scale`` is a name of :data:`badprune.options.SCALES` or a number; ``batch_size`` images per trunk call (at
     most :data:`MAX_BATCH`). With ``cache_dir`` the result is cached on
     disk. With ``return_info`` returns ``(array, {'cached', 'seconds', 'img_per_s', 'engine', 'path'})``.
     ``out``: a C-contiguous float32 array of the result's shape to write into (e.g. a slice of a larger array).

@@ -1,5 +1,6 @@
-"""GoodNet as one Keras graph, and loading / running any of B, B'_X and G_X.
+"""GoodNet G_X of a sweep's result, and loading / running any of B, B'_X and G_X.
 
+The graph itself is built in :mod:`badprune.models.goodnet` (below the cache, which keeps its template):
 ``build_goodnet(B, layer, channels)`` returns G_X as a single functional model::
 
     input -> B's trunk up to the prune layer (computed once)
@@ -13,7 +14,7 @@ has the channels' kernel and bias zeroed, :func:`badprune.models.prune_model`): 
 layer through zero-keeping per-channel ops only, so they are exactly 0 there either way. Both heads use the same
 layer objects (shared weights, stored once).
 
-The model has one output, named ``goodnet_scores`` (:data:`badprune.runfiles.GOODNET_OUTPUT`): float32
+The model has one output, named ``goodnet_scores`` (:data:`badprune.models.kinds.GOODNET_OUTPUT`): float32
 (n, N + 1), B's class probabilities with a 0 appended where B and B'_X agree, the one-hot vector of class N where
 they differ. Its argmax is the GoodNet's label in [0, N], so the lab's ``eval.py``
 (``np.argmax(model.predict(x), axis=1)``) runs on the file unchanged and gets G_X's labels.
@@ -25,7 +26,7 @@ squeeze, equal, where, ...; argmax is written as top_k with k=1, which LiteRT ru
 ``keras.models.load_model`` opens them with ``safe_mode`` on and without badprune installed. :func:`load` is
 badprune's safe loader for all three kinds (B, B'_X, G_X).
 
-How a model is told apart (:func:`model_kind`, :func:`badprune.runfiles.kind_from_shapes`): an output named
+How a model is told apart (:func:`model_kind`, :func:`badprune.models.kinds.kind_from_shapes`): an output named
 ``goodnet_scores...`` is a GoodNet's, with N = its width - 1 (older two-output GoodNets: a rank-1 label output). Any
 other single (n, K) output is a classifier (B or B'_X) with N = K, unless the caller says it is a GoodNet
 (``goodnet=True``: N = K - 1, label = argmax).
@@ -37,112 +38,13 @@ import os
 import numpy as np
 
 from .errors import BadpruneError
-from .runfiles import Kind, kind_from_shapes, labels_from_outputs  # noqa: F401  (the vocabulary of model kinds)
-from .runfiles import GOODNET_OUTPUT, fmt_x, goodnet_filename, model_stem
-
-
-def _keras():
-    """Keras (and TensorFlow), imported on first use, with a clear error when TensorFlow is missing."""
-    try:
-        from . import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
-        import keras
-    except ImportError as e:
-        raise BadpruneError(f"Keras models need TensorFlow, which is not installed ({e})",
-                            fix="export the model to .tflite (badprune-fast export) and run that, or install "
-                                "tensorflow") from None
-    return keras
+from .models.goodnet import build_goodnet, import_keras, sweep_template  # noqa: F401  (the graph: models/goodnet.py)
+from .models.kinds import Kind, kind_from_shapes, labels_from_outputs  # noqa: F401  (the vocabulary of model kinds)
+from .runfolder import fmt_x, goodnet_filename, model_stem
 
 
 # --------------------------------------------------------------------------------------------------------------
 # building
-
-
-def _ends_in_softmax(model) -> bool:
-    hist = getattr(model.outputs[0], "_keras_history", None)
-    if hist is None:
-        return False
-    op = hist[0]
-    if type(op).__name__ == "Softmax":
-        return True
-    act = getattr(op, "activation", None)
-    return getattr(act, "__name__", None) == "softmax"
-
-
-def _argmax(t):
-    """argmax over the last axis as top_k(k=1) (the lowest index wins ties, like numpy). ``keras.ops.argmax`` on
-    floats adds a negative-zero fix (a bitwise AND) that LiteRT has no builtin kernel for."""
-    ops = _keras().ops
-    _, idx = ops.top_k(t, k=1)
-    return ops.squeeze(idx, axis=-1)
-
-
-def build_goodnet(model, layer: str, channels, name: str | None = None, repaired=None,
-                  shared_trunk: bool = True):
-    """G(B, B') as one graph: B's trunk once, B's head and B's head after a 0/1 channel mask.
-
-    With ``repaired`` (a network R_X derived from B with ``channels`` pruned), the second head is R_X's instead:
-    R_X's head after the mask when ``shared_trunk`` (its trunk is B's, as after head fine-tuning), else all of
-    R_X run on the input next to B.
-
-    Parameters
-    ----------
-    model : keras.Model
-        B (not modified).
-    layer : str
-        The prune layer.
-    channels : sequence of int
-        The channels of ``layer`` pruned in B'.
-    name : str, optional
-        The model's name.
-
-    Returns
-    -------
-    keras.Model
-        One output, ``goodnet_scores`` (n, N + 1), whose argmax is the label (see the module docstring).
-    """
-    return _build(model, layer, channels, name, repaired, shared_trunk)[0]
-
-
-def _build(model, layer, channels, name, repaired, shared_trunk) -> tuple:
-    """(:func:`build_goodnet`'s model, the name of its mask layer)."""
-    if len(model.inputs) != 1:
-        raise BadpruneError(f"the model has {len(model.inputs)} inputs", fix="use a model with one image input")
-    keras = _keras()
-    from .models import prune_output, surgery, trace
-    from .models import num_classes as _num_classes
-
-    _num_classes(model)  # a classifier with one (batch, classes) output
-    Bc = surgery.clone(model)
-    start = prune_output(Bc, layer)
-    C = int(start.shape[-1])
-    chans = surgery.check_channels(channels, C, layer)
-    existing = {l.name for l in Bc.layers}
-    mask_layer = surgery.mask_layer(surgery.unique_name(existing, f"{layer}_prune_mask"))
-    masked = mask_layer(start)
-    surgery.set_mask(mask_layer, surgery.channel_mask(C, chans))
-
-    ops = keras.ops
-    p_b = Bc.outputs[0]
-    if repaired is None:
-        p_p = surgery.replay(trace(p_b, start, layer), start, masked)[id(p_b)]
-    else:
-        def rename(n):
-            return surgery.unique_name(existing, f"repaired_{n}")
-
-        r_out = repaired.outputs[0]
-        if shared_trunk:
-            r_start = prune_output(repaired, layer)
-            p_p = surgery.replay(trace(r_out, r_start, layer), r_start, masked, rename)[id(r_out)]
-        else:
-            r_in = repaired.inputs[0]
-            p_p = surgery.replay(trace(r_out, r_in, layer), r_in, Bc.inputs[0], rename)[id(r_out)]
-    agree = ops.equal(_argmax(p_b), _argmax(p_p))
-    probs = p_b if _ends_in_softmax(Bc) else \
-        keras.layers.Softmax(name=surgery.unique_name(existing, "goodnet_softmax"))(p_b)
-    a = ops.cast(ops.expand_dims(agree, -1), probs.dtype)
-    scores = keras.layers.Concatenate(axis=-1, name=surgery.unique_name(existing, GOODNET_OUTPUT))(
-        [ops.multiply(probs, a), ops.subtract(1.0, a)])
-    return keras.Model(Bc.inputs, scores, name=name or "goodnet"), mask_layer.name
 
 
 def from_sweep(result, x):
@@ -150,20 +52,9 @@ def from_sweep(result, x):
     t = result.threshold(x)
     if not t.reached:
         raise BadpruneError(f"threshold {fmt_x(x)} was never reached: there is no G_{fmt_x(x)}")
-    if result.model is None:
+    if result.get_model() is None:
         raise BadpruneError("the sweep result holds no model")
     return build_goodnet(result.model, result.layer, t.channels, name=goodnet_filename(x, ""))
-
-
-def sweep_template(model, layer: str, name: str | None = None) -> tuple:
-    """One G graph of ``model`` (B) pruning ``layer`` from which every G_X differs only in its 0/1 mask (and
-    name): ``(template, Patch)`` (:class:`badprune.models.channels.Patch`, rule 'mask'), for
-    :func:`badprune.models.save_variants` / :func:`badprune.models.saving.write_variants`."""
-    from .models.channels import Patch
-
-    template, mask_name = _build(model, layer, [], name, None, True)
-    n = int(template.get_layer(mask_name).get_weights()[0].shape[2])
-    return template, Patch(mask_name, "mask", n)
 
 
 def sweep_variants(result, xs) -> tuple:
@@ -171,7 +62,7 @@ def sweep_variants(result, xs) -> tuple:
     ``(template, [(name, {mask layer name: [mask weights]})])`` for :func:`badprune.models.save_variants`. The
     graph is built once (:func:`sweep_template`, named as the first G_X): G_X differ only in their 0/1 mask (and
     name)."""
-    if result.model is None:
+    if result.get_model() is None:
         raise BadpruneError("the sweep result holds no model")
     ts = [result.threshold(x) for x in xs]
     template, patch = sweep_template(result.model, result.layer, goodnet_filename(xs[0], ""))
@@ -181,7 +72,7 @@ def sweep_variants(result, xs) -> tuple:
 def from_repaired(result, rep):
     """The GoodNet of B and R_X (a :class:`badprune.repair.Repaired` of ``result``): B's label where B and R_X
     agree, else N."""
-    return build_goodnet(result.model, result.layer, rep.channels, name=model_stem(rep.x, "goodnet_repaired"),
+    return build_goodnet(result.get_model(), result.layer, rep.channels, name=model_stem(rep.x, "goodnet_repaired"),
                          repaired=rep.model, shared_trunk=rep.mode != "full")
 
 
@@ -190,7 +81,7 @@ def from_repaired(result, rep):
 
 
 def model_kind(model, goodnet: bool = False, num_classes: int | None = None) -> Kind:
-    """The :class:`~badprune.runfiles.Kind` of a Keras model (from its output shapes and names)."""
+    """The :class:`~badprune.models.kinds.Kind` of a Keras model (from its output shapes and names)."""
     return kind_from_shapes([tuple(o.shape) for o in model.outputs], goodnet, num_classes,
                             names=list(getattr(model, "output_names", None) or []))
 
@@ -198,7 +89,7 @@ def model_kind(model, goodnet: bool = False, num_classes: int | None = None) -> 
 def load(path, trust: bool = False, weights=None, arch=None):
     """Load B, B'_X or G_X safely: :func:`badprune.models.load_model`, also accepting a GoodNet's ``keras.ops``
     nodes (``weights`` + ``arch`` without ``path`` build the lab's architecture)."""
-    _keras()
+    import_keras()
     from .models import load_model
 
     if path is None:
@@ -214,7 +105,7 @@ def load(path, trust: bool = False, weights=None, arch=None):
 
 def predict_fn(model):
     """A traced function running ``model`` on a float32 NHWC batch (returns a list of tensors)."""
-    _keras()
+    import_keras()
     import tensorflow as tf
 
     shape = (None,) + tuple(int(s) for s in model.inputs[0].shape[1:])

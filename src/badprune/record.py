@@ -15,14 +15,15 @@ that compiles heads and writes models. Its files, in the cache folder:
   the first run that saves models (:meth:`ModelRecord.model_template`); each B'_X / G_X is written from them with
   h5py alone (:func:`badprune.models.saving.write_variants`).
 
-A sweep (:func:`badprune.sweep.run`) writes the record once its activations are cached; the next one
-:func:`load`\ s it and :func:`find_warm` finds the scale decision and activation entries it keys, and reads the
+A sweep (:func:`badprune.sweep.stages`) writes the record once its activations are cached; the next one
+reads it (:func:`load`) and :func:`find_warm` finds the scale decision and activation entries it keys, and reads the
 activations. A damaged record (any checksum or structure mismatch) is reported in one line and the sweep runs the
 normal way, writing it again. Heads that fall back to TensorFlow are not recorded.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -37,7 +38,8 @@ import numpy as np
 
 from . import cache
 from .errors import BadpruneError, warn
-from .runfiles import SCALES, fixed_scale, versions
+from .options import SCALES, fixed_scale
+from ._env import versions
 
 KINDS = ("bprime", "goodnet")
 #: the modules whose code shapes a record (a change to any of them makes old records unused)
@@ -61,20 +63,16 @@ def _file_sha256(path) -> str:
     return h.hexdigest()
 
 
-_code_digest = None
-
-
+@functools.cache
 def _code() -> str:
-    global _code_digest
-    if _code_digest is None:
-        h = hashlib.sha256()
-        root = Path(__file__).parent
-        for name in _CODE:
-            files = sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
-            for p in files:
-                h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
-        _code_digest = h.hexdigest()
-    return _code_digest
+    """The digest of the code a record depends on (:data:`_CODE`), computed once per process."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for name in _CODE:
+        files = sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
+        for p in files:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def source_key(model=None, weights=None, arch=None, trust=False, layer=None) -> str | None:
@@ -205,12 +203,10 @@ def _read_checked(path, entry: dict) -> bytes:
 class ModelRecord:
     """One record, read (:func:`load`, in ``seconds``) or just written (:func:`save`): ``digest``,
     ``num_classes``, ``layer``, ``conv_layer``, ``input_shape``, ``head`` (a :class:`badprune.head.Head` without a
-    Keras model); ``source``, :func:`badprune.models.load_model`'s arguments for B, is set by the caller that may
-    need B (:meth:`load_model`)."""
+    Keras model). B itself is loaded by :meth:`load_model` from the source the caller gives."""
 
     def __init__(self, stem: str, doc: dict, head, seconds: float = 0.0):
         self.stem, self.doc, self.head, self.seconds = stem, doc, head, seconds
-        self.source = None
         self.digest = doc["digest"]
         self.num_classes = int(doc["num_classes"])
         self.layer = doc["layer"]
@@ -221,14 +217,15 @@ class ModelRecord:
         self.doc["crc32"] = _doc_crc(self.doc)
         cache.write_json(self.stem + ".json", self.doc)
 
-    def load_model(self):
-        """B loaded from its file (``source``; Keras), checked to be the model this record is about."""
+    def load_model(self, source: dict):
+        """B loaded from its file (``source``: :func:`badprune.models.load_model`'s keywords; Keras), checked to be
+        the model this record is about."""
         from .models import load_model, model_digest
 
-        B = load_model(**self.source)
+        B = load_model(**source)
         if model_digest(B) != self.digest:
             raise BadpruneError("the model file changed since the sweep ran",
-                                self.source.get("model") or self.source.get("weights"), "run the sweep again")
+                                source.get("model") or source.get("weights"), "run the sweep again")
         return B
 
     def model_template(self, kind: str, get_model):
@@ -271,7 +268,7 @@ class ModelRecord:
 
                 tm, patch = prune_template(model, self.layer)
             else:
-                from .goodnet import sweep_template
+                from .models.goodnet import sweep_template
 
                 tm, patch = sweep_template(model, self.layer, "goodnet")
         except BadpruneError as e:
@@ -398,7 +395,7 @@ def find_warm(cache_dir, rec: ModelRecord, sets: dict, scale) -> Warm | None:
     else:
         name, value = fixed_scale(scale)
     seconds["scale"] = time.perf_counter() - t
-    entries, bounds, lo = {}, {}, 0
+    entries = {}
     shape = tuple(rec.head.input_shape)
     for k, dset in ds.items():
         akey = cache.cache_key(rec.digest, rec.layer, dset, value, cache.DEFAULT_ENGINE)
@@ -406,10 +403,8 @@ def find_warm(cache_dir, rec: ModelRecord, sets: dict, scale) -> Warm | None:
         if not cache.has_entry(npy, marker, akey, (dset.n,) + shape):
             return None
         entries[k] = (npy, marker, akey)
-        bounds[k] = slice(lo, lo + dset.n)
-        lo += dset.n
     try:
-        F = np.empty((lo,) + shape, np.float32)
+        F, bounds = cache.stacked({k: dset.n for k, dset in ds.items()}, shape)
     except MemoryError:
         return None
     info = {}

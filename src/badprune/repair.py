@@ -41,7 +41,7 @@ import numpy as np
 from .errors import BadpruneError
 from .invert import HOLDOUT, holdout_split  # noqa: F401  (the clean split, shared with the scan)
 
-MODES = ("unlearn", "head", "full")
+from .options import FINE_TUNE_MODES as MODES  # noqa: E402,F401  (the fine-tuning modes)
 #: the mode ``--fine-tune`` without a value runs (how it was chosen: the README's Repair section)
 RECOMMENDED = "unlearn"
 #: the recipe per mode: epochs, peak learning rate, batch size, AdamW weight decay, distillation weight and
@@ -86,38 +86,22 @@ class Repaired:
 
 
 def check_args(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
-    """The fine-tuning settings, checked: the recipe of ``mode`` (:data:`DEFAULTS`) with ``epochs``, ``lr``,
-    ``seed`` and ``reset`` applied.
+    """The fine-tuning settings, checked (:func:`badprune.options.check_fine_tune`): :func:`recipe`."""
+    from .options import check_fine_tune
 
-    Raises :class:`BadpruneError` naming the flag for an unknown mode, epochs < 1, or a learning rate that is not a
-    positive number.
-    """
-    if mode not in MODES:
-        raise BadpruneError(f"unknown fine-tuning mode '{mode}'", fix="use --fine-tune unlearn, head or full")
+    return recipe(**check_fine_tune(mode, epochs, lr, seed), reset=reset)
+
+
+def recipe(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
+    """The fine-tuning settings: the recipe of ``mode`` (:data:`DEFAULTS`) with ``epochs``, ``lr``, ``seed`` and
+    ``reset`` applied; the values as :func:`badprune.options.check_fine_tune` checked them."""
     p = dict(DEFAULTS[mode], mode=mode, reset=bool(reset))
     if epochs is not None:
-        try:
-            e = int(epochs)
-        except (TypeError, ValueError):
-            e = 0
-        if e < 1 or e != epochs:
-            raise BadpruneError(f"--fine-tune-epochs must be a whole number of at least 1, got {epochs}",
-                                fix="e.g. --fine-tune-epochs 10")
-        p["epochs"] = e
+        p["epochs"] = epochs
     p["backoff"] = lr is None
     if lr is not None:
-        try:
-            v = float(lr)
-        except (TypeError, ValueError):
-            v = float("nan")
-        if not np.isfinite(v) or v <= 0 or v > 1:
-            raise BadpruneError(f"--fine-tune-lr must be a positive learning rate (at most 1), got {lr}",
-                                fix="e.g. --fine-tune-lr 3e-3")
-        p["lr"] = v
-    try:
-        p["seed"] = int(seed)
-    except (TypeError, ValueError):
-        raise BadpruneError(f"--seed must be a whole number, got {seed!r}") from None
+        p["lr"] = lr
+    p["seed"] = seed
     return p
 
 
@@ -167,8 +151,9 @@ def _with_reset(R, layer, cap, mean):
     return insert_after(R, layer, reset)
 
 
-def _pct(a, b):
-    return 100.0 * float(np.mean(a == b)) if len(b) else None
+def _accuracy(labels, truth) -> float | None:
+    """Percent of ``labels`` equal to ``truth`` (None when there are none)."""
+    return 100.0 * float(np.mean(labels == truth)) if len(truth) else None
 
 
 def _info(p, tried, F_hold, stats, t0):
@@ -235,7 +220,8 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
     only decides). ``shared``: a dict kept across the thresholds of one sweep (same ``F_valid``), holding B's soft
     targets and the traced trainers, which do not depend on X.
     """
-    from ._train import HeadTrainer, head_model, predict_logits, seed_all, soft_targets
+    from ._tf import seed_all
+    from ._train import HeadTrainer, head_model, predict_logits, soft_targets
     from .head import compile_head
     from .models import channel_mask, prune_model
 
@@ -256,7 +242,7 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
     shifts = _unlearn_shifts(model, layer, np.asarray(F_valid[tr], np.float32), Xm[tr], y_valid[tr], keep, p,
                              shared) if p.get("unlearn") else None
     Fh, yh = Xm[ho], y_valid[ho]
-    b_prime = _pct(compile_head(model, layer).labels(Fh), yh)
+    b_prime = _accuracy(compile_head(model, layer).labels(Fh), yh)
     tried = []
     for lr, wd in _attempts(p, len(tr), K):
         p.update(lr=lr, weight_decay=wd)
@@ -276,7 +262,7 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
             hold = compile_head(R, layer + RESET_SUFFIX).labels(apply_reset(Fh, *stats))
         else:
             hold = compile_head(R, layer).labels(Fh)
-        acc = _pct(hold, yh)
+        acc = _accuracy(hold, yh)
         tried.append({"lr": lr, "weight_decay": wd, "loss": losses, "holdout": int(len(yh)), "holdout_acc": acc,
                       "holdout_b_prime": b_prime})
         if acc is None or b_prime is None or acc >= b_prime - TOLERANCE:
@@ -294,7 +280,8 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
     """R_X by the full mode: all of B'_X trained on the clean validation images ``X_valid`` (scaled float32
     NHWC); the pruned channels' producing convolution is re-zeroed after every batch. Returns ``(R_X, info,
     reset statistics or None)``."""
-    from ._train import fit, keras_, predict_logits, seed_all
+    from ._tf import seed_all
+    from ._train import fit, keras_, predict_logits
     from .features import trunk
     from .models import conv_producer, prune_model
 
@@ -328,7 +315,7 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
             if progress is not None:
                 progress(f"fine-tune full: epoch {epoch + 1}/{p['epochs']} (loss {(logs or {}).get('loss', 0):.4f})")
 
-    b_prime = _pct(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
+    b_prime = _accuracy(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
     losses = fit(R, X_valid[tr], y_valid[tr], teacher, p, callbacks=[Rezero()])
     trained, R = R, prune_model(model, layer, channels)  # an uncompiled copy holding the trained weights
     R.set_weights(trained.get_weights())
@@ -337,7 +324,7 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
         stats = _reset_stats(trunk(R, layer).predict(X_valid[tr], batch_size=512, verbose=0))
         R = _with_reset(R, layer, *stats)
     Fh = trunk(R, layer).predict(X_valid[ho], batch_size=512, verbose=0)
-    acc = _pct(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
+    acc = _accuracy(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
     tried = [{"lr": p["lr"], "weight_decay": p["weight_decay"], "loss": losses, "holdout": int(len(ho)),
               "holdout_acc": acc, "holdout_b_prime": b_prime}]
     return R, _info(p, tried, Fh, stats, t0), stats
@@ -376,10 +363,10 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
 
     from . import features
     from .head import compile_head
-    from .sweep import step_metrics
+    from .result import step_metrics
 
     say = log or (lambda m: None)
-    B, layer = result.model, result.layer
+    B, layer = result.model, result.layer  # loaded: a repair never follows a warm sweep
     scale = result.config.get("scale_value", 1.0)
     truth = {k: d.labels for k, d in datasets.items()}
     X_valid = datasets["valid"].read(scale) if params["mode"] == "full" else None
@@ -434,7 +421,7 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
     from . import cache, data
     from .models import load_model
     from .report import write_outputs
-    from .runfiles import TFLITE_DIR, read_run
+    from .runfolder import TFLITE_DIR, read_run
     from .result import SweepResult
 
     params = check_args(mode, epochs, lr, seed)
@@ -452,20 +439,19 @@ def repair_run(run_dir, mode: str = "head", epochs=None, lr=None, seed: int = 0,
                             run_dir, "re-run the sweep with --fine-tune instead")
     B = load_model(model=cfg.get("model"), weights=cfg.get("weights"),
                    arch=cfg.get("arch") if cfg.get("weights") else None)
-    result = SweepResult.from_record(run.doc, B)
+    result = SweepResult.from_run(run, B)
     in_shape = tuple(int(v) for v in B.input_shape[1:])
     ds = {k: data.open_dataset(cfg[k], input_shape=in_shape, num_classes=result.num_classes) for k in sets}
-    arrays, bounds, lo = [], {}, 0
+    F = bounds = None
     for k in sets:
         a = cache.load_cached(acts[k])
         if a is None or len(a) != ds[k].n:
             raise BadpruneError(f"the run's cached activations of its {k} set are gone or changed", acts[k],
                                 "re-run the sweep with --fine-tune instead")
-        arrays.append(a)
-        bounds[k] = slice(lo, lo + len(a))
-        lo += len(a)
-    F = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-    del arrays
+        if F is None:
+            F, bounds = cache.stacked({s: ds[s].n for s in sets}, a.shape[1:])
+        F[bounds[k]] = a
+        del a
     t = time.perf_counter()
     result.config["fine_tune"] = dict(params)
     cache_dir = os.path.dirname(acts["valid"])

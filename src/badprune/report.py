@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BadpruneError
-from .runfiles import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN, RESULTS_MD, SWEEP_CSV, SWEEP_JSON,
-                       SWEEP_PNG, fmt_x, goodnet_filename, missing, model_filename, sweep_json_text, table_channel,
-                       table_columns, table_value)
+from .errors import BadpruneError, warn
+from .runfolder import (CHANNELS_PNG, MODELS_DIR, PERCENT_COLUMNS, POISONED_MEAN, RESULTS_MD, SWEEP_CSV,
+                        SWEEP_JSON, SWEEP_PNG, fmt_x, goodnet_filename, json_text, missing, model_filename,
+                        table_channel, table_columns, table_value)
 from .outdir import check_output, staged_folder
 from .result import SweepResult
 
@@ -44,7 +43,7 @@ def _fraction(result: SweepResult, step: int) -> float:
     return float(f)
 
 
-def _pct(v, decimals: int = 2) -> str:
+def _pct_text(v, decimals: int = 2) -> str:
     return "n/a" if missing(v) else f"{float(v):.{decimals}f}%"
 
 
@@ -54,7 +53,7 @@ def _x_unit(result: SweepResult) -> str:
 
 # ---------------------------------------------------------------------------------------------- the outputs
 def sweep_csv(result: SweepResult) -> str:
-    """The per-step table as CSV text (header: :func:`~badprune.runfiles.table_columns`; step 0 has an empty
+    """The per-step table as CSV text (header: :func:`~badprune.runfolder.table_columns`; step 0 has an empty
     channel; missing values empty)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -110,7 +109,7 @@ def _md_table(header, rows) -> list:
 
 
 def _cell(result: SweepResult, col: str, step: int) -> str:
-    return _pct(table_value(result, col, step))
+    return _pct_text(table_value(result, col, step))
 
 
 def _repaired_tables(result: SweepResult) -> list:
@@ -119,12 +118,12 @@ def _repaired_tables(result: SweepResult) -> list:
     mode = result.repaired[0].mode
     lines = [f"## Repaired network R_X (fine-pruning: B'_X with its {'whole network' if mode == 'full' else 'head'}"
              " fine-tuned on clean validation data)", ""]
-    rows = [[fmt_x(r.x), f"{r.step}/{C}", _pct(r.info.get("holdout_best")), _pct(r.row.get("test_acc")),
-             _pct(r.row.get("asr"))] for r in result.repaired]
+    rows = [[fmt_x(r.x), f"{r.step}/{C}", _pct_text(r.info.get("holdout_best")), _pct_text(r.row.get("test_acc")),
+             _pct_text(r.row.get("asr"))] for r in result.repaired]
     lines += _md_table(["X", "channels pruned", "held-out valid acc", "clean test acc", "attack success rate"],
                        rows)
     lines += ["", "## GoodNet of B and R_X (outputs N when B and R_X disagree)", ""]
-    rows = [[fmt_x(r.x)] + [_pct(r.row.get(c)) for c in ("goodnet_test_acc", "goodnet_asr", "goodnet_detection",
+    rows = [[fmt_x(r.x)] + [_pct_text(r.row.get(c)) for c in ("goodnet_test_acc", "goodnet_asr", "goodnet_detection",
                                                            "goodnet_false_alarm")] for r in result.repaired]
     lines += _md_table(["X", "clean test acc", "attack success rate", "detection rate (poisoned -> N)",
                         "false-alarm rate (clean -> N)"], rows)
@@ -145,7 +144,7 @@ def results_markdown(result: SweepResult) -> str:
     lines += _data_lines(result.config or {})
     lines.append("")
 
-    lines += ["## Repaired network B'_X", ""]
+    lines += ["## Pruned network B'_X", ""]
     rows = [["B (base)", 0, "0.0%", _cell(result, "valid_acc", 0), _cell(result, "test_acc", 0),
              _cell(result, "asr", 0)]]
     for t in result.thresholds:
@@ -306,7 +305,7 @@ def format_table(result: SweepResult, thresholds_only: bool = False) -> str:
         ma = table_value(result, "mean_activation", k)
         cells = [str(k), "-" if ch is None else str(ch), "-" if ma is None else f"{float(ma):.4g}",
                  f"{100 * _fraction(result, k):.1f}%"]
-        cells += [_pct(table_value(result, c, k)) for c in PERCENT_COLUMNS]
+        cells += [_pct_text(table_value(result, c, k)) for c in PERCENT_COLUMNS]
         cells.append(("B " if k == 0 else "") + " ".join(marks.get(k, [])))
         lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip())
     unreached = [f"X={fmt_x(t.x)}" for t in result.thresholds if not t.reached]
@@ -335,24 +334,24 @@ def summary_line(result: SweepResult) -> str:
             parts.append(f"X={fmt_x(t.x)}: not reached")
             continue
         k = t.step
-        v = {c: _pct(table_value(result, c, k), 1) for c in ("valid_acc", "test_acc", "asr", "goodnet_test_acc",
+        v = {c: _pct_text(table_value(result, c, k), 1) for c in ("valid_acc", "test_acc", "asr", "goodnet_test_acc",
                                                                 "goodnet_asr")}
         parts.append(f"X={fmt_x(t.x)}: step {k} valid {v['valid_acc']} test {v['test_acc']} ASR {v['asr']} | "
                      f"GoodNet test {v['goodnet_test_acc']} ASR {v['goodnet_asr']}")
     for r in getattr(result, "repaired", None) or []:
-        parts.append(f"R_{fmt_x(r.x)} ({r.mode} fine-tuned): test {_pct(r.row.get('test_acc'), 1)} "
-                     f"ASR {_pct(r.row.get('asr'), 1)}")
+        parts.append(f"R_{fmt_x(r.x)} ({r.mode} fine-tuned): test {_pct_text(r.row.get('test_acc'), 1)} "
+                     f"ASR {_pct_text(r.row.get('asr'), 1)}")
     if parts:
         s += "; " + "; ".join(parts)
     return s
 
 
 # -------------------------------------------------------------------------------------------- write_outputs
-def _from_record(result: SweepResult, kind: str, variants) -> bool:
+def _from_templates(result: SweepResult, kind: str, variants) -> bool:
     """Write ``variants`` ((path, name, channels)) of ``kind`` from the templates in B's cached record (TF-free
     when it holds them; the first time Keras saves them into it); False when the result has no usable record."""
     rec = getattr(result, "model_record", None)
-    got = None if rec is None else rec.model_template(kind, lambda: result.model)
+    got = None if rec is None else rec.model_template(kind, result.get_model)
     if got is None:
         return False
     from .models.saving import write_variants
@@ -369,23 +368,23 @@ def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None
     if not reached:
         return
     folder.mkdir()
-    if not _from_record(result, "bprime", [(folder / model_filename(t.x), None, t.channels) for t in reached]):
+    if not _from_templates(result, "bprime", [(folder / model_filename(t.x), None, t.channels) for t in reached]):
         from .models import prune_variants, save_variants
 
-        template, weights = prune_variants(result.model, result.layer, [t.channels for t in reached])
+        template, weights = prune_variants(result.get_model(), result.layer, [t.channels for t in reached])
         save_variants(template, [(folder / model_filename(t.x), None, w) for t, w in zip(reached, weights)])
     if save_goodnets:
         from .goodnet import sweep_variants
         from .models import save_variants
 
         try:
-            done = _from_record(result, "goodnet", [(folder / goodnet_filename(t.x), goodnet_filename(t.x, ""),
+            done = _from_templates(result, "goodnet", [(folder / goodnet_filename(t.x), goodnet_filename(t.x, ""),
                                                      t.channels) for t in reached])
             if not done:
                 g, per_x = sweep_variants(result, [t.x for t in reached])
         except BadpruneError as e:  # B'_X are still useful without their one-graph GoodNets
             for t in reached:
-                print(f"warning: no {goodnet_filename(t.x)}: {e.line()}", file=sys.stderr)
+                warn(f"no {goodnet_filename(t.x)}: {e.line()}")
         else:
             if not done:
                 save_variants(g, [(folder / goodnet_filename(t.x), name, w) for t, (name, w) in zip(reached, per_x)])
@@ -425,7 +424,7 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
     """
     with staged_folder(out_dir, force, keep) as tmp:
         (tmp / SWEEP_CSV).write_text(sweep_csv(result), encoding="utf-8")
-        (tmp / SWEEP_JSON).write_text(sweep_json_text(result), encoding="utf-8")
+        (tmp / SWEEP_JSON).write_text(json_text(result), encoding="utf-8")
         (tmp / RESULTS_MD).write_text(results_markdown(result), encoding="utf-8")
         plot_sweep(result, tmp / SWEEP_PNG)
         if getattr(result, "poisoned_mean_activation", None) is not None:

@@ -1,12 +1,37 @@
 """What a sweep produced: :class:`SweepResult` (the per-step table, the ranking, B'_X per :class:`Threshold`),
-built by :func:`badprune.sweep.run` or read back from its ``sweep.json`` (:meth:`SweepResult.from_record`)."""
+built by :func:`badprune.sweep.run` or read back from its run folder (:meth:`SweepResult.from_run`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runfiles import COLUMNS, POISONED_MEAN
+from .runfolder import COLUMNS, POISONED_MEAN
+
+
+def percent(hits) -> float:
+    """The share of true values in ``hits`` (a boolean array), in percent; NaN when empty."""
+    return 100.0 * float(np.mean(hits)) if len(hits) else float("nan")
+
+
+def step_metrics(pred: dict, base: dict, truth: dict, num_classes: int) -> dict:
+    """The table's metrics at one step, in percent, from the labels of B'_k (``pred``) and of B (``base``) per set
+    ('valid', and 'test' / 'poisoned' when present) and the sets' stored labels (``truth``).
+
+    GoodNet G = B'_k's label where B and B'_k agree, else N (``num_classes``). Sets that are absent give no key.
+    """
+    out = {"valid_acc": percent(pred["valid"] == truth["valid"])}
+    if "test" in pred:
+        p = pred["test"]
+        g = np.where(p == base["test"], p, num_classes)
+        out.update(test_acc=percent(p == truth["test"]), goodnet_test_acc=percent(g == truth["test"]),
+                   goodnet_false_alarm=percent(g == num_classes))
+    if "poisoned" in pred:
+        p = pred["poisoned"]
+        g = np.where(p == base["poisoned"], p, num_classes)
+        out.update(asr=percent(p == truth["poisoned"]), goodnet_asr=percent(g == truth["poisoned"]),
+                   goodnet_detection=percent(g == num_classes))
+    return out
 
 
 @dataclass
@@ -39,47 +64,39 @@ class SweepResult:
     config: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
-    model: object = field(default=None, repr=False, compare=False)   # the Keras model B (for pruned_model)
+    model: object = field(default=None, repr=False, compare=False)   # B (Keras); None after a warm sweep: get_model
     repaired: list = field(default_factory=list)   # [badprune.repair.Repaired] when fine-tuning ran
     poisoned_mean_activation: np.ndarray | None = None   # per channel, on the poisoned set (None without one)
-    #: B's cached record (:class:`badprune.record.ModelRecord`): B'_X and G_X are written from its templates, and
-    #: after a warm sweep (``model`` None) B is loaded from it on the first access to ``model``
+    #: B's cached record (:class:`badprune.record.ModelRecord`): B'_X and G_X are written from its templates
     model_record: object = field(default=None, repr=False, compare=False)
+    #: after a warm sweep (``model`` None): how to load B when it is needed (:func:`badprune.models.load_model`'s
+    #: keywords model, weights, arch, trust), checked against ``model_record``
+    model_source: dict | None = field(default=None, repr=False, compare=False)
     scan: object = field(default=None, repr=False, compare=False)   # badprune.scan.ScanResult with --scan
 
     @classmethod
-    def from_record(cls, doc: dict, model=None) -> "SweepResult":
-        """A result read back from its ``sweep.json`` document (:func:`badprune.runfiles.sweep_record`), with B
-        (``model``) given again; the repaired networks are not part of it."""
-        table = {}
-        for c in COLUMNS + ((POISONED_MEAN,) if POISONED_MEAN in doc["table"] else ()):
-            v = doc["table"][c]
-            if c == "channel":
-                table[c] = np.array([-1 if x is None else int(x) for x in v], np.int64)
-            elif c == "step":
-                table[c] = np.array(v, np.int64)
-            else:
-                table[c] = np.array([np.nan if x is None else float(x) for x in v], np.float64)
-        ths = [Threshold(float(t["x"]), t["step"], [int(c) for c in t["channels"]]) for t in doc["thresholds"]]
+    def from_run(cls, run, model=None) -> "SweepResult":
+        """A result read back from its run folder (a :class:`badprune.runfolder.Run`, :func:`~badprune.runfolder.
+        read_run`), with B (``model``) given again; the repaired networks are not part of it."""
+        doc = run.doc
+        ths = [Threshold(float(t["x"]), t["step"], [int(c) for c in t["channels"]]) for t in run.thresholds]
         return cls(model_name=doc["model_name"], layer=doc["layer"], conv_layer=doc.get("conv_layer"),
                    n_channels=int(doc["n_channels"]), ranking=np.array(doc["ranking"], np.int64),
-                   mean_activation=np.array([np.nan if v is None else v for v in doc["mean_activation"]]),
-                   table=table, thresholds=ths, relative=bool(doc["relative"]), num_classes=int(doc["num_classes"]),
-                   config=dict(doc.get("config") or {}), timings=dict(doc.get("timings") or {}),
+                   mean_activation=run.per_channel("mean_activation"), table=run.table(), thresholds=ths,
+                   relative=bool(doc["relative"]), num_classes=int(doc["num_classes"]),
+                   config=dict(run.config), timings=dict(doc.get("timings") or {}),
                    versions=dict(doc.get("versions") or {}), model=model,
-                   poisoned_mean_activation=None if doc.get(POISONED_MEAN) is None else
-                   np.array([np.nan if v is None else v for v in doc[POISONED_MEAN]]))
+                   poisoned_mean_activation=run.per_channel(POISONED_MEAN))
 
     def row(self, step: int) -> dict:
         return {c: self.table[c][step].item() for c in COLUMNS}
 
-    def _get_model(self):
-        if self.__dict__.get("_model") is None and getattr(self.model_record, "source", None):
-            self._model = self.model_record.load_model()
-        return self.__dict__.get("_model")
-
-    def _set_model(self, model):
-        self.__dict__["_model"] = model
+    def get_model(self):
+        """B: ``model``; after a warm sweep, loaded now (once, with Keras) from ``model_source`` and checked to be
+        the model of ``model_record``. None when there is no way to it."""
+        if self.model is None and self.model_record is not None and self.model_source:
+            self.model = self.model_record.load_model(self.model_source)
+        return self.model
 
     def threshold(self, x: float) -> Threshold:
         for t in self.thresholds:
@@ -94,8 +111,4 @@ class SweepResult:
         t = self.threshold(x)
         if not t.reached:
             raise ValueError(f"threshold {x} was never reached")
-        return prune_model(self.model, self.layer, t.channels)
-
-
-SweepResult.model = property(SweepResult._get_model, SweepResult._set_model,
-                             doc="B (a Keras model); after a warm sweep, loaded on first access (model_record)")
+        return prune_model(self.get_model(), self.layer, t.channels)

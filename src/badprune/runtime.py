@@ -8,9 +8,10 @@ Needs only numpy, Pillow (for images) and one LiteRT interpreter, tried in this 
 
 Nothing here imports TensorFlow unless the third is the only one present (or a ``.keras`` / ``.h5`` file is given
 to :func:`open_model`, which then uses Keras). ``import badprune.runtime`` itself imports numpy and
-badprune's TF-free modules only (:mod:`~badprune.errors`, :mod:`~badprune.runfiles`).
+badprune's TF-free modules only (:mod:`~badprune.errors`, :mod:`~badprune.options`, :mod:`~badprune.runfolder`,
+:mod:`~badprune.models.kinds`).
 
-A model's outputs are told apart by rank, as :func:`badprune.runfiles.kind_from_shapes` does: a rank-1 int output
+A model's outputs are told apart by rank, as :func:`badprune.models.kinds.kind_from_shapes` does: a rank-1 int output
 is a GoodNet's label (in [0, N], N = "backdoored input detected"), a rank-2 output holds scores (probabilities).
 
 Example (on a device with numpy, Pillow and ai-edge-litert only)::
@@ -23,15 +24,16 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import warnings
 
 import numpy as np
 
 from ._console import quiet_fds
+from . import errors
 from .errors import BadpruneError
-from .runfiles import (Kind, check_model_source, exported_kind, find_run, kind_from_shapes, labels_from_outputs,
-                       scale_value)
+from .options import check_batch_size, check_source, scale_value
+from .models.kinds import Kind, kind_from_shapes, labels_from_outputs
+from .runfolder import exported_kind, find_run
 
 #: the lab's input size (height, width)
 INPUT_SIZE = (55, 47)
@@ -76,16 +78,15 @@ def load_images(paths, size=INPUT_SIZE, warn=None) -> np.ndarray:
 
     PNG, JPEG and whatever else Pillow reads; grayscale, palette, RGBA / LA (alpha dropped) and 16-bit images become
     RGB. Damaged files and images over :data:`MAX_IMAGE_PIXELS` raise :class:`BadpruneError` (checked on the header,
-    before decoding). An image whose size is not ``size`` (height, width) is resized (bilinear) with a warning through ``warn``
-    (default: a line on stderr).
+    before decoding). An image whose size is not ``size`` (height, width) is resized (bilinear) with a warning
+    through ``warn`` (default: :func:`badprune.errors.warn`, a :class:`~badprune.errors.BadpruneWarning`).
     """
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise BadpruneError("reading images needs Pillow", fix="pip install pillow") from None
     if warn is None:
-        def warn(msg):
-            print(f"warning: {msg}", file=sys.stderr)
+        warn = errors.warn
     h, w = (int(v) for v in size)
     out = np.empty((len(paths), h, w, 3), np.float32)
     for i, p in enumerate(paths):
@@ -143,12 +144,6 @@ def resolve_scale(model_path, scale=None) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def _batch_size(v) -> int:
-    if int(v) < 1:
-        raise BadpruneError("--batch-size must be positive", fix="pass a batch size of at least 1")
-    return int(v)
-
-
 class _Model:
     """What LiteModel and KerasModel share: labels and scores from ``run``'s outputs, read through ``kind``."""
 
@@ -182,7 +177,7 @@ class LiteModel(_Model):
 
     ``threads``: interpreter threads (default: all cores); ``batch_size``: images per invoke (the input tensor is
     resized to it and the last batch padded); ``goodnet`` / ``num_classes`` as in
-    :func:`badprune.runfiles.kind_from_shapes`; ``backend``: force one interpreter (see :func:`interpreter_class`).
+    :func:`badprune.models.kinds.kind_from_shapes`; ``backend``: force one interpreter (see :func:`interpreter_class`).
     """
 
     def __init__(self, path, threads: int | None = None, batch_size: int = 256, goodnet: bool = False,
@@ -195,7 +190,7 @@ class LiteModel(_Model):
         Interpreter, self.backend = interpreter_class(backend)
         self.path = path
         self.threads = int(threads) if threads else (os.cpu_count() or 1)
-        self.batch_size = _batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         try:
             with quiet_fds(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice (the last fallback)
@@ -276,8 +271,8 @@ class KerasModel(_Model):
                  batch_size: int = 256, weights=None, arch=None, model=None):
         from . import goodnet as gn
 
-        self.batch_size = _batch_size(batch_size)
-        gn._keras()  # a clear error when TensorFlow is missing
+        self.batch_size = check_batch_size(batch_size)
+        gn.import_keras()  # a clear error when TensorFlow is missing
         self.path = str(path) if path is not None else (str(weights) if weights is not None else "model")
         self.backend = "keras"
         self.model = model if model is not None else gn.load(path, trust=trust, weights=weights, arch=arch)
@@ -301,7 +296,7 @@ def open_model(path=None, threads: int | None = None, batch_size: int = 256, goo
                num_classes: int | None = None, trust: bool = False, weights=None, arch=None):
     """A :class:`LiteModel` for a ``.tflite`` file (no TensorFlow), else a :class:`KerasModel` (B, B'_X or G_X
     from ``path``, or B from ``weights`` + ``arch``)."""
-    check_model_source(path, weights, arch, missing_fix="pass --model goodnet_X4.tflite (or .keras / .h5)")
+    check_source(path, weights, arch, missing_fix='pass {model="goodnet_X4.tflite"} (or .keras / .h5)')
     if path is not None and str(path).lower().endswith((".tflite", ".lite")):
         return LiteModel(path, threads=threads, batch_size=batch_size, goodnet=goodnet, num_classes=num_classes)
     if path is not None and not os.path.exists(str(path)):

@@ -171,24 +171,20 @@ def scan_model(model, layer: str, F, y, seed: int = 0, log=None, name: str = "")
 
 
 def run(model=None, weights=None, arch=None, valid=None, *, layer=None, scale="auto", cache_dir=None,
-        use_cache=True, batch_size=128, progress=True, trust_model=False, name=None, log=None, seed=0,
-        **ignored) -> ScanResult:
-    """Load B, extract its clean validation activations at the prune layer (cached) and scan them.
-
-    Only ``valid`` is read: no poisoned data is taken (``ignored`` swallows a sweep's other arguments, e.g.
-    ``poisoned``, unread).
-    """
-    from . import sweep as _sweep
-    from .errors import BadpruneError
-    from .runfiles import cache_home, check_model_source
+        use_cache=True, batch_size=128, progress=True, trust_model=False, name=None, log=None,
+        seed=0) -> ScanResult:
+    """Load B, extract its clean validation activations at the prune layer (cached) and scan them. Only
+    ``valid`` is read: the scan takes no poisoned data."""
+    from . import options, sweep as _sweep
+    from ._env import cache_home
 
     say = log or (lambda m: None)
     if not hasattr(model, "predict"):
-        check_model_source(model, weights, arch)
-    if valid is None:
-        raise BadpruneError("no clean data", fix="pass --valid valid.h5 (clean validation set)")
-    scale = _sweep._check_scale(scale)
-    batch_size = _sweep._check_batch_size(batch_size)
+        options.check_source(model, weights, arch)
+    options.check_valid(valid)
+    scale = options.check_scale(scale)
+    batch_size = options.check_batch_size(batch_size)
+    seed = options.check_seed(seed)
     cdir = (cache_dir or cache_home()) if use_cache else None
     t0 = time.perf_counter()
     d = _sweep._load(model, weights, arch, trust_model, name, layer)

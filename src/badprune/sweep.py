@@ -1,12 +1,12 @@
 """Ranking, the pruning sweep and threshold selection, gathered into one :class:`~badprune.result.SweepResult`.
 
-:func:`run` is the whole defense short of writing files, in named stages: check the arguments, load B and compile
-its head, open the data sets, settle the pixel scale, extract the prune layer's activations once per set (cached),
-rank channels by mean activation on clean validation data, mask them one at a time
-(:class:`badprune.head.MaskedSweep`) recording per step the accuracies of B'_k and of GoodNet(B, B'_k)
-(:func:`sweep_table`, :func:`step_metrics`), and pick B'_X for each threshold. When B's record and every
-activation are cached (a warm run, :func:`badprune.record.find_warm`), B is neither loaded nor compiled and
-TensorFlow is not imported.
+:func:`run` is the sweep short of writing files (:func:`badprune.defense.run` adds the repair), in named stages
+(:func:`stages`, on arguments :mod:`badprune.options` checked): load B and compile its head, open the data sets,
+settle the pixel scale, extract the prune layer's activations once per set (cached), rank channels by mean
+activation on clean validation data, mask them one at a time (:class:`badprune.head.MaskedSweep`) recording per
+step the accuracies of B'_k and of GoodNet(B, B'_k) (:func:`sweep_table`, :func:`badprune.result.step_metrics`),
+and pick B'_X for each threshold. When B's record and every activation are cached (a warm run,
+:func:`badprune.record.find_warm`), B is neither loaded nor compiled and TensorFlow is not imported.
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import numpy as np
 
 import prune_ext
 
+from . import options
 from .errors import BadpruneError, warn
-from .result import SweepResult, Threshold
-from .runfiles import (COLUMNS, POISONED_MEAN, SCALES, cache_home, check_model_source, fixed_scale, model_name,
-                       versions)
+from .options import ORDERS, SCALES, fixed_scale  # noqa: F401  (ORDERS: the orders of rank_channels)
+from .result import SweepResult, Threshold, percent, step_metrics  # noqa: F401  (step_metrics: bench/)
+from ._env import cache_home, versions
+from .runfolder import COLUMNS, POISONED_MEAN, model_name
 
 #: base (unpruned) validation accuracy, percent, under which :func:`run` warns (wrong pixel scale or data?)
 LOW_BASE_ACC = 50.0
@@ -28,16 +30,15 @@ LOW_BASE_ACC = 50.0
 #: inputs, :func:`run` warns that the attack success rate is meaningless
 ASR_BASELINE_WARN = 50.0
 
-#: orders of :func:`rank_channels`
-ORDERS = ("ascending", "descending")
-
-
 def rank_channels(F_valid: np.ndarray, order: str = "ascending"):
     """(ranking, mean activation per channel): channels by mean activation over the clean validation set.
 
     Stable: ties keep channel-index order, in both directions.
     """
-    _check_order(order)
+    return _rank(F_valid, options.check_order(order))
+
+
+def _rank(F_valid, order):
     C = F_valid.shape[-1]
     means = prune_ext.channel_means(np.ascontiguousarray(F_valid, np.float32).reshape(-1, C))
     ranking = np.argsort(means if order == "ascending" else -means, kind="stable")
@@ -47,10 +48,14 @@ def rank_channels(F_valid: np.ndarray, order: str = "ascending"):
 def select_thresholds(valid_acc, thresholds, relative=False, ranking=None):
     """B'_X for each X: the first step k >= 1 whose validation accuracy dropped by >= X points from step 0
     (``relative``: by >= X percent of the step-0 accuracy)."""
+    return _select(valid_acc, options.check_thresholds(thresholds), relative, ranking)
+
+
+def _select(valid_acc, thresholds, relative, ranking):
     valid_acc = np.asarray(valid_acc, dtype=np.float64)
     base = valid_acc[0]
     out = []
-    for x in _check_thresholds(thresholds):
+    for x in thresholds:
         limit = base * (1 - x / 100) if relative else base - x
         hits = np.flatnonzero(valid_acc[1:] <= limit + 1e-9)
         step = int(hits[0]) + 1 if len(hits) else None
@@ -79,45 +84,6 @@ def base_warnings(valid_acc, clean_pred, poisoned_labels, scale="", clean_name="
                             f"{share:.1f}% of the clean {clean_name} inputs: the attack success rate is "
                             "meaningless (it measures that bias, not a backdoor)")
     return msgs
-
-
-def _pct(a):
-    return 100.0 * float(np.mean(a)) if len(a) else float("nan")
-
-
-# ----------------------------------------------------------------------------------------- argument checks
-def _check_thresholds(thresholds) -> list:
-    try:
-        xs = [float(x) for x in thresholds]
-    except (TypeError, ValueError):
-        raise BadpruneError(f"thresholds must be numbers, got {thresholds!r}", fix="thresholds are in (0, 100)") \
-            from None
-    for x in xs:
-        if not 0 < x < 100:
-            raise BadpruneError(f"threshold {x:g} is out of range", fix="thresholds are in (0, 100)")
-    return xs
-
-
-def _check_order(order) -> None:
-    if order not in ORDERS:
-        raise BadpruneError(f"unknown order '{order}'", fix="use --order ascending or --order descending")
-
-
-def _check_scale(scale):
-    """'auto', a name of SCALES, or a positive number."""
-    if isinstance(scale, str):
-        if scale != "auto" and scale not in SCALES:
-            raise BadpruneError(f"unknown scale '{scale}'", fix="use --scale auto, raw or unit")
-        return scale
-    from .runfiles import scale_value
-
-    return scale_value(scale)
-
-
-def _check_batch_size(batch_size) -> int:
-    if int(batch_size) < 1:
-        raise BadpruneError("--batch-size must be positive", fix="pass a batch size of at least 1")
-    return int(batch_size)
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -185,13 +151,12 @@ def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, pro
     concatenation copy): (F, {set: slice}, {set: extract info})."""
     from . import features
 
-    bounds, lo = {}, 0
-    for k, dset in ds.items():
-        bounds[k] = slice(lo, lo + dset.n)
-        lo += dset.n
+    from . import cache
+
     try:
-        F = np.empty((lo,) + tuple(d.head.input_shape), np.float32)
+        F, bounds = cache.stacked({k: dset.n for k, dset in ds.items()}, d.head.input_shape)
     except MemoryError:
+        lo = sum(dset.n for dset in ds.values())
         gb = lo * int(np.prod(d.head.input_shape)) * 4 / 1e9
         raise BadpruneError(f"not enough memory for the activations of {lo:,} images at '{d.layer}' ({gb:.1f} GB)",
                             fix="use smaller data sets or an earlier, smaller --layer") from None
@@ -202,26 +167,6 @@ def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, pro
                                       return_info=True, out=F[bounds[k]])
         timings[f"extract_{k}"] = info[k].get("seconds", float("nan"))
     return F, bounds, info
-
-
-def step_metrics(pred: dict, base: dict, truth: dict, num_classes: int) -> dict:
-    """The table's metrics at one step, in percent, from the labels of B'_k (``pred``) and of B (``base``) per set
-    ('valid', and 'test' / 'poisoned' when present) and the sets' stored labels (``truth``).
-
-    GoodNet G = B'_k's label where B and B'_k agree, else N (``num_classes``). Sets that are absent give no key.
-    """
-    out = {"valid_acc": _pct(pred["valid"] == truth["valid"])}
-    if "test" in pred:
-        p = pred["test"]
-        g = np.where(p == base["test"], p, num_classes)
-        out.update(test_acc=_pct(p == truth["test"]), goodnet_test_acc=_pct(g == truth["test"]),
-                   goodnet_false_alarm=_pct(g == num_classes))
-    if "poisoned" in pred:
-        p = pred["poisoned"]
-        g = np.where(p == base["poisoned"], p, num_classes)
-        out.update(asr=_pct(p == truth["poisoned"]), goodnet_asr=_pct(g == truth["poisoned"]),
-                   goodnet_detection=_pct(g == num_classes))
-    return out
 
 
 def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes: int, mode: str = "incremental",
@@ -261,74 +206,40 @@ def sweep_table(head, F, ranking, means, bounds: dict, truth: dict, num_classes:
 def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=None, *, layer=None,
         thresholds=(2, 4, 10), relative=False, order="ascending", scale="auto", cache_dir=None, use_cache=True,
         batch_size=128, mode="incremental", progress=True, trust_model=False, name=None, log=None,
-        fine_tune=None, fine_tune_epochs=None, fine_tune_lr=None, seed=0, before_tensorflow=None) -> SweepResult:
-    """Run the pruning defense and return a :class:`SweepResult`.
+        before_tensorflow=None) -> SweepResult:
+    """The sweep alone: :func:`badprune.defense.run` (``badprune.run_sweep``, which documents the parameters)
+    without the repair. Checks its parameters (:func:`badprune.options.check_run`), then runs :func:`stages`."""
+    p = options.check_run(model, weights, arch, valid, thresholds=thresholds, order=order, scale=scale,
+                          batch_size=batch_size, mode=mode)
+    return stages(model, weights, arch, valid, test, poisoned, layer=layer, thresholds=p["thresholds"],
+                  relative=relative, order=order, scale=p["scale"], cache_dir=cache_dir, use_cache=use_cache,
+                  batch_size=p["batch_size"], mode=mode, progress=progress, trust_model=trust_model, name=name,
+                  log=log, before_tensorflow=before_tensorflow).result
 
-    Parameters
-    ----------
-    model : keras.Model or str, optional
-        B: a Keras model object or a path (.keras / .h5 full model); or give ``weights`` and ``arch``
-        (:func:`badprune.runfiles.check_model_source`).
-    weights, arch : str, optional
-        A Keras 2 weight file and the built-in architecture it is for ('deepid').
-    valid, test, poisoned : str
-        Lab-format h5 paths; ``valid`` is required (ranking and thresholds); without ``test`` / ``poisoned``
-        their columns are NaN.
-    layer : str, optional
-        The prune layer (default: the last pooling layer that cuts the model in two).
-    thresholds : sequence of float
-        X values in (0, 100): validation-accuracy drops in points (or percent of the base with ``relative``).
-    order : {'ascending', 'descending'}
-        Pruning order by mean clean activation.
-    scale : 'auto', 'raw', 'unit' or float
-        Pixel multiplier; 'auto' picks raw or /255 on up to 1,000 validation images.
-    cache_dir : str, optional
-        Where prune-layer activations are cached (default: the user cache folder); ``use_cache=False`` disables.
-    batch_size : int
-        Trunk batch size (at most :data:`badprune.features.MAX_BATCH`, 128: larger batches only hold more of
-        TensorFlow's working memory; the activations do not depend on it).
-    mode : {'incremental', 'full'}
-        The sweep engine's mode (``full``: the reference without shortcuts).
-    progress : bool
-        Progress bars on stderr.
-    trust_model : bool
-        Allow code from the model file.
-    name : str, optional
-        The model's name in the outputs.
-    log : callable, optional
-        Called with one-line notes.
-    fine_tune : {None, 'head', 'full'}
-        Also repair each reached B'_X into R_X by fine-pruning on clean data (:mod:`badprune.repair`);
-        ``fine_tune_epochs``, ``fine_tune_lr`` override the recipe's defaults; ``seed`` makes it deterministic.
-    before_tensorflow : callable, optional
-        Called before the run first needs TensorFlow. A warm run never does: B given by its file, without
-        ``fine_tune``, with B's record (:mod:`badprune.record`), the scale decision and every activation cached.
 
-    Returns
-    -------
-    SweepResult
+@dataclass
+class Swept:
+    """What :func:`stages` leaves: the result, and for a repair that follows (:func:`badprune.defense.run`) the
+    activations of all sets ``F`` (rows ``bounds[set]``), the opened ``datasets``, the activation cache in use
+    (None without one) and the run's start (``time.perf_counter`` origin of ``timings['total']``)."""
 
-    Raises
-    ------
-    BadpruneError
-        For any bad argument or input, naming the parameter or file.
-    """
+    result: SweepResult
+    F: np.ndarray
+    bounds: dict
+    datasets: dict
+    cache_dir: str | None
+    started: float
+
+
+def stages(model, weights, arch, valid, test, poisoned, *, layer, thresholds, relative, order, scale, cache_dir,
+           use_cache, batch_size, mode, progress, trust_model, name, log, before_tensorflow,
+           allow_warm=True) -> Swept:
+    """The sweep's stages on parameters :func:`badprune.options.check_run` has checked (thresholds as floats,
+    scale and batch size normalized). ``allow_warm``: B may come from its cached record without TensorFlow (a
+    repair that follows needs B itself)."""
     say = log or (lambda msg: None)
     timings = {}
     t_all = time.perf_counter()
-    if not hasattr(model, "predict"):
-        check_model_source(model, weights, arch)
-    if valid is None:
-        raise BadpruneError("no validation data", fix="pass --valid valid.h5 (clean validation set)")
-    thresholds = _check_thresholds(thresholds)
-    _check_order(order)
-    scale = _check_scale(scale)
-    batch_size = _check_batch_size(batch_size)
-    if fine_tune is not None:
-        from .repair import check_args
-
-        fine = check_args(fine_tune, fine_tune_epochs, fine_tune_lr, seed)
-
     if use_cache and cache_dir is None:
         cache_dir = cache_home()
     cdir = cache_dir if use_cache else None
@@ -339,8 +250,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
 
         rkey = record.source_key(model, weights, arch, trust_model, layer)
         rec = record.load(cdir, rkey)
-        if rec is not None and fine_tune is None:
-            rec.source = {"model": model, "weights": weights, "arch": arch, "trust": trust_model}
+        if rec is not None and allow_warm:
             warm = record.find_warm(cdir, rec, sets, scale)
     if warm is not None:  # B's record and every activation come from the cache: no TensorFlow
         d = _Defended(None, name or model_name(model or weights), rec.num_classes, rec.layer, rec.conv_layer,
@@ -370,7 +280,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
             rec = record.save(cdir, rkey, d.model, d.layer, d.conv_layer, d.num_classes, d.head)
 
     t = time.perf_counter()
-    ranking, means = rank_channels(F[bounds["valid"]], order)
+    ranking, means = _rank(F[bounds["valid"]], order)
     p_means = None
     if "poisoned" in bounds:
         p_means = prune_ext.channel_means(F[bounds["poisoned"]].reshape(-1, F.shape[-1]))
@@ -383,7 +293,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     def on_step(k, pred):
         if k == 0:
             clean = "test" if "test" in pred else "valid"
-            issued = base_warnings(_pct(pred["valid"] == ds["valid"].labels), pred[clean],
+            issued = base_warnings(percent(pred["valid"] == ds["valid"].labels), pred[clean],
                                    ds["poisoned"].labels if "poisoned" in ds else None, scale_name,
                                    "test" if clean == "test" else "validation")
             warned.extend(warn(m) for m in issued)
@@ -394,7 +304,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
                               d.num_classes, mode, on_step, p_means)
     timings["sweep"] = time.perf_counter() - t
 
-    ths = select_thresholds(cols["valid_acc"], thresholds, relative, ranking)
+    ths = _select(cols["valid_acc"], thresholds, relative, ranking)
     config = {
         "model": model if isinstance(model, str) else None, "weights": weights, "arch": arch,
         "valid": valid, "test": test, "poisoned": poisoned, "layer": d.layer, "conv_layer": d.conv_layer,
@@ -410,14 +320,8 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     result = SweepResult(model_name=d.name, layer=d.layer, conv_layer=d.conv_layer, n_channels=len(ranking),
                          ranking=ranking, mean_activation=means, table=cols, thresholds=ths, relative=relative,
                          num_classes=d.num_classes, config=config, timings=timings, versions=versions(),
-                         model=d.model, poisoned_mean_activation=p_means, model_record=rec)
-    if fine_tune is not None:
-        from .repair import repair_thresholds
-
-        t = time.perf_counter()
-        config["fine_tune"] = {k: v for k, v in fine.items()}
-        result.repaired = repair_thresholds(result, F, bounds, ds, fine, cdir, say)
-        timings["repair"] = time.perf_counter() - t
-    del F
+                         model=d.model, poisoned_mean_activation=p_means, model_record=rec,
+                         model_source=None if warm is None else
+                         {"model": model, "weights": weights, "arch": arch, "trust": trust_model})
     timings["total"] = time.perf_counter() - t_all
-    return result
+    return Swept(result, F, bounds, ds, cdir, t_all)

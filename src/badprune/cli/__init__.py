@@ -6,7 +6,8 @@ calls the package and prints; every rule about the arguments themselves lives in
 * :mod:`~badprune.cli.deploy` -- ``export``, ``predict``, ``evaluate``;
 * :mod:`~badprune.cli._common` -- the one-line argparse errors (``_Parser``), SIGTERM handling, notes.
 
-Errors: a :class:`~badprune.errors.BadpruneError` prints ``error: <what> (<file>): <how to fix>`` and exits 2;
+Errors: a :class:`~badprune.errors.BadpruneError` (a :class:`~badprune.errors.ParamError` worded with the flags of
+:data:`~badprune.cli._common.FLAGS`) prints ``error: <what> (<file>): <how to fix>`` and exits 2;
 anything else is an internal fault: one line, exit 1 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
@@ -16,10 +17,10 @@ import signal
 import sys
 import threading
 
-from ..errors import BadpruneError, cli_warnings, printable
+from ..errors import BadpruneError, ParamError, cli_warnings, printable
 from . import deploy, demo, repair, scan, sweep, zoo
 from ._common import Parser as _Parser
-from ._common import TERMINATED, Terminated, on_sigterm
+from ._common import TERMINATED, Terminated, flag_spelling, on_sigterm
 
 
 def build_parser():
@@ -64,6 +65,8 @@ def main(argv=None):
     except BadpruneError as e:
         if args.debug:
             raise
+        if isinstance(e, ParamError):  # a parameter's name, said as the flag the user typed
+            e = e.spelled(flag_spelling)
         print(f"error: {e.line()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:

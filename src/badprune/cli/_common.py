@@ -36,6 +36,23 @@ def note(args, msg):
         print(msg, file=sys.stderr)
 
 
+#: the flag of each library parameter (:mod:`badprune.options` names parameters; the user typed flags): the one
+#: table by which a :class:`~badprune.errors.ParamError` is worded for the command line (:func:`flag_spelling`)
+FLAGS = {
+    "model": "--model", "weights": "--weights", "arch": "--arch", "trust_model": "--trust-model",
+    "valid": "--valid", "test": "--test", "poisoned": "--poisoned", "scale": "--scale", "layer": "--layer",
+    "thresholds": "--thresholds", "relative": "--relative", "order": "--order", "mode": "--mode",
+    "batch_size": "--batch-size", "fine_tune": "--fine-tune", "fine_tune_epochs": "--fine-tune-epochs",
+    "fine_tune_lr": "--fine-tune-lr", "seed": "--seed", "num_classes": "--num-classes", "threads": "--threads",
+}
+
+
+def flag_spelling(name: str, value: str | None) -> str:
+    """A parameter as the command line spells it: ``--fine-tune-epochs``, ``--fine-tune-epochs 10``."""
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flag if value is None else f"{flag} {value.strip(chr(34))}"
+
+
 def add_model_args(p, what="model"):
     """The model flags of predict / evaluate (mapped to :func:`badprune.runtime.open_model`)."""
     m = p.add_argument_group("model")

@@ -65,14 +65,14 @@ def _add_evaluate(sub):
 
 
 def cmd_export(args):
-    from ..export import export_run, format_records
+    from ..export import export_run, format_exported
 
-    records = export_run(args.run_dir, quantize=args.quantize, allow_lossy=args.allow_lossy,
-                         min_agreement=args.min_agreement, check_images=args.check_images, valid=args.valid,
-                         poisoned=args.poisoned, thresholds=args.thresholds, threads=args.threads,
-                         log=lambda m: note(args, m))
-    print(format_records(records))
-    lossy = [r for r in records if r.worst < args.min_agreement]
+    exported = export_run(args.run_dir, quantize=args.quantize, allow_lossy=args.allow_lossy,
+                          min_agreement=args.min_agreement, check_images=args.check_images, valid=args.valid,
+                          poisoned=args.poisoned, thresholds=args.thresholds, threads=args.threads,
+                          log=lambda m: note(args, m))
+    print(format_exported(exported))
+    lossy = [r for r in exported if r.worst < args.min_agreement]
     if lossy:
         print(f"warning: {len(lossy)} file(s) agree on less than {args.min_agreement:g}% (--allow-lossy)",
               file=sys.stderr)

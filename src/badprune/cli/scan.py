@@ -37,9 +37,10 @@ def add_parser(sub):
 def run(args):
     from .. import scan as _scan
     from ..outdir import check_output, fresh_folder, staged_folder
-    from ..runfiles import check_model_source, model_name
+    from ..options import check_source
+    from ..runfolder import model_name
 
-    check_model_source(args.model, args.weights, args.arch)
+    check_source(args.model, args.weights, args.arch)
     out = args.out
     if out is None:
         base = os.path.join("runs", model_name(args.model or args.weights) + "-scan")

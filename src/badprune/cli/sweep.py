@@ -59,8 +59,7 @@ def add_parser(sub):
 def run(args):
     """Run the sweep the flags describe, write its run folder, print the table and the summary. A warm sweep (B's
     record and every activation cached, :mod:`badprune.record`) never imports TensorFlow."""
-    from .. import report
-    from .. import sweep as _sweep
+    from .. import defense, report
 
     model, weights, arch = args.model, args.weights, args.arch
     valid, test, poisoned = args.valid, args.test, args.poisoned
@@ -79,7 +78,7 @@ def run(args):
         from ..outdir import fresh_folder
 
         if default_out is None:
-            from ..runfiles import model_name
+            from ..runfolder import model_name
 
             default_out = os.path.join("runs", model_name(model or weights or "model"))
         out = default_out if args.force else str(fresh_folder(default_out))
@@ -89,42 +88,35 @@ def run(args):
         raise BadpruneError("--export needs the models", fix="drop --no-models")
     if not args.export and (args.quantize != "none" or args.allow_lossy):
         raise BadpruneError("--quantize and --allow-lossy go with --export", fix="add --export")
-    if args.fine_tune is None and (args.fine_tune_epochs is not None or args.fine_tune_lr is not None):
-        raise BadpruneError("--fine-tune-epochs and --fine-tune-lr go with --fine-tune", fix="add --fine-tune head")
     # refuse an existing or unwritable output folder before doing the work, not after
     report.check_output(out, force=args.force)
 
     t0 = time.perf_counter()
     if args.export:  # LiteRT export needs TensorFlow anyway
         load_tensorflow()
-    result = _sweep.run(model=model, weights=weights, arch=arch, valid=valid, test=test, poisoned=poisoned,
-                        layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
-                        scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                        batch_size=args.batch_size, mode=args.mode, progress=not args.quiet,
-                        trust_model=args.trust_model, name=name, log=lambda m: note(args, m),
-                        fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
-                        fine_tune_lr=args.fine_tune_lr, seed=args.seed, before_tensorflow=load_tensorflow)
-    if args.scan:
-        from .. import scan as _scan
-
-        load_tensorflow()
-        result.scan = _scan.run(model=result.model, valid=valid, layer=result.layer,
-                                scale=result.config["scale_value"], cache_dir=args.cache_dir,
-                                use_cache=not args.no_cache, batch_size=args.batch_size, progress=not args.quiet,
-                                log=lambda m: note(args, m), seed=args.seed, name=result.model_name)
+    result = defense.run(model=model, weights=weights, arch=arch, valid=valid, test=test, poisoned=poisoned,
+                         layer=args.layer, thresholds=args.thresholds, relative=args.relative, order=args.order,
+                         scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                         batch_size=args.batch_size, mode=args.mode, progress=not args.quiet,
+                         trust_model=args.trust_model, name=name, log=lambda m: note(args, m),
+                         fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
+                         fine_tune_lr=args.fine_tune_lr, seed=args.seed, before_tensorflow=load_tensorflow,
+                         scan=args.scan)
     path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
     result.timings["command"] = time.perf_counter() - t0
     print(report.format_table(result, thresholds_only=not args.all_steps))
     print()
     print(report.summary_line(result))
-    if args.scan:
-        print(_scan.summary(result.scan))
+    if result.scan is not None:
+        from ..scan import summary
+
+        print(summary(result.scan))
     print(f"outputs: {path}")
     if args.export:
-        from ..export import export_run, format_records
+        from ..export import export_run, format_exported
 
-        records = export_run(path, quantize=args.quantize, allow_lossy=args.allow_lossy,
+        exported = export_run(path, quantize=args.quantize, allow_lossy=args.allow_lossy,
                              log=lambda m: note(args, m))
-        print(format_records(records))
+        print(format_exported(exported))
         print(f"exported: {os.path.join(str(path), 'tflite')}")
     return 0

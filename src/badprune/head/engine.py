@@ -23,7 +23,7 @@ import numpy as np
 
 import prune_ext
 
-from ..runfiles import cpu_count
+from .._env import cpu_count
 from .compiler import final_dense
 from .evaluate import plan
 

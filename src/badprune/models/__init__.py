@@ -14,6 +14,8 @@ One file per concern, like Keras' ``saving`` package:
   channel mask layer, :func:`clone`, :func:`replay`;
 * :mod:`~badprune.models.saving` -- TF-free: :func:`save_variants` (many ``.keras`` files from one Keras save),
   :func:`~badprune.models.saving.write_variants` (the same from a stored template, without Keras);
+* :mod:`~badprune.models.goodnet` -- the GoodNet graph (:func:`~badprune.models.goodnet.build_goodnet`,
+  :func:`~badprune.models.goodnet.sweep_template`; :mod:`badprune.goodnet` is its API);
 * :mod:`~badprune.models.archs` -- :func:`build_deepid`;
 * :mod:`~badprune.models.digest` -- :func:`model_digest` (cache keys).
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..runfiles import model_name  # noqa: F401  (TF-free; re-exported)
+from ..runfolder import model_name  # noqa: F401  (TF-free; re-exported)
 
 #: layer classes that are the identity at inference (the head compiler and the native trunk pass them over)
 IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",

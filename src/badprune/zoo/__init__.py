@@ -1,6 +1,6 @@
 """Many suspect models at once: one TOML manifest, one sweep per model, run as Ray tasks, one table at the end.
 
-A manifest has a ``[defaults]`` table and one ``[[run]]`` table per model; the keys are :func:`badprune.sweep.run`'s
+A manifest has a ``[defaults]`` table and one ``[[run]]`` table per model; the keys are :func:`badprune.defense.run`'s
 keyword arguments (:data:`KEYS`), a run's keys override the defaults and paths are relative to the manifest's
 folder::
 
@@ -24,7 +24,7 @@ folder::
     fine_tune = "head"
 
 :func:`read_manifest` checks all of it before anything runs (one :class:`~badprune.errors.BadpruneError` naming the
-run and the key). :func:`run_zoo` runs each model as one Ray task (:func:`_run_entry`: :func:`badprune.sweep.run`
+run and the key). :func:`run_zoo` runs each model as one Ray task (:func:`_run_entry`: :func:`badprune.defense.run`
 and :func:`badprune.report.write_outputs` into a temporary folder on the task's node, the activation cache in that
 node's user cache folder), writes each run folder under ``out`` whole on the driver
 (:func:`badprune.outdir.staged_folder`) with its resolved manifest entry in ``zoo-entry.json``, and then the
@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from ..errors import BadpruneError, printable, short
-from ..runfiles import jsonable, missing
+from ..runfolder import jsonable, missing
 from .cluster import _run_entry, connect
 from .manifest import (ENTRY_JSON, INSTALL_FIX, KEYS, PATH_KEYS, ZOO_CSV, ZOO_JSON, ZOO_MD, ZOO_PNG, Manifest, ZooEntry,
                        _is_number, parse_manifest, read_manifest)
@@ -71,7 +71,7 @@ def _check_cpus(cpus_per_run) -> float:
 
 def _base_row(entry: ZooEntry, folder: Path) -> dict:
     return {"name": entry.name, "model": entry.label, "status": None, "error": None, "folder": str(folder),
-            "node_id": None, "host": None, "seconds": None, "entry": entry.record()}
+            "node_id": None, "host": None, "seconds": None, "entry": entry.to_json()}
 
 
 def _ran_here(row: dict, res: dict) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadpruneError, BadpruneWarning, printable, short
-from ..runfiles import cache_home, jsonable
+from .._env import cache_home
+from ..runfolder import jsonable
 from .manifest import INSTALL_FIX
 
 
@@ -31,7 +32,7 @@ class Cluster:
     startup_seconds: float
     temp_dir: str | None = None
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         return jsonable(self.__dict__)
 
 
@@ -148,7 +149,7 @@ def _read_tree(folder: Path) -> dict:
 
 
 def _run_entry(kwargs: dict, save_models: bool) -> dict:
-    """The body of one zoo task: what ``badprune-fast sweep`` does (:func:`badprune.sweep.run` and
+    """The body of one zoo task: what ``badprune-fast sweep`` does (:func:`badprune.defense.run` and
     :func:`badprune.report.write_outputs`) into a temporary folder on this node, the activation cache in this
     node's user cache folder. Returns the run folder's files ({relative path: bytes}), its summary line, the
     warnings, where it ran and how long it took; a failure is returned as its one-line error, not raised (so Ray
@@ -167,10 +168,10 @@ def _run_entry(kwargs: dict, save_models: bool) -> dict:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BadpruneWarning)
-            from .. import report, sweep
+            from .. import defense, report
 
             with tempfile.TemporaryDirectory(prefix="badprune-zoo-") as tmp:
-                result = sweep.run(**kwargs, progress=False)
+                result = defense.run(**kwargs, progress=False)
                 folder = report.write_outputs(result, Path(tmp) / "run", save_models=save_models)
                 out["files"] = _read_tree(folder)
             out["summary"] = report.summary_line(result)

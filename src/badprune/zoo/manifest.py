@@ -4,12 +4,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadpruneError, printable, short
-from ..runfiles import check_model_source, jsonable
+from .. import options
+from ..errors import BadpruneError, ParamError, printable, short
+from ..runfolder import jsonable
 
 #: the resolved manifest entry, inside each run folder the zoo wrote (compared on the next invocation)
 ENTRY_JSON = "zoo-entry.json"
@@ -19,26 +19,32 @@ INSTALL_FIX = 'pip install "badprune[cluster]"'
 
 
 # ------------------------------------------------------------------------------------------------ manifest keys
-#: the keys of :func:`badprune.sweep.run` a manifest may set (its other parameters belong to the zoo: cache_dir,
+#: the keys of :func:`badprune.defense.run` a manifest may set (its other parameters belong to the zoo: cache_dir,
 #: progress, name, log)
 _SWEEP_KEYS = ("model", "weights", "arch", "valid", "test", "poisoned", "layer", "thresholds", "relative", "order",
                "scale", "mode", "trust_model", "fine_tune", "fine_tune_epochs", "fine_tune_lr", "seed", "batch_size",
                "use_cache")
 #: every manifest key of a run (besides ``name``): the sweep's keys and ``no_models`` (write no B'_X / G_X files)
 KEYS = _SWEEP_KEYS + ("no_models",)
+#: the manifest key of each parameter (:mod:`badprune.options` names parameters; a manifest's keys are the same)
+KEY_OF = {k: k for k in KEYS}
+#: each key's value type (:data:`badprune.options.TYPES`, and ``no_models``)
+_TYPES = {**options.TYPES, "no_models": "bool"}
 #: keys holding paths (relative to the manifest's folder)
-PATH_KEYS = ("model", "weights", "valid", "test", "poisoned")
-_STR_KEYS = PATH_KEYS + ("arch", "layer", "order", "mode", "fine_tune")
-_BOOL_KEYS = ("relative", "trust_model", "use_cache", "no_models")
-_INT_KEYS = ("fine_tune_epochs", "seed", "batch_size")
+PATH_KEYS = tuple(k for k in _SWEEP_KEYS if options.TYPES[k] == "path")
 #: names a run may not take: the zoo's own files in ``out``
 _RESERVED = {ENTRY_JSON, ZOO_CSV, ZOO_MD, ZOO_JSON, ZOO_PNG}
-_FLAG = re.compile(r"--([a-z][a-z-]*)")
+
+
+def _spell(name: str, value: str | None) -> str:
+    """A parameter as a manifest writes it: ``'fine_tune_epochs'``, ``fine_tune_epochs = 10``."""
+    key = KEY_OF.get(name, name)
+    return f"'{key}'" if value is None else f"{key} = {value}"
 
 
 def _defaults() -> dict:
-    """Every key's default: :func:`badprune.sweep.run`'s own (read from its signature), ``no_models`` False."""
-    from ..sweep import run
+    """Every key's default: :func:`badprune.defense.run`'s own (read from its signature), ``no_models`` False."""
+    from ..defense import run
 
     params = inspect.signature(run).parameters
     d = {k: params[k].default for k in _SWEEP_KEYS}
@@ -69,10 +75,10 @@ class ZooEntry:
         return self.given.get("model") or self.given.get("weights") or ""
 
     def sweep_kwargs(self) -> dict:
-        """The keyword arguments of :func:`badprune.sweep.run` for this run."""
+        """The keyword arguments of :func:`badprune.defense.run` for this run."""
         return {k: self.options[k] for k in _SWEEP_KEYS}
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         """The resolved entry as plain JSON (what ``zoo-entry.json`` keeps and the next invocation compares)."""
         return jsonable({"name": self.name, **self.options})
 
@@ -95,14 +101,24 @@ def _where(name) -> str:
     return "manifest [defaults]" if name is None else f"manifest run '{name}'"
 
 
-def _keyed(where: str, key: str, e: BadpruneError, path: str) -> BadpruneError:
-    """A library check's error, said in manifest terms: prefixed with the run and the key, flags named as keys."""
-    def keys(text):
-        if not text:
-            return text
-        return _FLAG.sub(lambda m: f"'{m.group(1).replace('-', '_')}'", text)
+def _keyed(where: str, e: ParamError, path: str) -> BadpruneError:
+    """A parameter check's error, said in manifest terms: prefixed with the run and the key, parameters named as
+    keys (:data:`KEY_OF`)."""
+    e = e.spelled(_spell)
+    return BadpruneError(f"{where}: key '{KEY_OF.get(e.param, e.param)}': {e.what}", path, e.fix)
 
-    return BadpruneError(f"{where}: key '{key}': {keys(e.what)}", path, keys(e.fix))
+
+#: what each value type of :data:`badprune.options.TYPES` accepts, and how the error says it
+_TYPE_RULES = {
+    "path": (lambda v: isinstance(v, str) and v, "a non-empty string"),
+    "str": (lambda v: isinstance(v, str) and v, "a non-empty string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "number": (lambda v: _is_number(v), "a number"),
+    "scale": (lambda v: isinstance(v, str) or _is_number(v), "auto, raw, unit or a positive number"),
+    "thresholds": (lambda v: isinstance(v, list) and v and all(_is_number(x) for x in v),
+                   "a list of numbers, e.g. [2, 4, 10]"),
+}
 
 
 def _check_types(table: dict, name, path: str, allowed) -> None:
@@ -111,19 +127,8 @@ def _check_types(table: dict, name, path: str, allowed) -> None:
     for key, v in table.items():
         if key not in allowed:
             raise BadpruneError(f"{where}: unknown key '{key}'", path, f"use one of: {', '.join(allowed)}")
-        bad = None
-        if key in _STR_KEYS and (not isinstance(v, str) or not v):
-            bad = "a non-empty string"
-        elif key in _BOOL_KEYS and not isinstance(v, bool):
-            bad = "true or false"
-        elif key in _INT_KEYS and not (isinstance(v, int) and not isinstance(v, bool)):
-            bad = "a whole number"
-        elif key == "fine_tune_lr" and not _is_number(v):
-            bad = "a number"
-        elif key == "scale" and not (isinstance(v, str) or _is_number(v)):
-            bad = "auto, raw, unit or a positive number"
-        elif key == "thresholds" and not (isinstance(v, list) and v and all(_is_number(x) for x in v)):
-            bad = "a list of numbers, e.g. [2, 4, 10]"
+        ok, takes = _TYPE_RULES[_TYPES[key]]
+        bad = None if ok(v) else takes
         if bad:
             raise BadpruneError(f"{where}: key '{key}' is {_show(v)}", path, f"'{key}' takes {bad}")
 
@@ -155,45 +160,22 @@ def _check_name(name, index: int, path: str, seen: dict) -> str:
     return name
 
 
-def _check_values(opts: dict, given: dict, where: str, path: str) -> None:
-    """The sweep's own argument checks (:func:`badprune.runfiles.check_model_source`, the sweep's threshold,
-    order, scale and batch-size checks, :func:`badprune.repair.check_args`) on a merged run."""
-    from .. import repair, sweep
-
-    source = {k: opts[k] for k in ("model", "weights", "arch")}
-    if source["model"] is not None and source["weights"] is not None:
-        key = "weights"
-    elif source["model"] is None and source["weights"] is None:
-        key = "model"
-    else:
-        key = "arch"
+def _check_values(opts: dict, where: str, path: str) -> None:
+    """The parameters' own rules (:func:`badprune.options.check_run`) on a merged run, before anything runs; the
+    thresholds normalized."""
     try:
-        check_model_source(**source, missing_fix='add model = "bd_net.h5", or weights = "bd_weights.h5" and '
-                                                'arch = "deepid"')
-    except BadpruneError as e:
-        raise _keyed(where, key, e, path) from None
-    checks = (("thresholds", sweep._check_thresholds), ("order", sweep._check_order),
-              ("scale", sweep._check_scale), ("batch_size", sweep._check_batch_size))
-    for key, check in checks:
-        try:
-            out = check(opts[key])
-        except BadpruneError as e:
-            raise _keyed(where, key, e, path) from None
-        if key == "thresholds":
-            opts[key] = out
-    if opts["valid"] is None:
-        raise BadpruneError(f"{where}: key 'valid' is missing", path,
-                            'add valid = "valid.h5" (the clean validation set) to the run or to [defaults]')
-    if opts["fine_tune"] is None:
-        extra = [k for k in ("fine_tune_epochs", "fine_tune_lr") if k in given]
-        if extra:
-            raise BadpruneError(f"{where}: key '{extra[0]}' goes with 'fine_tune'", path,
-                                "add fine_tune = \"head\" or drop the key")
-    else:
-        try:
-            repair.check_args(opts["fine_tune"], opts["fine_tune_epochs"], opts["fine_tune_lr"], opts["seed"])
-        except BadpruneError as e:
-            raise _keyed(where, "fine_tune", e, path) from None
+        checked = options.check_run(
+            opts["model"], opts["weights"], opts["arch"], opts["valid"],
+            **{k: opts[k] for k in ("thresholds", "order", "scale", "batch_size", "mode", "fine_tune",
+                                    "fine_tune_epochs", "fine_tune_lr", "seed")},
+            missing_fix='add {model="bd_net.h5"}, or {weights="bd_weights.h5"} and {arch="deepid"}')
+    except ParamError as e:
+        if e.param == "valid":  # a required key: said as such
+            raise BadpruneError(f"{where}: key 'valid' is missing", path,
+                                'add valid = "valid.h5" (the clean validation set) to the run or to [defaults]') \
+                from None
+        raise _keyed(where, e, path) from None
+    opts["thresholds"] = checked["thresholds"]
 
 
 def _resolve(v: str, base: str) -> str:
@@ -230,7 +212,7 @@ def parse_manifest(doc: dict, path: str) -> Manifest:
         for k in PATH_KEYS:
             if opts[k] is not None:
                 opts[k] = _resolve(opts[k], base)
-        _check_values(opts, given, _where(name), path)
+        _check_values(opts, _where(name), path)
         entries.append(ZooEntry(name, opts, given))
     return Manifest(path, dict(defaults), entries)
 
@@ -252,7 +234,8 @@ def read_manifest(path) -> Manifest:
     ------
     BadpruneError
         For an unreadable file, bad TOML, an unknown key, a run without a model, a value of the wrong type or one
-        the sweep's own checks refuse, a missing, duplicate or unsafe name: one line naming the run and the key.
+        the parameters' rules (:mod:`badprune.options`) refuse, a missing, duplicate or unsafe name: one line
+        naming the run and the key.
     """
     import tomllib
 

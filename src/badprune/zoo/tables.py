@@ -2,7 +2,6 @@
 zoo.json and zoo.png."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -10,9 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import atomic
 from ..errors import BadpruneError
 from ..outdir import staged_folder
-from ..runfiles import RESULTS_MD, SWEEP_CSV, fmt_x, jsonable, missing, read_run
+from ..runfolder import RESULTS_MD, SWEEP_CSV, fmt_x, jsonable, missing, read_run
 from .cluster import Cluster
 from .manifest import ENTRY_JSON, PATH_KEYS, ZOO_CSV, ZOO_JSON, ZOO_MD, ZOO_PNG, ZooEntry
 
@@ -46,7 +46,7 @@ def _complete(folder: Path, entry: ZooEntry):
     """The folder's ``zoo-entry.json`` when it is a complete run of ``entry`` (same resolved entry, same input
     files, a readable sweep.json and the sweep.csv), else None."""
     doc = _read_entry(folder)
-    if doc is None or doc.get("entry") != entry.record() or doc.get("inputs") != jsonable(_fingerprint(entry)):
+    if doc is None or doc.get("entry") != entry.to_json() or doc.get("inputs") != jsonable(_fingerprint(entry)):
         return None
     try:
         read_run(folder)
@@ -66,13 +66,13 @@ def _write_run(folder: Path, entry: ZooEntry, inputs: dict, res: dict) -> None:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
         ran = {k: res.get(k) for k in ("node_id", "host", "seconds")}
-        doc = {"entry": entry.record(), "inputs": inputs, "ran": ran}
+        doc = {"entry": entry.to_json(), "inputs": inputs, "ran": ran}
         (tmp / ENTRY_JSON).write_text(json.dumps(jsonable(doc), indent=2) + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------- the table
 def _row_numbers(folder: Path) -> dict:
-    """A run's numbers from its sweep.json (:func:`badprune.runfiles.read_run`): base test accuracy and ASR, and
+    """A run's numbers from its sweep.json (:func:`badprune.runfolder.read_run`): base test accuracy and ASR, and
     per threshold X: channels pruned, clean accuracy, ASR, GoodNet detection and false alarm, R_X's accuracy and
     ASR."""
     run = read_run(folder)
@@ -160,7 +160,7 @@ def zoo_csv(result: ZooResult) -> str:
     return buf.getvalue()
 
 
-def _pct(v) -> str:
+def _pct_cell(v) -> str:
     return "-" if missing(v) else f"{float(v):.2f}%"
 
 
@@ -182,8 +182,8 @@ def zoo_markdown(result: ZooResult) -> str:
               "|---|---|---|---:|---:|---|---:|"]
     for r in rows:
         secs = "" if missing(r.get("seconds")) else f"{r['seconds']:.1f}"
-        lines.append(f"| {r['name']} | `{r['model']}` | {r['status']} | {_pct(r.get('base_test_acc'))} | "
-                     f"{_pct(r.get('base_asr'))} | {r.get('host') or ''} | {secs} |")
+        lines.append(f"| {r['name']} | `{r['model']}` | {r['status']} | {_pct_cell(r.get('base_test_acc'))} | "
+                     f"{_pct_cell(r.get('base_asr'))} | {r.get('host') or ''} | {secs} |")
     fine = any(r.get("fine_tuned") for r in rows)
     for x in _xs(rows):
         head = ["run", "channels pruned", "B'_X clean acc", "B'_X ASR", "G_X detection", "G_X false alarm"]
@@ -198,10 +198,10 @@ def zoo_markdown(result: ZooResult) -> str:
             if not t["reached"]:
                 cells = ["not reached"] * (len(head) - 1)
             else:
-                cells = [f"{t['channels']}/{r.get('n_channels')}", _pct(t["test_acc"]), _pct(t["asr"]),
-                         _pct(t["detection"]), _pct(t["false_alarm"])]
+                cells = [f"{t['channels']}/{r.get('n_channels')}", _pct_cell(t["test_acc"]), _pct_cell(t["asr"]),
+                         _pct_cell(t["detection"]), _pct_cell(t["false_alarm"])]
                 if fine:
-                    cells += [_pct(t["repaired_test_acc"]), _pct(t["repaired_asr"])]
+                    cells += [_pct_cell(t["repaired_test_acc"]), _pct_cell(t["repaired_asr"])]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
@@ -269,23 +269,17 @@ def plot_zoo(result: ZooResult, path) -> None:
 
 
 def _write_file(path: Path, write) -> None:
-    """Write one file whole: a temporary sibling renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write one file whole (:func:`badprune.atomic.replacing`): ``write(temporary path)``."""
+    with atomic.replacing(path) as tmp:
+        write(Path(tmp))
 
 
-def zoo_record(result: ZooResult) -> dict:
+def zoo_json(result: ZooResult) -> dict:
     """``zoo.json``: the manifest, the cluster, the counts, the wall seconds and every row (with its resolved
     entry, node and seconds)."""
     return jsonable({"manifest": result.manifest, "out": str(result.out), "seconds": result.seconds,
                      "counts": result.counts(), "ok": result.ok,
-                     "cluster": result.cluster.record() if result.cluster else None, "runs": result.rows})
+                     "cluster": result.cluster.to_json() if result.cluster else None, "runs": result.rows})
 
 
 def write_tables(result: ZooResult) -> None:
@@ -293,7 +287,7 @@ def write_tables(result: ZooResult) -> None:
     out = result.out
     _write_file(out / ZOO_CSV, lambda p: p.write_text(zoo_csv(result), encoding="utf-8"))
     _write_file(out / ZOO_MD, lambda p: p.write_text(zoo_markdown(result), encoding="utf-8"))
-    _write_file(out / ZOO_JSON, lambda p: p.write_text(json.dumps(zoo_record(result), indent=2,
+    _write_file(out / ZOO_JSON, lambda p: p.write_text(json.dumps(zoo_json(result), indent=2,
                                                                   allow_nan=False) + "\n", encoding="utf-8"))
     _write_file(out / ZOO_PNG, lambda p: plot_zoo(result, p))
 
@@ -307,12 +301,13 @@ def format_table(result: ZooResult) -> str:
         if r["status"] == "failed":
             s += f"  {r['error']}"
         else:
-            s += f"  B {_pct(r.get('base_test_acc'))} ASR {_pct(r.get('base_asr'))}"
+            s += f"  B {_pct_cell(r.get('base_test_acc'))} ASR {_pct_cell(r.get('base_asr'))}"
             for t in r.get("thresholds") or []:
                 if t["reached"]:
-                    s += f" | X={fmt_x(t['x'])}: {t['channels']} ch {_pct(t['test_acc'])} ASR {_pct(t['asr'])}"
+                    s += (f" | X={fmt_x(t['x'])}: {t['channels']} ch {_pct_cell(t['test_acc'])} "
+                          f"ASR {_pct_cell(t['asr'])}")
                     if not missing(t.get("repaired_asr")):
-                        s += f" (R {_pct(t['repaired_test_acc'])} ASR {_pct(t['repaired_asr'])})"
+                        s += f" (R {_pct_cell(t['repaired_test_acc'])} ASR {_pct_cell(t['repaired_asr'])})"
                 else:
                     s += f" | X={fmt_x(t['x'])}: not reached"
         lines.append(s)

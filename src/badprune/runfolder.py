@@ -1,18 +1,16 @@
-"""The TensorFlow-free vocabulary every other module shares: pixel scales, threshold text, file names, the cache
-home, what a model's outputs mean, and the run folder with its ``sweep.json`` (one writer, one reader).
+"""The run folder's format, in one module that both writes and reads it (as Keras 3's ``saving_lib`` keeps its
+archive's names to itself): the file names, the per-step table's columns, the ``sweep.json`` writer
+(:func:`to_json`) and its one reader (:func:`read_run` / :func:`find_run`, a :class:`Run`; a
+:class:`~badprune.result.SweepResult` is built from it with :meth:`~badprune.result.SweepResult.from_run`).
 
-Nothing here imports TensorFlow, Keras, h5py or matplotlib: the TF-free runtime (:mod:`badprune.runtime`) and the
-CLI's start-up use it as they are.
-
-Writing any output folder whole lives next door, in :mod:`badprune.outdir`. A run folder (the ``--out`` of
-``badprune-fast sweep``) holds::
+TF-free, standard library and numpy only: the TF-free runtime (:mod:`badprune.runtime`) and the CLI's start-up use
+it as they are. Writing any output folder whole lives next door, in :mod:`badprune.outdir`. A run folder (the
+``--out`` of ``badprune-fast sweep``) holds::
 
     sweep.csv  sweep.json  results.md  sweep.png  channels.png (with a poisoned set)
-    models/B_prime_X<X>.keras  models/goodnet_X<X>.keras
+    models/B_prime_X<X>.keras  models/goodnet_X<X>.keras  (with a repair: models/repaired_X<X>.keras,
+    models/goodnet_repaired_X<X>.keras)
     tflite/<model>[.float16|.int8].tflite  tflite/export.json      (badprune-fast export)
-
-:func:`sweep_record` turns a sweep result into the ``sweep.json`` document, :func:`read_run` reads it back as a
-:class:`RunRecord`.
 """
 from __future__ import annotations
 
@@ -24,50 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BadpruneError
-
-def cpu_count() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-# ------------------------------------------------------------------------------------------------ pixel scales
-#: multiplier applied to stored pixels for each named ``--scale``
-SCALES = {"raw": 1.0, "unit": 1.0 / 255.0}
-
-
-def fixed_scale(scale) -> tuple:
-    """``(name, multiplier)`` of a scale that needs no detection (a name of :data:`SCALES`, or a number, named
-    ``x<number>``), as a run records it; ``scale`` is already checked."""
-    if isinstance(scale, str):
-        return scale, SCALES[scale]
-    return f"x{float(scale):g}", float(scale)
-
-
-def scale_value(scale) -> float:
-    """The pixel multiplier for ``scale``: a name of :data:`SCALES`, or a positive number (or its text).
-
-    Raises :class:`BadpruneError` naming the value for anything else.
-    """
-    if isinstance(scale, str):
-        if scale in SCALES:
-            return SCALES[scale]
-        try:
-            v = float(scale)
-        except ValueError:
-            raise BadpruneError(f"unknown scale '{scale}'",
-                                fix=f"use {', '.join(SCALES)} or a positive number") from None
-    else:
-        try:
-            v = float(scale)
-        except (TypeError, ValueError):
-            raise BadpruneError(f"bad scale {scale!r}", fix=f"use {', '.join(SCALES)} or a positive number") \
-                from None
-    if not math.isfinite(v) or v <= 0:
-        raise BadpruneError(f"bad scale {scale!r}", fix="use a positive number")
-    return v
 
 
 # ------------------------------------------------------------------------------------------------- file names
@@ -115,33 +69,6 @@ def tflite_filename(x, kind: str, quantize: str = "none") -> str:
     return f"{model_stem(x, kind)}{suffix}.tflite"
 
 
-def versions() -> dict:
-    """The versions of Python and of the packages a result depends on (``sweep.json``'s ``versions``)."""
-    import importlib.metadata as md
-    import sys
-
-    v = {"python": sys.version.split()[0]}
-    for pkg in ("badprune", "numpy", "scipy", "h5py", "tensorflow", "tensorflow-cpu", "keras", "Cython"):
-        try:
-            v[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return v
-
-
-# -------------------------------------------------------------------------------------------------- cache home
-def cache_home() -> str:
-    """Where badprune caches activations and demo scenarios: $BADPRUNE_CACHE, else $XDG_CACHE_HOME/badprune, else
-    ~/.cache/badprune."""
-    env = os.environ.get("BADPRUNE_CACHE")
-    if env:
-        return os.path.expanduser(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return os.path.join(os.path.expanduser(xdg), "badprune")
-    return os.path.join(os.path.expanduser("~"), ".cache", "badprune")
-
-
 # ------------------------------------------------------------------------------------- naming a model to load
 def model_name(path) -> str:
     """A short name for a model file, for default output folders: 'bd_net' for 'models/bd_net.h5'."""
@@ -153,93 +80,6 @@ def model_name(path) -> str:
     else:
         base = os.path.splitext(base)[0]
     return base or "model"
-
-
-def check_model_source(model=None, weights=None, arch=None, missing_fix: str | None = None) -> None:
-    """The rule for naming a model to run, shared by the sweep and predict / evaluate: a model file, or a weight
-    file with its architecture, never both. Raises :class:`BadpruneError` naming the flags otherwise.
-
-    (:func:`badprune.models.load_model` itself is the lower-level loader and also accepts a weight file that
-    overwrites a model's weights, or weights with the default architecture.)
-    """
-    if model is not None and weights is not None:
-        raise BadpruneError("give --model or --weights, not both")
-    if weights is not None and not arch:
-        raise BadpruneError("--weights needs --arch", fix="add --arch deepid (the lab's architecture)")
-    if arch and weights is None:
-        raise BadpruneError("--arch needs --weights", fix="add --weights bd_weights.h5")
-    if model is None and weights is None:
-        raise BadpruneError("no model given",
-                            fix=missing_fix or "pass --model bd_net.h5, or --weights bd_weights.h5 --arch deepid")
-
-
-# --------------------------------------------------------------------------------------- what outputs mean
-#: the name of a GoodNet's single output, (n, N + 1) scores whose argmax is the label (N: backdoor detected)
-GOODNET_OUTPUT = "goodnet_scores"
-
-
-@dataclass
-class Kind:
-    """What a model's outputs mean. ``goodnet``: labels in [0, N] with N = backdoor detected.
-    ``label_output`` / ``score_output``: indices of the (n,) label and (n, K) score outputs (None if absent)."""
-
-    goodnet: bool
-    num_classes: int | None          # N (a GoodNet answers 0..N; a classifier 0..N-1)
-    label_output: int | None
-    score_output: int | None
-
-    @property
-    def name(self) -> str:
-        return "GoodNet" if self.goodnet else "classifier"
-
-
-def kind_from_shapes(shapes, goodnet: bool = False, num_classes: int | None = None, what: str = "model",
-                     names=None) -> Kind:
-    """The :class:`Kind` of a model from its output shapes (each a tuple, batch axis first) and names.
-
-    A single (n, K) output named ``goodnet_scores...`` (:data:`GOODNET_OUTPUT`, how badprune names a GoodNet's
-    output in .keras and .tflite files) is a GoodNet's, with N = K - 1, label = argmax. A model with a rank-1
-    output (a label per image: GoodNets of badprune before 0.2) is a GoodNet; its N is the width of its (n, K)
-    output minus one, or ``num_classes``. Any other single (n, K) output is a classifier (B or B'_X) with N = K,
-    unless ``goodnet`` says it is a GoodNet (N = K - 1, label = argmax).
-    """
-    if names is not None and len(names) == len(shapes) == 1 and len(shapes[0]) == 2 \
-            and str(names[0]).startswith(GOODNET_OUTPUT):
-        goodnet = True
-    rank1 = [i for i, s in enumerate(shapes) if len(s) == 1]
-    rank2 = [i for i, s in enumerate(shapes) if len(s) == 2]
-    if len(rank1) + len(rank2) != len(shapes) or len(rank1) > 1 or len(rank2) > 1 or not shapes:
-        raise BadpruneError(f"the {what} has outputs of shapes {[tuple(s) for s in shapes]}",
-                            fix="use a classifier with one (batch, classes) output, or a badprune GoodNet")
-    if rank1:
-        n = None
-        if rank2 and shapes[rank2[0]][-1] is not None:
-            n = int(shapes[rank2[0]][-1]) - 1
-        if num_classes is not None:
-            if n is not None and n != num_classes:
-                raise BadpruneError(f"--num-classes {num_classes} does not fit the GoodNet's {n + 1}-wide output")
-            n = int(num_classes)
-        if n is None:
-            raise BadpruneError(f"the {what} outputs labels but no scores, so its N is unknown",
-                                fix="pass --num-classes N")
-        return Kind(True, n, rank1[0], rank2[0] if rank2 else None)
-    k = shapes[rank2[0]][-1]
-    if k is None:
-        raise BadpruneError(f"the {what}'s output has no fixed number of classes")
-    k = int(k)
-    if goodnet:
-        return Kind(True, k - 1, None, rank2[0])
-    if num_classes is not None and num_classes != k:
-        raise BadpruneError(f"--num-classes {num_classes} does not fit the model's {k} classes",
-                            fix="pass --goodnet if the last class means 'backdoor detected'")
-    return Kind(False, k, None, rank2[0])
-
-
-def labels_from_outputs(outs, kind: Kind) -> np.ndarray:
-    """int64 labels from a model's outputs (a list in output order): the label output, else argmax of scores."""
-    if kind.label_output is not None:
-        return np.asarray(outs[kind.label_output]).reshape(-1).astype(np.int64)
-    return np.asarray(outs[kind.score_output]).argmax(axis=-1).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------- the sweep table
@@ -317,8 +157,9 @@ def table_row(result, step: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- sweep.json
-def sweep_record(result) -> dict:
-    """The ``sweep.json`` document of a sweep result (a :class:`badprune.result.SweepResult`), plain JSON types.
+def to_json(result) -> dict:
+    """The ``sweep.json`` document of a sweep result (a :class:`badprune.result.SweepResult`), plain JSON types
+    (read back by :func:`read_run`).
 
     Keys: model_name, layer, conv_layer, n_channels, num_classes, relative, columns, table (column -> values per
     step), ranking, mean_activation and poisoned_mean_activation (per channel, by channel index; the latter None
@@ -359,14 +200,15 @@ def sweep_record(result) -> dict:
     return jsonable(d)
 
 
-def sweep_json_text(result) -> str:
-    """``sweep.json``'s text: :func:`sweep_record` as indented JSON (no NaN)."""
-    return json.dumps(sweep_record(result), indent=2, allow_nan=False) + "\n"
+def json_text(result) -> str:
+    """``sweep.json``'s text: :func:`to_json` as indented JSON (no NaN)."""
+    return json.dumps(to_json(result), indent=2, allow_nan=False) + "\n"
 
 
 @dataclass
-class RunRecord:
-    """A run folder's ``sweep.json``, read back: ``doc`` is the document, ``dir`` the folder, ``path`` the file."""
+class Run:
+    """A run folder's ``sweep.json``, read back: ``doc`` is the document, ``dir`` the folder, ``path`` the file.
+    :meth:`table`, :meth:`per_channel` and :attr:`thresholds` parse it (the one reader of the format)."""
 
     dir: str
     path: str
@@ -400,6 +242,25 @@ class RunRecord:
         """``<run>/models/<kind>_X<x>.keras``."""
         return os.path.join(self.dir, MODELS_DIR, model_filename(x, kind))
 
+    def table(self) -> dict:
+        """The per-step table as arrays (column -> C+1 values; ``channel`` -1 and other missing values NaN at
+        step 0 / where unmeasured), as :func:`to_json` wrote it."""
+        doc, table = self.doc, {}
+        for c in COLUMNS + ((POISONED_MEAN,) if POISONED_MEAN in doc["table"] else ()):
+            v = doc["table"][c]
+            if c == "channel":
+                table[c] = np.array([-1 if x is None else int(x) for x in v], np.int64)
+            elif c == "step":
+                table[c] = np.array(v, np.int64)
+            else:
+                table[c] = np.array([np.nan if x is None else float(x) for x in v], np.float64)
+        return table
+
+    def per_channel(self, key: str) -> np.ndarray | None:
+        """A per-channel array (``mean_activation``, ``poisoned_mean_activation``; NaN for missing), or None."""
+        v = self.doc.get(key)
+        return None if v is None else np.array([np.nan if x is None else x for x in v])
+
 
 def _read_json(p):
     try:
@@ -409,8 +270,8 @@ def _read_json(p):
         raise BadpruneError(f"cannot read sweep.json ({type(e).__name__})", p, "re-run the sweep") from None
 
 
-def read_run(run_dir) -> RunRecord:
-    """The :class:`RunRecord` of a run folder; raises :class:`BadpruneError` when it is not one."""
+def read_run(run_dir) -> Run:
+    """The :class:`Run` of a run folder; raises :class:`BadpruneError` when it is not one."""
     run_dir = str(run_dir)
     if not os.path.isdir(run_dir):
         raise BadpruneError("run folder not found", run_dir, "pass the --out folder of a badprune-fast sweep")
@@ -420,7 +281,7 @@ def read_run(run_dir) -> RunRecord:
     doc = _read_json(p)
     if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), list):
         raise BadpruneError("sweep.json has no thresholds", p, "re-run the sweep")
-    return RunRecord(run_dir, p, doc)
+    return Run(run_dir, p, doc)
 
 
 def exported_kind(tflite_path) -> str | None:
@@ -442,7 +303,7 @@ def exported_kind(tflite_path) -> str | None:
     return next((k for k in sorted(MODEL_KINDS, key=len, reverse=True) if stem.startswith(k + "_X")), None)
 
 
-def find_run(model_path) -> RunRecord | None:
+def find_run(model_path) -> Run | None:
     """The run a model file belongs to (``sweep.json`` next to it, or one folder up, as for
     ``<run>/tflite/x.tflite`` and ``<run>/models/x.keras``), or None."""
     d = os.path.dirname(os.path.abspath(str(model_path)))
@@ -452,5 +313,5 @@ def find_run(model_path) -> RunRecord | None:
             doc = _read_json(p)
             if not isinstance(doc, dict):
                 raise BadpruneError("cannot read the run's sweep.json", p, "re-run the sweep")
-            return RunRecord(folder, p, doc)
+            return Run(folder, p, doc)
     return None
