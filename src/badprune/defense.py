@@ -83,7 +83,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
     if scan:
         t = time.perf_counter()
         result.scan = _scan.scan_model(result.get_model(), result.layer, swept.F[swept.bounds["valid"]],
-                                       swept.datasets["valid"].labels, seed=p["seed"], log=log,
+                                       swept.datasets["valid"].labels, seed=p["fine"]["seed"], log=log,
                                        name=result.model_name)
         result.timings["scan"] = time.perf_counter() - t
     if fine_tune is not None:
