@@ -168,9 +168,9 @@ def _info(p, tried, F_hold, stats, t0):
     return info
 
 
-def _unlearn_shifts(model, layer, F_b, F_tr, y_tr, keep, p, shared):
-    """The activation shifts R_X unlearns, or None: when the scan (:mod:`badprune.scan`, on B's clean training
-    activations ``F_b``, once per sweep: kept in ``shared``) finds a backdoor, the universal shift toward its most
+def _unlearn_shifts(model, layer, F_b, y_b, F_tr, y_tr, keep, p, shared):
+    """The activation shifts R_X unlearns, or None: when the scan (:mod:`badprune.scan`, on B's clean validation
+    activations ``F_b`` (labels ``y_b``), as ``sweep --scan`` runs it, once per sweep: kept in ``shared``) finds a backdoor, the universal shift toward its most
     suspicious class, inverted again within ``keep``'s channels (B'_X's) at the budget ``p['unlearn_eps']``.
     Returns ``(shifts, what they are)`` or None."""
     from ._train import head_model
@@ -180,7 +180,7 @@ def _unlearn_shifts(model, layer, F_b, F_tr, y_tr, keep, p, shared):
 
     if "scan" not in shared:
         net = head_model(model, layer)
-        shared["scan"] = scan_activations(net, compile_head(model, layer).labels, F_b, y_tr,
+        shared["scan"] = scan_activations(net, compile_head(model, layer).labels, F_b, y_b,
                                           int(model.outputs[0].shape[-1]), layer, seed=p["seed"])
         shared.update(net=net, norm=mean_norm(F_tr))
     sc = shared["scan"]
@@ -239,7 +239,7 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
             else None
         shared["soft"] = soft_targets(z, p["temperature"]) if z is not None else None
     stats = _reset_stats(Xm[tr]) if p["reset"] else None
-    shifts = _unlearn_shifts(model, layer, np.asarray(F_valid[tr], np.float32), Xm[tr], y_valid[tr], keep, p,
+    shifts = _unlearn_shifts(model, layer, F_valid, y_valid, Xm[tr], y_valid[tr], keep, p,
                              shared) if p.get("unlearn") else None
     Fh, yh = Xm[ho], y_valid[ho]
     b_prime = _accuracy(compile_head(model, layer).labels(Fh), yh)
