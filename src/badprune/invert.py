@@ -19,8 +19,6 @@ Used by :mod:`badprune.scan` (which classes need anomalously small shifts: the v
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 #: default number of PGD steps, rows of clean activations per class and step, and largest rows per head call
@@ -31,23 +29,6 @@ MAX_ROWS = 8192
 UNTARGETED = -1
 #: share of the clean data held out (class-stratified, seeded) to measure what a shift or a repair does
 HOLDOUT = 0.2
-
-
-@dataclass
-class Shifts:
-    """Universal activation shifts, one per class of ``classes`` (``deltas[i]`` sends inputs to ``classes[i]``)."""
-
-    classes: np.ndarray        # (k,) int64
-    deltas: np.ndarray         # (k, H, W, C) float32, each of L2 norm <= eps
-    eps: float                 # the L2 budget (absolute)
-    flip: np.ndarray           # (k,) share of held-out clean inputs of other classes sent to the class
-
-    def channels(self, i: int, top: int = 8) -> list:
-        """The channels carrying most of shift ``i`` (L1 over positions), largest first: [(channel, share)]."""
-        mass = np.abs(self.deltas[i]).reshape(-1, self.deltas.shape[-1]).sum(axis=0)
-        total = float(mass.sum()) or 1.0
-        order = np.argsort(-mass, kind="stable")[:top]
-        return [(int(c), round(float(mass[c]) / total, 4)) for c in order]
 
 
 def holdout_split(y, seed: int, fraction: float = HOLDOUT) -> tuple:

@@ -71,6 +71,17 @@ def add_model_args(p, what="model"):
     return m
 
 
+def add_source_args(p, title="model B (the suspect BadNet)"):
+    """The flags naming B (mapped to :func:`badprune.options.check_source`) of ``sweep`` and ``scan``."""
+    m = p.add_argument_group(title)
+    m.add_argument("--model", help="full Keras model (.keras or legacy .h5, e.g. the lab's bd_net.h5)")
+    m.add_argument("--weights", help="Keras weight file for --arch (e.g. bd_weights.h5)")
+    m.add_argument("--arch", choices=["deepid"], help="built-in architecture for --weights")
+    m.add_argument("--trust-model", action="store_true",
+                   help="allow Lambda layers / custom code from the model file (runs the file's code)")
+    return m
+
+
 def add_fine_tune_args(g, default_mode=None):
     """The fine-pruning flags of ``sweep`` and ``repair`` (mapped to :func:`badprune.repair.check_args`)."""
     g.add_argument("--fine-tune", choices=["unlearn", "head", "full"], default=default_mode, nargs="?",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ._common import load_tensorflow, note
+from ._common import add_source_args, load_tensorflow, note
 
 
 def add_parser(sub):
@@ -11,12 +11,7 @@ def add_parser(sub):
                        description="Search, for every class, the smallest universal shift of the prune layer's "
                                    "activations that sends clean inputs to it; a backdoor's target needs a far "
                                    "smaller one than any other class. Reads only clean data.")
-    m = p.add_argument_group("model B (the suspect)")
-    m.add_argument("--model", help="full Keras model (.keras or legacy .h5)")
-    m.add_argument("--weights", help="Keras weight file for --arch")
-    m.add_argument("--arch", choices=["deepid"], help="built-in architecture for --weights")
-    m.add_argument("--trust-model", action="store_true",
-                   help="allow Lambda layers / custom code from the model file (runs the file's code)")
+    add_source_args(p, "model B (the suspect)")
     d = p.add_argument_group("clean data (lab h5)")
     d.add_argument("--valid", help="clean data set (the only data the scan reads)")
     d.add_argument("--scale", default="auto", help="pixel scale: auto (default), raw (0..255) or unit (/255)")

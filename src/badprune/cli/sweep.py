@@ -5,19 +5,14 @@ import os
 import time
 
 from ..errors import BadpruneError
-from ._common import add_fine_tune_args, load_tensorflow, note
+from ._common import add_fine_tune_args, add_source_args, load_tensorflow, note
 
 
 def add_parser(sub):
     p = sub.add_parser("sweep", help="run the pruning defense (no arguments: the built-in demo BadNet)",
                        description="Prune the prune layer's channels one by one (dormant first) and record "
                                    "accuracy, ASR and GoodNet metrics at every step.")
-    m = p.add_argument_group("model B (the suspect BadNet)")
-    m.add_argument("--model", help="full Keras model (.keras or legacy .h5, e.g. the lab's bd_net.h5)")
-    m.add_argument("--weights", help="Keras weight file for --arch (e.g. bd_weights.h5)")
-    m.add_argument("--arch", choices=["deepid"], help="built-in architecture for --weights")
-    m.add_argument("--trust-model", action="store_true",
-                   help="allow Lambda layers / custom code from the model file (runs the file's code)")
+    add_source_args(p)
     d = p.add_argument_group("data (lab h5: 'data' (N,3,55,47) and 'label')")
     d.add_argument("--valid", help="clean validation set (ranking and thresholds)")
     d.add_argument("--test", help="clean test set")
