@@ -65,6 +65,19 @@ def test_scenario_json_is_complete(sc):
     assert 0 <= info["clean_acc"] <= 100 and 0 <= info["asr"] <= 100
     assert sc.seconds < 60  # the small variant builds fast (well under 30 s on a 2-core CPU)
     assert "ORL" in sc.description and "sunglasses" in sc.description
+    # the attack family and its parameters (the default demo is the patch family)
+    assert info["family"] == "patch" and info["attack"]["targets"] == [0]
+    assert info["attack"]["triggers"] == [{"name": "sunglasses", "kind": "mask"}]
+    assert info["asr_per_trigger"] == {"sunglasses": info["asr"]}
+
+
+def test_trigger_picture(sc):
+    from PIL import Image
+
+    with Image.open(os.path.join(sc.dir, "trigger.png")) as im:
+        assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # clean | triggered | difference
+        a = np.asarray(im.convert("L"), np.float32)
+    assert a.std() > 20  # not a blank canvas
 
 
 def test_model_loads_and_reproduces_the_recorded_numbers(sc):
