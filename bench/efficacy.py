@@ -208,6 +208,10 @@ def write_md(path: Path, rows: list, meta: dict):
                  f"{_f(bar['reference_clean_acc'], 2) if bar else '(itself)'} | "
                  f"{_f(bar['reference_asr'], 2) if bar else '–'} | "
                  f"{('met' if bar['met'] else '**missed**') if bar else 'n/a'} |")
+    met = [r["family"] for r in rows if r["bar"] and r["bar"]["met"]]
+    missed = [r["family"] for r in rows if r["bar"] and not r["bar"]["met"]]
+    L += ["", f"At the defaults, the bar is met by {', '.join(met) or 'none'}; "
+          f"missed by {', '.join(missed) or 'none'}."]
     L += ["", "## Pruning (B'_X, GoodNet G_X) and repair (R_X, GoodNet on R_X)", "",
           "clean acc / ASR for B'_X and R_X; detection / false alarm for the GoodNets.", "",
           "| family | X | pruned | B'_X | G_X det / FA | R_X | G(R_X) det / FA |",
@@ -290,7 +294,15 @@ def main(argv=None):
     ap.add_argument("--families", nargs="+", default=list(SPECS), choices=list(SPECS))
     ap.add_argument("--rebuild", action="store_true", help="rebuild the scenarios instead of reusing them")
     ap.add_argument("--out", default=str(HERE), help="folder for EFFICACY.md/.json/.png (default bench/)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite EFFICACY.md and .png from the EFFICACY.json already in --out")
     a = ap.parse_args(argv)
+    if a.render:
+        suffix = "-small" if a.small else ""
+        doc = json.loads((Path(a.out) / f"EFFICACY{suffix}.json").read_text())
+        write_md(Path(a.out) / f"EFFICACY{suffix}.md", doc["rows"], doc["meta"])
+        write_png(Path(a.out) / doc["meta"]["png"], doc["rows"], doc["meta"]["fine_tune"])
+        return
     variant = "small" if a.small else "full"
     root = _cache() / "efficacy" / variant
     runs = root / f"runs-{a.fine_tune}"

