@@ -279,6 +279,27 @@ def test_ensure_demo_rebuilds_an_incomplete_folder(sc, tmp_path, monkeypatch, da
     assert len(calls) == 1
 
 
+def test_folder_from_before_attack_families_is_reused(sc, tmp_path, monkeypatch):
+    """A default demo written before scenario.json recorded the attack family is still the same scenario."""
+    old = tmp_path / "old"
+    shutil.copytree(sc.dir, old)
+    with open(old / "scenario.json") as f:
+        info = json.load(f)
+    for k in ("family", "attack", "asr_per_trigger", "bar", "noise_mode", "trigger_files", "picture"):
+        info.pop(k)
+    with open(old / "scenario.json", "w") as f:
+        json.dump(info, f)
+
+    def boom(*a, **k):
+        raise AssertionError("retrained a complete demo")
+
+    monkeypatch.setattr(demo, "_train", boom)
+    again = demo.build_demo(str(old), small=True, progress=False)
+    assert again.family == "patch" and again.asr == sc.asr and again.targets == [0]
+    with pytest.raises(BadpruneError, match="another demo scenario"):
+        demo.build_demo(str(old), small=True, progress=False, target=1)
+
+
 def test_default_demo_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("BADPRUNE_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
