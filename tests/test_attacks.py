@@ -294,3 +294,27 @@ def test_scenario_reused_and_other_refused(built):
 
 def test_families_listed():
     assert set(attacks.FAMILIES) == set(BUILDS) - {"clean"} | {"patch"}
+
+
+def test_efficacy_report_renders_from_its_json(tmp_path):
+    """bench/efficacy.py --render rewrites EFFICACY.md and .png from the committed EFFICACY.json (so the report
+    code cannot rot between the long full-size runs)."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(repo, "bench", "EFFICACY.json")
+    if not os.path.isfile(src):
+        pytest.skip("no bench/EFFICACY.json")
+    shutil.copy(src, tmp_path / "EFFICACY.json")
+    r = subprocess.run([sys.executable, os.path.join(repo, "bench", "efficacy.py"), "--render", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "EFFICACY.md").read_text()
+    with open(src) as f:
+        doc = json.load(f)
+    for row in doc["rows"]:
+        assert f"| {row['family']} |" in md
+    assert "BackdoorBench" in md and "92.8 / 96.1" in md  # Blended 10 %, FT, as published
+    assert (tmp_path / doc["meta"]["png"]).stat().st_size > 10_000
