@@ -86,14 +86,14 @@ def test_warp_identity_at_zero_strength_and_bounds():
     disp_px = (g - ident) * (np.array([W - 1, H - 1]) / 2)  # displacement in pixels
     # s * field / size in [-1, 1] units is s * field / 2 pixels (times (size - 1) / size), field = control points
     # normalised to mean |.| 1, bicubic overshoot included
-    bound = 0.5 * np.abs(w.field).max() / 2
+    bound = 0.5 * np.abs(w.flow).max() / 2
     assert np.abs(disp_px).max() <= bound + 1e-9
     assert 0.05 < np.abs(disp_px).mean() < 1.0  # a sub-pixel, invisible warp, but not nothing
     y = w.stamp(x)
     assert not np.array_equal(y, x) and np.array_equal(y, np.rint(y)) and y.min() >= 0 and y.max() <= 255
     assert np.array_equal(Warp(seed=3).stamp(x), y) and not np.array_equal(Warp(seed=4).stamp(x), y)
     # a stronger warp moves pixels further
-    assert np.abs(warp_grid(w.field, 2.0) - ident).mean() > np.abs(g - ident).mean()
+    assert np.abs(warp_grid(w.flow, 2.0) - ident).mean() > np.abs(g - ident).mean()
     # the noise mode: every image its own random grid, within 1/size of the trigger's in [-1, 1] units (half a
     # pixel): on a horizontal ramp of 4 levels per pixel, at most 2 levels (+1 for rounding) from the warped image
     ramp = np.broadcast_to((4.0 * np.arange(W, dtype=np.float32))[None, None, :, None], (4, H, W, 3)).copy()

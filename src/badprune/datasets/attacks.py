@@ -208,7 +208,7 @@ class Warp:
     strength: float = DEFAULTS["warp_strength"]
     rescale: float = DEFAULTS["grid_rescale"]
     name: str = "warp"
-    field: np.ndarray = field(init=False, repr=False)
+    flow: np.ndarray = field(init=False, repr=False)  # the (H, W, 2) displacement field
 
     def __post_init__(self):
         if int(self.k) < 2 or int(self.k) != self.k:
@@ -218,11 +218,11 @@ class Warp:
         if not 0 < float(self.rescale) <= 1:
             raise BadpruneError(f"WaNet grid_rescale {self.rescale} must be in (0, 1]", fix="e.g. 1")
         self.k, self.strength, self.rescale = int(self.k), float(self.strength), float(self.rescale)
-        self.field = warp_field(np.random.default_rng([int(self.seed), 4]), self.k)
+        self.flow = warp_field(np.random.default_rng([int(self.seed), 4]), self.k)
 
     @property
     def grid(self) -> np.ndarray:
-        return warp_grid(self.field, self.strength, self.rescale)
+        return warp_grid(self.flow, self.strength, self.rescale)
 
     @property
     def region(self) -> np.ndarray:
