@@ -65,6 +65,19 @@ def test_scenario_json_is_complete(sc):
     assert 0 <= info["clean_acc"] <= 100 and 0 <= info["asr"] <= 100
     assert sc.seconds < 60  # the small variant builds fast (well under 30 s on a 2-core CPU)
     assert "ORL" in sc.description and "sunglasses" in sc.description
+    # the attack family and its parameters (the default demo is the patch family)
+    assert info["family"] == "patch" and info["attack"]["targets"] == [0]
+    assert info["attack"]["triggers"] == [{"name": "sunglasses", "kind": "mask"}]
+    assert info["asr_per_trigger"] == {"sunglasses": info["asr"]}
+
+
+def test_trigger_picture(sc):
+    from PIL import Image
+
+    with Image.open(os.path.join(sc.dir, "trigger.png")) as im:
+        assert im.format == "PNG" and im.size[0] > 2 * im.size[1]  # clean | triggered | difference
+        a = np.asarray(im.convert("L"), np.float32)
+    assert a.std() > 20  # not a blank canvas
 
 
 def test_model_loads_and_reproduces_the_recorded_numbers(sc):
@@ -264,6 +277,27 @@ def test_ensure_demo_rebuilds_an_incomplete_folder(sc, tmp_path, monkeypatch, da
     assert np.array_equal(open_dataset(rebuilt.test).read(), open_dataset(sc.test).read())
     demo.ensure_demo(str(cache2), small=True, progress=False)
     assert len(calls) == 1
+
+
+def test_folder_from_before_attack_families_is_reused(sc, tmp_path, monkeypatch):
+    """A default demo written before scenario.json recorded the attack family is still the same scenario."""
+    old = tmp_path / "old"
+    shutil.copytree(sc.dir, old)
+    with open(old / "scenario.json") as f:
+        info = json.load(f)
+    for k in ("family", "attack", "asr_per_trigger", "bar", "noise_mode", "trigger_files", "picture"):
+        info.pop(k)
+    with open(old / "scenario.json", "w") as f:
+        json.dump(info, f)
+
+    def boom(*a, **k):
+        raise AssertionError("retrained a complete demo")
+
+    monkeypatch.setattr(demo, "_train", boom)
+    again = demo.build_demo(str(old), small=True, progress=False)
+    assert again.family == "patch" and again.asr == sc.asr and again.targets == [0]
+    with pytest.raises(BadpruneError, match="another demo scenario"):
+        demo.build_demo(str(old), small=True, progress=False, target=1)
 
 
 def test_default_demo_dir(monkeypatch, tmp_path):

@@ -1,8 +1,10 @@
-"""BadNets triggers: a pattern blended into the image by an alpha mask (sunglasses, a corner square, or a PNG)."""
+"""BadNets triggers: a pattern blended into the image by an alpha mask (sunglasses, a corner square, or a PNG).
+
+The other attack families' triggers (full-frame blend, SIG's sinusoid, WaNet's warp) are in :mod:`.attacks`."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,6 +19,8 @@ class Trigger:
     name: str
     alpha: np.ndarray
     pattern: np.ndarray
+    #: what scenario.json records beyond the name (e.g. a blend's alpha); empty for a stamped mask
+    info: dict = field(default_factory=dict)
 
     @property
     def region(self) -> np.ndarray:
