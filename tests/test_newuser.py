@@ -3,6 +3,7 @@
 One small demo (BADPRUNE_DEMO_SMALL=1) is built once for the module, by a bare ``badprune-fast sweep`` run as a
 subprocess with stderr going to a file, as in CI or under nohup; the other tests reuse its cache.
 """
+import json
 import os
 import re
 import subprocess
@@ -67,16 +68,43 @@ def test_first_bare_sweep_says_it_builds_the_demo_before_training(first):
     assert out[-1] == f"outputs: {first.work / 'runs' / 'demo'}"
 
 
+# ------------------------------------------------------------------- 3. the first run shows the whole defense
+ACHIEVED = re.compile(r"R_2: clean ([\d.]+) %, ASR ([\d.]+) %; pruning alone: ([\d.]+) %, ([\d.]+) %")
+
+
+def test_first_bare_sweep_repairs_and_says_what_was_achieved(first):
+    """The bare demo sweep runs the repair (the recommended mode) after the lab's pruning, and its second-last
+    line is R_X against pruning alone, with the numbers of its own sweep.json."""
+    from badprune.repair import RECOMMENDED
+
+    run = first.work / "runs" / "demo"
+    out = first.proc.stdout.decode().splitlines()
+    m = ACHIEVED.fullmatch(out[-2])
+    assert m, out[-3:]
+    js = json.loads((run / "sweep.json").read_text())
+    rep = {r["x"]: r for r in js["repaired"]}
+    assert sorted(rep) == [2.0, 4.0, 10.0] and {r["mode"] for r in rep.values()} == {RECOMMENDED}
+    pruned = next(t for t in js["thresholds"] if t["x"] == 2.0)["row"]  # B'_2
+    repaired = rep[2.0]["row"]
+    assert [float(v) for v in m.groups()] == [round(v, 1) for v in (repaired["test_acc"], repaired["asr"],
+                                                                    pruned["test_acc"], pruned["asr"])]
+    for x in ("2", "4", "10"):
+        assert (run / "models" / f"repaired_X{x}.keras").stat().st_size > 0
+    # the repair helps on the demo: the backdoor B'_2 keeps is gone from R_2
+    assert float(m.group(2)) < float(m.group(4))
+
+
 # ------------------------------------------------------------------------------------------ 1. repeated runs
 def test_repeated_bare_sweeps_get_fresh_folders(first, tmp_path, monkeypatch, capsys):
     _use_cache(monkeypatch, first, tmp_path)
-    assert cli.main(["sweep"]) == 0
+    bare = ["sweep", "--no-fine-tune"]  # the folders are the point here; the demo's repair is `first`'s
+    assert cli.main(bare) == 0
     cap = capsys.readouterr()
     assert BUILDING not in cap.err  # built once, reused
     assert cap.out.splitlines()[-1] == f"outputs: {tmp_path / 'runs' / 'demo'}"
     csv1 = (tmp_path / "runs" / "demo" / "sweep.csv").read_text()
 
-    assert cli.main(["sweep"]) == 0
+    assert cli.main(bare) == 0
     cap = capsys.readouterr()
     assert cap.out.splitlines()[-1] == f"outputs: {tmp_path / 'runs' / 'demo-2'}"
     assert os.path.join("runs", "demo-2") in cap.err
@@ -85,6 +113,65 @@ def test_repeated_bare_sweeps_get_fresh_folders(first, tmp_path, monkeypatch, ca
             assert (tmp_path / "runs" / d / name).stat().st_size > 0
     assert (tmp_path / "runs" / "demo" / "sweep.csv").read_text() == csv1  # the first run is left alone
     assert (tmp_path / "runs" / "demo-2" / "sweep.csv").read_text() == csv1  # same demo, same table
+
+
+def test_no_fine_tune_skips_the_demos_repair_and_contradictions_are_refused(first, tmp_path, monkeypatch,
+                                                                            capsys):
+    _use_cache(monkeypatch, first, tmp_path)
+    assert cli.main(["sweep", "--no-fine-tune", "-q"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    run = tmp_path / "runs" / "demo"
+    assert out[-1] == f"outputs: {run}" and out[-2].startswith("pruned 60 channels of pool_3")
+    assert not any(ACHIEVED.fullmatch(ln) or ln.startswith("repair:") for ln in out)  # the demo gives no hint
+    assert "repaired" not in json.loads((run / "sweep.json").read_text())
+    assert not list((run / "models").glob("repaired_*"))
+    assert cli.main(["sweep", "--fine-tune", "--no-fine-tune", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --fine-tune and --no-fine-tune contradict each other: pass one of them"]
+
+
+def _hint(lines):
+    hints = [ln for ln in lines if ln.startswith("repair: ")]
+    assert len(hints) <= 1, hints
+    return hints[0] if hints else None
+
+
+def test_own_data_keeps_the_lab_default_and_names_the_repair_when_the_backdoor_stays(first, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """On the user's data the sweep does not repair unless asked, but one line names `badprune-fast repair RUN`
+    and its cost when a B'_X still has a high ASR, or when there is no poisoned set; `--fine-tune` with no value
+    is the recommended mode."""
+    from badprune import report
+    from badprune.datasets import ensure_demo
+    from badprune.repair import RECOMMENDED
+
+    _use_cache(monkeypatch, first, tmp_path)
+    sc = ensure_demo(cache_dir=first.cache, small=True, progress=False)
+    files = ["--model", sc.model, "--valid", sc.valid, "--test", sc.test]
+    assert cli.main(["sweep", *files, "--poisoned", sc.bd_test, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    js = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    assert "repaired" not in js and not any(ACHIEVED.fullmatch(ln) for ln in out)
+    asr = [float(dict(zip(out[0].split(), ln.split())).get("ASR", "nan%")[:-1]) for ln in out[2:5]]
+    assert max(asr) >= report.HIGH_ASR  # the small demo's B'_X keep the backdoor: the hint is due
+    hint = _hint(out)
+    assert hint and f"`badprune-fast repair {tmp_path / 'a'}`" in hint and "ASR" in hint, out
+    assert report.REPAIR_COST in hint
+    assert out[-1] == f"outputs: {tmp_path / 'a'}" and out[-2] == hint
+
+    assert cli.main(["sweep", *files, "--out", str(tmp_path / "b"), "--no-cache", "--no-models"]) == 0
+    hint = _hint(capsys.readouterr().out.splitlines())  # no poisoned set: always; not cached: the sweep again
+    assert hint and "no poisoned set" in hint and "--fine-tune" in hint and "badprune-fast repair" not in hint
+
+    assert cli.main(["sweep", *files, "--out", str(tmp_path / "c"), "-q"]) == 0
+    assert _hint(capsys.readouterr().out.splitlines()) is None  # -q: no notes
+
+    assert cli.main(["sweep", *files, "--out", str(tmp_path / "d"), "--fine-tune", "--thresholds", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    js = json.loads((tmp_path / "d" / "sweep.json").read_text())
+    assert [r["mode"] for r in js["repaired"]] == [RECOMMENDED] and _hint(out) is None
+    assert re.fullmatch(r"R_2: clean [\d.]+ %; pruning alone: [\d.]+ % \(no poisoned set: ASR not measured\)",
+                        out[-2]), out[-3:]
 
 
 def test_explicit_out_that_exists_is_still_refused(first, tmp_path, monkeypatch, capsys):

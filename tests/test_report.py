@@ -338,6 +338,31 @@ def test_format_table(result):
     assert short[1].rstrip().endswith("B")
 
 
+def test_repair_hint_names_the_repair_when_a_b_prime_keeps_the_backdoor(result):
+    # make_result: B'_2 (step 3) ASR 80.1 %, B'_4 (step 4) 20 %, B'_10 (step 5) 5 %
+    hint = report.repair_hint(result, "runs/tiny")
+    assert "\n" not in hint and hint.startswith("repair: B'_2 still obeys the trigger (ASR 80.1 %); ")
+    assert "`badprune-fast repair runs/tiny`" in hint and report.REPAIR_COST in hint
+    assert "--fine-tune" in report.repair_hint(result, "runs/tiny", cached=False)
+    low = make_result(xs=(10.0, 99.0))  # only B'_10 (5 %) reached: nothing to suggest
+    assert report.repair_hint(low, "runs/tiny") is None
+    assert report.repair_hint(make_result(xs=(99.0,)), "runs/tiny") is None  # nothing reached, nothing to repair
+    low.table["asr"] = np.full(C + 1, np.nan)  # no poisoned set: always
+    assert report.repair_hint(low, "runs/tiny").startswith("repair: no poisoned set")
+
+
+def test_repair_summary_sets_r_x_against_pruning_alone(result):
+    from badprune.repair import Repaired
+
+    assert report.repair_summary(result) is None
+    result.repaired = [Repaired(x=2.0, mode="head", step=3, channels=[], row={"test_acc": 94.444, "asr": 0.66}),
+                       Repaired(x=4.0, mode="head", step=4, channels=[], row={"test_acc": 90.0, "asr": 0.1})]
+    try:
+        assert report.repair_summary(result) == "R_2: clean 94.4 %, ASR 0.7 %; pruning alone: 95.0 %, 80.1 %"
+    finally:
+        result.repaired = []
+
+
 def test_summary_line(result):
     s = report.summary_line(result)
     assert "\n" not in s
