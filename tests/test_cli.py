@@ -80,7 +80,6 @@ def test_console_script_runs_without_traceback(lab_files, tmp_path):
 
 
 def test_bare_sweep_runs_the_demo(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("PIL")
     monkeypatch.setenv("BADPRUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("BADPRUNE_DEMO_SMALL", "1")
     monkeypatch.chdir(tmp_path)

