@@ -41,6 +41,8 @@ import numpy as np
 from .errors import BadpruneError
 
 from .options import FINE_TUNE_MODES as MODES  # noqa: E402,F401  (the fine-tuning modes)
+#: the recommended mode: what ``--fine-tune`` with no value, ``badprune-fast repair`` and the demo's default run use
+RECOMMENDED = "head"
 #: share of the clean validation set held out (class-stratified, seeded)
 HOLDOUT = 0.2
 #: the recipe per mode: epochs, peak learning rate, batch size, AdamW weight decay, distillation weight and

@@ -72,9 +72,14 @@ def add_model_args(p, what="model"):
 
 
 def add_fine_tune_args(g, default_mode=None):
-    """The fine-pruning flags of ``sweep`` and ``repair`` (mapped to :func:`badprune.repair.check_args`)."""
-    g.add_argument("--fine-tune", choices=["head", "full"], default=default_mode,
-                   help="head" + (" (default)" if default_mode == "head" else "") + ": train the layers after the "
+    """The fine-pruning flags of ``sweep`` and ``repair`` (mapped to :func:`badprune.repair.check_args`).
+    ``--fine-tune`` without a value is the recommended mode (:data:`badprune.repair.RECOMMENDED`)."""
+    from ..repair import MODES, RECOMMENDED
+
+    g.add_argument("--fine-tune", choices=MODES, nargs="?", const=RECOMMENDED, default=default_mode,
+                   metavar="{" + ",".join(MODES) + "}",
+                   help=f"no value: {RECOMMENDED} (recommended"
+                        + (", default" if default_mode == RECOMMENDED else "") + "); head: train the layers after the "
                         "prune layer over the cached activations (fast); full: train the whole network on the clean "
                         "images")
     g.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")
