@@ -13,7 +13,6 @@ run time: without badprune.goodnet / export / runtime the benchmarks that need t
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 
@@ -24,21 +23,6 @@ from conftest import RUN_INFO, rounds
 
 BATCH = 256
 X = 4.0
-
-
-def _have(*mods) -> bool:
-    for m in mods:
-        try:
-            if importlib.util.find_spec(m) is None:
-                return False
-        except (ImportError, ValueError):
-            return False
-    return True
-
-
-def _need(*mods):
-    if not _have(*mods):
-        pytest.skip(f"{', '.join(mods)} not available (the export issue has not landed)")
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +57,6 @@ def reference(model, b_prime, x_test):
 
 @pytest.fixture(scope="session")
 def goodnet_model(model, layer, channels):
-    _need("badprune.goodnet")
     from badprune import goodnet
 
     return goodnet.build_goodnet(model, layer, channels, name="goodnet_X4")
@@ -125,7 +108,6 @@ def test_keras_one_graph_predict(benchmark, goodnet_model, x_test, reference):
 
 
 def test_keras_one_graph_runtime(benchmark, goodnet_model, x_test, reference):
-    _need("badprune.runtime")
     from badprune.runtime import KerasModel
 
     km = KerasModel(model=goodnet_model, batch_size=BATCH)
@@ -138,7 +120,6 @@ def test_keras_one_graph_runtime(benchmark, goodnet_model, x_test, reference):
 
 @pytest.mark.parametrize("quantize", ["none", "float16", "int8"])
 def test_tflite(benchmark, quantize, goodnet_model, x_test, arrays, reference, tflite_dir):
-    _need("badprune.export", "badprune.runtime", "ai_edge_litert")
     from badprune import export
     from badprune.runtime import LiteModel
 

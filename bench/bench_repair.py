@@ -20,7 +20,7 @@ def test_repair_head(benchmark, model, layer, features, bounds, datasets, sweep_
         out["reps"] = repair_thresholds(result, features, bounds, datasets, params)
 
     benchmark.group = "repair"
-    benchmark.pedantic(run, rounds=rounds(1), warmup_rounds=0)
+    benchmark.pedantic(run, rounds=rounds(3), warmup_rounds=0)  # each round a whole repair (seeded: same R_X)
     reps = out["reps"]
     info = [{"x": r.x, "step": r.step, "seconds": r.info["total_seconds"], "epochs": r.info["epochs"],
              "tried": [(t["lr"], t["weight_decay"], round(t["holdout_acc"] or 0.0, 2)) for t in r.info["tried"]],

@@ -493,6 +493,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--png", default=str(HERE / "speed.png"))
     ap.add_argument("--note", help="a sentence added to the machine description (e.g. how the run was timed)")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 when a target measured in the run is missed (after writing the report)")
     a = ap.parse_args(argv)
     path = a.json or newest_json()
     if not path:
@@ -510,6 +512,10 @@ def main(argv=None):
     print(f"wrote {a.out} and {a.png} from {path}")
     for k, v in res.items():
         print(f"  {k}: {'met' if v else 'not met'}")
+    missed = [k for k, v in res.items() if not v]
+    if a.check and missed:
+        print(f"error: targets missed: {', '.join(missed)} ({path}): see {a.out}", file=sys.stderr)
+        return 1
     return 0
 
 

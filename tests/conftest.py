@@ -18,6 +18,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LAB_SIZES = (("valid", 150), ("test", 120), ("bd_test", 90))
 
 
+@pytest.fixture(autouse=True)
+def _empty_working_folder(tmp_path_factory, monkeypatch):
+    """Every test starts in an empty working folder of its own: no test depends on (or writes into) the folder
+    pytest was started from, e.g. a clone holding the ``runs/demo`` of the README's first command."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared`` (the lab's real weights and images); skips the test when it is absent."""
@@ -181,3 +188,48 @@ def tiny_lab():
     """``tiny_lab(d, sizes=LAB_SIZES, *, seed=0, gain=1.0, input_name=None, relabel_div=None, dtype=np.float64)
     -> (model, files)``: see ``_tiny_lab``."""
     return _tiny_lab
+
+
+# -------------------------------------------------------------------------- labels against TensorFlow's own
+#: a label that differs from TensorFlow's must be a near-tie of the final Dense layer's logits: their gap at most
+#: TIE_FACTOR * gamma_(K+2) * (sum_t |h_t W_tj| + |b_j|, over both classes j), gamma_n = n u / (1 - n u), u = 2^-24,
+#: h the layer's input as TensorFlow computed it (the engine's own h differs from it by the earlier layers'
+#: rounding, hence the factor rather than gamma's 1)
+TIE_FACTOR = 16.0
+
+
+def _labels_vs_tf(model, X, labels, cap):
+    """Check ``labels`` (one array, or a dict of them) against the Keras ``model`` (whose last layer is a Dense) on
+    ``X``: every label that differs from TensorFlow's argmax is within the float32 rounding bound of the final
+    layer's logits (see :data:`TIE_FACTOR`), and at most ``cap`` differ. Returns TensorFlow's labels and the
+    number that differed (the largest count over the arrays)."""
+    keras = _keras()
+    last = model.layers[-1]
+    assert isinstance(last, keras.layers.Dense), type(last).__name__
+    h, out = keras.Model(model.inputs, [last.input, model.outputs[0]]).predict(X, verbose=0)
+    ref = np.asarray(out).argmax(1)
+    W, b = (np.asarray(w, np.float64) for w in last.get_weights())
+    K, u = W.shape[0] + 2, 2.0 ** -24
+    gamma = K * u / (1 - K * u)
+    worst = 0
+    for name, lab in (labels.items() if isinstance(labels, dict) else [("labels", labels)]):
+        diff = np.flatnonzero(np.asarray(lab) != ref)
+        assert len(diff) <= cap, f"{name}: {len(diff)} labels differ from TensorFlow's (at most {cap} near-ties)"
+        if len(diff):
+            hd = np.asarray(h, np.float64)[diff].reshape(len(diff), -1)
+            z = hd @ W + b
+            mag = np.abs(hd) @ np.abs(W) + np.abs(b)
+            r, l_ = ref[diff], np.asarray(lab)[diff]
+            rows = np.arange(len(diff))
+            gap = np.abs(z[rows, r] - z[rows, l_])
+            bound = TIE_FACTOR * gamma * (mag[rows, r] + mag[rows, l_])
+            assert np.all(gap <= bound), (f"{name}: labels differ from TensorFlow's beyond the rounding bound: gap "
+                                          f"{gap.max():.3g} > {bound[gap.argmax()]:.3g}")
+        worst = max(worst, len(diff))
+    return ref, worst
+
+
+@pytest.fixture(scope="session")
+def labels_vs_tf():
+    """``labels_vs_tf(model, X, labels, cap) -> (tf_labels, n_differing)``: see ``_labels_vs_tf``."""
+    return _labels_vs_tf

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -28,10 +27,16 @@ def _env(tmp_path):
     return env
 
 
+def _report_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_bench_suite_runs_small(tmp_path):
-    pytest.importorskip("pytest_benchmark")
-    if not (BENCH / "conftest.py").is_file():
-        pytest.skip("bench/ is not in this tree")
     env = _env(tmp_path)
     out = tmp_path / "run.json"
     r = subprocess.run([sys.executable, "-m", "pytest", str(BENCH), "-q", "-x", "--benchmark-json", str(out)],
@@ -55,6 +60,34 @@ def test_bench_suite_runs_small(tmp_path):
     for part in ("## Targets", "## All benchmarks", "## Floors", "seed-style", "GFLOP/s", "load average"):
         assert part in text
     assert png.stat().st_size > 10_000
+    # every benchmark of the run is a row of the table with its own median and round count
+    rep = _report_module()
+    rows = {}
+    for ln in text.splitlines():
+        cells = [c.strip() for c in ln.split("|")]
+        if ln.startswith("| ") and len(cells) > 6 and cells[2].startswith("`test_"):
+            rows[cells[2]] = cells[3:6]
+    for b in js["benchmarks"]:
+        assert rows[f"`{b['name']}`"] == [rep.fs(b["stats"]["median"]), rep.fs(b["stats"]["iqr"]),
+                                          str(b["stats"]["rounds"])], b["name"]
+    # the targets' verdicts: what the command prints, --check's exit code, and one made to miss
+    verdicts = dict(ln.strip().split(": ") for ln in r.stdout.splitlines()[1:])
+    assert {"cli", "warm", "sweep", "extract", "repair"} <= set(verdicts)
+    r = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out), "--out", str(md), "--png", str(png),
+                        "--check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == (1 if "not met" in verdicts.values() else 0), r.stdout + r.stderr
+    cold = next(b for b in js["benchmarks"] if b["name"] == "test_cli_sweep[cold]")
+    cold["stats"]["median"] = 10 * rep.TARGETS["cli_seconds"]
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(js))
+    r = subprocess.run([sys.executable, str(BENCH / "report.py"), str(slow), "--out", str(md), "--png", str(png),
+                        "--check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "  cli: not met" in r.stdout, r.stdout + r.stderr
+    assert r.stderr.startswith("error: targets missed: ") and "cli" in r.stderr.split("(")[0], r.stderr
+    # without --check a missed target is reported, not an error
+    r = subprocess.run([sys.executable, str(BENCH / "report.py"), str(slow), "--out", str(md), "--png", str(png)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "  cli: not met" in r.stdout
 
 
 def test_bench_not_collected_by_the_test_command():

@@ -79,18 +79,6 @@ def test_console_script_runs_without_traceback(lab_files, tmp_path):
     assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_bare_sweep_runs_the_demo(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("PIL")
-    monkeypatch.setenv("BADPRUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("BADPRUNE_DEMO_SMALL", "1")
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["sweep", "-q"]) == 0
-    out = capsys.readouterr().out
-    assert "outputs:" in out
-    js = json.loads((tmp_path / "runs" / "demo" / "sweep.json").read_text())
-    assert js["config"]["sizes"]["valid"] > 0 and len(js["table"]["step"]) == js["n_channels"] + 1
-
-
 def test_a_changed_cache_entry_gives_the_clean_runs_sweep_csv_back(lab_files, tmp_path, capsys):
     cache = tmp_path / "c"
     assert cli.main(_sweep_args(lab_files, tmp_path / "r1", cache)) == 0

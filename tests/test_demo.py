@@ -62,8 +62,11 @@ def test_scenario_json_is_complete(sc):
         assert k in info, k
     assert info["trigger"] == "sunglasses" and info["target"] == 0 and info["seed"] == 0
     assert info["poisoned"] == round(0.1 * info["sizes"]["train"])
-    assert 0 <= info["clean_acc"] <= 100 and 0 <= info["asr"] <= 100
-    assert sc.seconds < 60  # the small variant builds fast (well under 30 s on a 2-core CPU)
+    # the small variant learns the faces and the backdoor (seed 0: 85.0 % and 100 %; the model's own numbers are
+    # checked against these in test_model_loads_and_reproduces_the_recorded_numbers); how fast it builds is bench's
+    assert info["clean_acc"] >= 70 and info["asr"] >= 90, (info["clean_acc"], info["asr"])
+    assert (info["clean_acc"], info["asr"], info["seconds"]) == (sc.clean_acc, sc.asr, sc.seconds)
+    assert 0 < info["seconds_data"] + info["seconds_train"] <= info["seconds"]
     assert "ORL" in sc.description and "sunglasses" in sc.description
     # the attack family and its parameters (the default demo is the patch family)
     assert info["family"] == "patch" and info["attack"]["targets"] == [0]

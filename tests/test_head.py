@@ -64,7 +64,11 @@ def _inputs(n, seed):
     return (big + 0.3 * rng.standard_normal(big.shape)).astype(np.float32)
 
 
-def _check_against_tf(model, layer, X, modes=("incremental", "full"), tie_tol=1e-5):
+def _check_against_tf(model, layer, X, modes=("incremental", "full")):
+    """At every step, each mode's labels are TensorFlow's on the actual pruned model, but for near-ties of the
+    final logits within a float32 rounding bound, at most 1 % of the samples (conftest's ``_labels_vs_tf``)."""
+    from conftest import _labels_vs_tf
+
     trunk = keras.Model(model.input, model.get_layer(layer).output)
     F = trunk.predict(X, verbose=0)
     head = compile_head(model, layer)
@@ -73,13 +77,7 @@ def _check_against_tf(model, layer, X, modes=("incremental", "full"), tie_tol=1e
     changed = 0
     for k in range(len(order) + 1):
         pm = prune_model(model, layer, [int(c) for c in order[:k]])
-        probs = pm.predict(X, verbose=0)
-        ref = probs.argmax(1)
-        for m in modes:
-            lab = results[m][k]
-            diff = np.flatnonzero(lab != ref)
-            gaps = probs[diff, ref[diff]] - probs[diff, lab[diff]]
-            assert np.all(gaps <= tie_tol), f"step {k} ({m}): {len(diff)} labels differ from TF beyond near-ties"
+        ref, _ = _labels_vs_tf(pm, X, {f"step {k} ({m})": results[m][k] for m in modes}, cap=max(1, len(X) // 100))
         changed += int((ref != results[modes[0]][0]).sum())
     assert changed > 0, "the sweep never changed a label: the test would not see a wrong update"
     return head
@@ -145,8 +143,16 @@ def test_final_layer_sparse_argmax_gives_the_full_mode_labels(monkeypatch, rando
     inc = [lab.copy() for _, _, lab in engine]
     stats = dict(engine.stats)
     full = [lab.copy() for _, _, lab in masked_steps(head, F, order, mode="full")]
-    for k, (a, b) in enumerate(zip(inc, full)):  # the channel subtractions round unlike full mode's GEMMs
-        assert (a == b).mean() >= 0.995, f"step {k}"
+    # the channel subtractions round unlike full mode's GEMMs: a near-tie may differ (at most 1 sample in 200 per
+    # step), and where the modes differ both are TensorFlow's labels up to the final logits' rounding bound
+    from conftest import _labels_vs_tf
+
+    for k, (a, b) in enumerate(zip(inc, full)):
+        n = np.count_nonzero(a != b)
+        assert n <= len(X) // 200, f"step {k}: {n} labels differ"
+        if n:
+            pm = prune_model(m, "pool_p", [int(c) for c in order[:k]])
+            _labels_vs_tf(pm, X, {f"step {k} incremental": a, f"step {k} full": b}, cap=len(X) // 100)
     if max_share == 0.0 or not prune_ext.SPARSE_VECTORIZED:
         assert stats["screened"] == 0 and stats["exact_final"] == stats["rows"]
     elif max_share == 1.0:

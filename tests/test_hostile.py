@@ -6,7 +6,6 @@ Set BADPRUNE_HOSTILE_TABLE=path to append "case<TAB>message" for every error che
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 import shutil
@@ -170,7 +169,8 @@ BAD_DATA = {
     "a folder": (_folder, ["got a folder"]),
     "not HDF5": (_text, ["not an HDF5 file"]),
     "HDF5 cut in half": (lambda lab, p: hf.truncate(lab["valid"], p), ["damaged or incomplete HDF5 file"]),
-    "HDF5 header bytes damaged": (lambda lab, p: hf.damage(lab["valid"], p, 600), []),
+    "HDF5 header bytes damaged": (lambda lab, p: hf.damage(lab["valid"], p, 600),
+                                  ["cannot read the HDF5 file's structure", "damaged or incomplete"]),
     "HDF5 signature damaged": (lambda lab, p: hf.damage(lab["valid"], p, 0, 8), ["not an HDF5 file"]),
     "HDF5 middle bytes damaged": (lambda lab, p: hf.damage(lab["valid"], p, -1, 4096), ["pixels"]),
     "gzip chunk damaged": (_gzip_damaged, ["cannot read images", "damaged"]),
@@ -423,7 +423,8 @@ BAD_MODELS = {
     ".keras cut in half": (lambda lab, p: hf.truncate(lab["model"], p), ["damaged or incomplete .keras file"]),
     ".keras with damaged weights": (_damaged_keras_weights, ["cannot load the Keras model"]),
     ".h5 model cut in half": (lambda lab, p: hf.truncate(lab["model_h5"], p), ["cannot read the HDF5 file"]),
-    ".h5 model header damaged": (lambda lab, p: hf.damage(lab["model_h5"], p, 600), []),
+    ".h5 model header damaged": (lambda lab, p: hf.damage(lab["model_h5"], p, 600),
+                                 ["cannot read the HDF5 file", "check the file is complete"]),
     "a data file as model": (lambda lab, p: shutil.copy(lab["valid"], p), ["without a model config"]),
     "Keras 3 weights file as model": (_weights_only, ["only Keras 3 weights, no architecture"]),
 }
@@ -532,10 +533,6 @@ def test_model_without_pooling_layer(lab, tmp_path, capsys, tiny_model):
                  "no 2-D pooling layer", "--layer", out=out)
 
 
-def _argparse_one_line():
-    return "_Parser" in inspect.getsource(cli) or "def error(" in inspect.getsource(cli)
-
-
 @pytest.mark.parametrize("extra", [["--thresholds", "abc"], ["--order", "sideways"], ["--bogus"]])
 def test_unparsable_flag_is_one_line(lab, tmp_path, capsys, extra):
     out = tmp_path / "run"
@@ -595,10 +592,6 @@ def test_internal_fault_is_one_line_exit_1_and_debug_shows_traceback(lab, tmp_pa
 
 
 def test_predict_on_a_file_that_is_not_an_image(lab, tmp_path, capsys):
-    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    if "predict" not in sub.choices:
-        pytest.skip("no predict subcommand yet")
-    pytest.importorskip("PIL")
     fake = tmp_path / "face.png"
     fake.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     expect_error(capsys, "predict: a .png that is not an image",
@@ -618,18 +611,8 @@ def _png_header_only(w, h):
         chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def _image_loader_is_hardened():
-    from badprune import runtime
-
-    return "DecompressionBombError" in inspect.getsource(getattr(runtime, "load_images", len))
-
-
 @pytest.mark.parametrize("w, h", [(100_000, 100_000), (7_000, 7_000)])
 def test_predict_on_a_decompression_bomb(lab, tmp_path, capsys, w, h):
-    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    if "predict" not in sub.choices:
-        pytest.skip("no predict subcommand yet")
-    pytest.importorskip("PIL")
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header_only(w, h))
     expect_error(capsys, f"predict: PNG declaring {w}x{h} pixels", ["predict", bomb, "--model", lab["model"], "-q"],
@@ -637,10 +620,6 @@ def test_predict_on_a_decompression_bomb(lab, tmp_path, capsys, w, h):
 
 
 # ------------------------------------------------------------------------------------------------- warnings
-def _cli_shows_warnings():
-    return "cli_warnings" in inspect.getsource(cli)
-
-
 def test_low_base_accuracy_warns_and_changes_nothing(lab, tmp_path, capsys):
     bad = _labels(lab, tmp_path / "valid.h5", lambda y: (y + 1) % 5)  # every label wrong: 0 % accuracy
     kw = dict(model=lab["model"], valid=bad, test=lab["test"], poisoned=lab["bd_test"], scale="unit",

@@ -164,9 +164,31 @@ def test_json(written, result):
 
 def test_results_markdown(written, result):
     md = (written / "results.md").read_text()
-    assert md == report.results_markdown(result)
     lines = md.splitlines()
     assert "## Pruned network B'_X" in lines and "## Repaired network B'_X" not in lines  # R_X is the repaired one
+    # every table row has its header's cells, and each reached X's B'_X and G_X rows hold the sweep table's values
+    tables, cur = [], None
+    for line in lines:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cur is None:
+                cur = [cells]
+                tables.append(cur)
+            else:
+                cur.append(cells)
+        else:
+            cur = None
+    assert len(tables) == 2 and all(len(row) == len(t[0]) for t in tables for row in t)
+    bp, gx = ({r[0]: r for r in t[2:]} for t in tables)
+    t = result.table
+    for th in result.thresholds:
+        x = report.fmt_x(th.x)
+        if th.reached:
+            k = th.step
+            assert bp[x][1:] == [f"{k}/{C}", f"{100 * k / C:.1f}%"] + [f"{t[c][k]:.2f}%" for c in
+                                                                      ("valid_acc", "test_acc", "asr")], x
+            assert gx[x][1:] == [f"{t[c][k]:.2f}%" for c in ("goodnet_test_acc", "goodnet_asr",
+                                                              "goodnet_detection", "goodnet_false_alarm")], x
     assert any(line.startswith("| B (base) | 0 | 0.0% | 98.00% | 97.70% | 100.00% |") for line in lines)
     # B'_X table: X=2 reached at step 3 (98 -> 95.25)
     assert "| 2 | 3/6 | 50.0% | 95.25% | 94.95% | 80.12% |" in lines  # 80.125 rounds half to even
@@ -336,6 +358,31 @@ def test_format_table(result):
     short = report.format_table(result, thresholds_only=True).splitlines()
     assert [line.split()[0] for line in short[1:-1]] == ["0", "3", "4", "5"]
     assert short[1].rstrip().endswith("B")
+
+
+def test_repair_hint_names_the_repair_when_a_b_prime_keeps_the_backdoor(result):
+    # make_result: B'_2 (step 3) ASR 80.1 %, B'_4 (step 4) 20 %, B'_10 (step 5) 5 %
+    hint = report.repair_hint(result, "runs/tiny")
+    assert "\n" not in hint and hint.startswith("repair: B'_2 still obeys the trigger (ASR 80.1 %); ")
+    assert "`badprune-fast repair runs/tiny`" in hint and report.REPAIR_COST in hint
+    assert "--fine-tune" in report.repair_hint(result, "runs/tiny", cached=False)
+    low = make_result(xs=(10.0, 99.0))  # only B'_10 (5 %) reached: nothing to suggest
+    assert report.repair_hint(low, "runs/tiny") is None
+    assert report.repair_hint(make_result(xs=(99.0,)), "runs/tiny") is None  # nothing reached, nothing to repair
+    low.table["asr"] = np.full(C + 1, np.nan)  # no poisoned set: always
+    assert report.repair_hint(low, "runs/tiny").startswith("repair: no poisoned set")
+
+
+def test_repair_summary_sets_r_x_against_pruning_alone(result):
+    from badprune.repair import Repaired
+
+    assert report.repair_summary(result) is None
+    result.repaired = [Repaired(x=2.0, mode="head", step=3, channels=[], row={"test_acc": 94.444, "asr": 0.66}),
+                       Repaired(x=4.0, mode="head", step=4, channels=[], row={"test_acc": 90.0, "asr": 0.1})]
+    try:
+        assert report.repair_summary(result) == "R_2: clean 94.4 %, ASR 0.7 %; pruning alone: 95.0 %, 80.1 %"
+    finally:
+        result.repaired = []
 
 
 def test_summary_line(result):

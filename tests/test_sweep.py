@@ -63,8 +63,9 @@ def _lab_faces(shared, n, seed):
     return X, [paths[i] for i in idx]
 
 
-def test_lab3_sweep_equals_tensorflow_pruned_models(shared_dir):
-    """Real lab3 BadNet, real faces: masked labels = labels of the actual pruned Keras model at every step."""
+def test_lab3_sweep_equals_tensorflow_pruned_models(shared_dir, labels_vs_tf):
+    """Real lab3 BadNet, real faces: masked labels = labels of the actual pruned Keras model at every step, but for
+    near-ties of the final logits within a float32 rounding bound, at most 1 in 120 per step (conftest)."""
     model = load_model(weights=str(shared_dir / "lab" / "weights" / "lab3_bd_weights.h5"), arch="deepid")
     X, _ = _lab_faces(shared_dir, 240, 0)
     F = keras.Model(model.input, model.get_layer("pool_3").output).predict(X, verbose=0)
@@ -73,10 +74,8 @@ def test_lab3_sweep_equals_tensorflow_pruned_models(shared_dir):
     steps = [lab.copy() for _, _, lab in masked_steps(head, F, ranking, batch_size=100)]
     changed = 0
     for k in range(len(ranking) + 1):
-        probs = prune_model(model, "pool_3", [int(c) for c in ranking[:k]]).predict(X, verbose=0)
-        ref = probs.argmax(1)
-        diff = np.flatnonzero(ref != steps[k])
-        assert np.all(probs[diff, ref[diff]] - probs[diff, steps[k][diff]] <= 1e-5), f"step {k}"
+        pm = prune_model(model, "pool_3", [int(c) for c in ranking[:k]])
+        ref, _ = labels_vs_tf(pm, X, {f"step {k}": steps[k]}, cap=2)
         changed += int((ref != steps[0]).sum())
     assert changed > 0
 

@@ -70,8 +70,8 @@ def _images(f, n=64):
     return data.open_dataset(f["test"]).read(1 / 255, 0, n)
 
 
-def _summary_free(stdout):  # the summary line holds the sweep's duration
-    return [ln for ln in stdout.splitlines() if not ln.startswith(("pruned ", "outputs: "))]
+def _summary_free(stdout):  # the summary line holds the sweep's duration, the repair hint the run folder
+    return [ln for ln in stdout.splitlines() if not ln.startswith(("pruned ", "outputs: ", "repair: "))]
 
 
 def test_warm_sweep_imports_no_tensorflow_and_writes_the_cold_runs_outputs(lab, tmp_path):

@@ -42,7 +42,8 @@ from .errors import BadpruneError
 from .invert import HOLDOUT, holdout_split  # noqa: F401  (the clean split, shared with the scan)
 
 from .options import FINE_TUNE_MODES as MODES  # noqa: E402,F401  (the fine-tuning modes)
-#: the mode ``--fine-tune`` without a value runs (how it was chosen: the README's Repair section)
+#: the recommended mode: what ``--fine-tune`` with no value, ``badprune-fast repair`` and the demo's default run use
+#: (how it was chosen: the README's Repair section)
 RECOMMENDED = "unlearn"
 #: the recipe per mode: epochs, peak learning rate, batch size, AdamW weight decay, distillation weight and
 #: temperature, warm-up share, and the clean-range reset

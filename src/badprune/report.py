@@ -346,6 +346,57 @@ def summary_line(result: SweepResult) -> str:
     return s
 
 
+#: B'_X with an attack success rate at least this (percent) still obeys the trigger: the sweep suggests the repair
+HIGH_ASR = 10.0
+#: what ``repair_hint`` quotes for the repair's cost in head mode (measured on 2 cores: lab3 at lab scale 10.0 s for
+#: X = 2, 4, 10 in bench/RESULTS.md; the demo 6-19 s per X on a loaded host)
+REPAIR_COST = "about 5-20 s per threshold on 2 cores (20-60 s where the scan finds a shift to unlearn)"
+
+
+def _pct1(v) -> str:
+    return "-" if v is None or missing(v) else f"{float(v):.1f} %"
+
+
+def repair_summary(result: SweepResult) -> str | None:
+    """What the whole defense achieved, in one line, for the first repaired X: R_X's clean test accuracy and ASR,
+    then pruning alone's (B'_X), e.g. ``R_2: clean 94.4 %, ASR 0.7 %; pruning alone: 92.6 %, 50.5 %``. None
+    without a repair."""
+    repaired = getattr(result, "repaired", None) or []
+    if not repaired:
+        return None
+    r = repaired[0]
+    pruned = {c: table_value(result, c, r.step) for c in ("test_acc", "asr")}
+    has_asr = not (r.row.get("asr") is None or missing(r.row.get("asr")))
+    if has_asr:
+        return (f"R_{fmt_x(r.x)}: clean {_pct1(r.row.get('test_acc'))}, ASR {_pct1(r.row.get('asr'))}; "
+                f"pruning alone: {_pct1(pruned['test_acc'])}, {_pct1(pruned['asr'])}")
+    return (f"R_{fmt_x(r.x)}: clean {_pct1(r.row.get('test_acc'))}; pruning alone: {_pct1(pruned['test_acc'])} "
+            "(no poisoned set: ASR not measured)")
+
+
+def repair_hint(result: SweepResult, run_dir, cached: bool = True) -> str | None:
+    """For a sweep without repair: one line naming ``badprune-fast repair RUN`` and its cost, when a B'_X still has
+    an ASR of at least :data:`HIGH_ASR` or, without a poisoned set, whenever a threshold was reached (its ASR is
+    unknown). None when no threshold was reached or every B'_X is below :data:`HIGH_ASR`."""
+    reached = [t for t in result.thresholds if t.reached]
+    if not reached:
+        return None
+    asr = [table_value(result, "asr", t.step) for t in reached]
+    known = [(t, float(a)) for t, a in zip(reached, asr) if a is not None and not missing(a)]
+    if known:
+        high = [(t, a) for t, a in known if a >= HIGH_ASR]
+        if not high:
+            return None
+        t, a = high[0]
+        why = f"B'_{fmt_x(t.x)} still obeys the trigger (ASR {a:.1f} %)"
+    else:
+        why = "no poisoned set: pruning alone may leave the backdoor in place"
+    how = (f"badprune-fast repair {run_dir}" if cached else
+           "the same sweep with --fine-tune (this run's activations were not cached)")
+    return (f"repair: {why}; `{how}` fine-tunes each B'_X on clean data into R_X, {REPAIR_COST} "
+            "(over the cached activations, no trunk pass)")
+
+
 # -------------------------------------------------------------------------------------------- write_outputs
 def _from_templates(result: SweepResult, kind: str, variants) -> bool:
     """Write ``variants`` ((path, name, channels)) of ``kind`` from the templates in B's cached record (TF-free

@@ -83,12 +83,17 @@ def add_source_args(p, title="model B (the suspect BadNet)"):
 
 
 def add_fine_tune_args(g, default_mode=None):
-    """The fine-pruning flags of ``sweep`` and ``repair`` (mapped to :func:`badprune.repair.check_args`)."""
-    g.add_argument("--fine-tune", choices=["unlearn", "head", "full"], default=default_mode, nargs="?",
-                   const="unlearn",
-                   help="unlearn (the recommended mode, also --fine-tune alone): head, plus unlearning the shift the "
-                        "scan finds toward a backdoor's target; head: train the layers after the prune layer over the "
-                        "cached activations (fast); full: train the whole network on the clean images")
+    """The fine-pruning flags of ``sweep`` and ``repair`` (mapped to :func:`badprune.repair.check_args`).
+    ``--fine-tune`` without a value is the recommended mode (:data:`badprune.repair.RECOMMENDED`)."""
+    from ..repair import MODES, RECOMMENDED
+
+    g.add_argument("--fine-tune", choices=MODES, nargs="?", const=RECOMMENDED, default=default_mode,
+                   metavar="{" + ",".join(MODES) + "}",
+                   help=f"no value: {RECOMMENDED} (recommended"
+                        + (", default" if default_mode == RECOMMENDED else "") + "): head plus unlearning the shift the "
+                        "scan finds toward a backdoor's target; head: train the layers after the "
+                        "prune layer over the cached activations (fast); full: train the whole network on the clean "
+                        "images")
     g.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")
     g.add_argument("--fine-tune-lr", type=float, help="peak learning rate (default: the recipe's, per mode)")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")

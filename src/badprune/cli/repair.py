@@ -1,6 +1,7 @@
 """``badprune-fast repair``: fine-prune the B'_X of an existing run into R_X (as ``sweep --fine-tune`` does)."""
 from __future__ import annotations
 
+from ..repair import RECOMMENDED
 from ._common import add_fine_tune_args, load_tensorflow, note
 
 
@@ -11,7 +12,7 @@ def add_parser(sub):
                                    "network on the images) and rewrite the folder with the R_X rows, tables, "
                                    "plot and models/repaired_X<X>.keras.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `badprune-fast sweep`")
-    add_fine_tune_args(p, default_mode="unlearn")
+    add_fine_tune_args(p, default_mode=RECOMMENDED)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
     return p

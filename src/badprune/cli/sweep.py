@@ -28,8 +28,11 @@ def add_parser(sub):
     s.add_argument("--mode", choices=["incremental", "full"], default="incremental",
                    help="incremental (default) or full re-evaluation at every step (reference)")
     s.add_argument("--batch-size", type=int, default=128, help="trunk batch size (default and at most 128)")
-    f = p.add_argument_group("repair (fine-pruning: each B'_X fine-tuned on clean data into R_X)")
+    f = p.add_argument_group("repair (fine-pruning: each B'_X fine-tuned on clean data into R_X; on by default "
+                             "for the demo only)")
     add_fine_tune_args(f)
+    f.add_argument("--no-fine-tune", action="store_true", help="no repair, the lab's pruning only (the demo's "
+                                                               "default is --fine-tune)")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output folder (default: the first free runs/<model name>[-2, -3, ...])")
     o.add_argument("--force", action="store_true",
@@ -59,6 +62,9 @@ def run(args):
     model, weights, arch = args.model, args.weights, args.arch
     valid, test, poisoned = args.valid, args.test, args.poisoned
     out, name, default_out = args.out, None, None
+    fine_tune, demo = args.fine_tune, False
+    if fine_tune is not None and args.no_fine_tune:
+        raise BadpruneError("--fine-tune and --no-fine-tune contradict each other", fix="pass one of them")
     if not (model or weights or arch) and not (valid or test or poisoned):
         from ..datasets import ensure_demo
 
@@ -66,7 +72,11 @@ def run(args):
         sc = ensure_demo(progress=not args.quiet)
         model, valid, test, poisoned = sc.model, sc.valid, sc.test, sc.bd_test
         note(args, f"demo scenario: {os.path.dirname(sc.model)}")
-        default_out, name = os.path.join("runs", "demo"), "demo BadNet"
+        default_out, name, demo = os.path.join("runs", "demo"), "demo BadNet", True
+        if fine_tune is None and not args.no_fine_tune:  # the demo shows the whole defense: pruning, then repair
+            from ..repair import RECOMMENDED
+
+            fine_tune = RECOMMENDED
     if out is None:
         # the default folder is the tool's choice: never refuse it, take the first free runs/<name>[-k]
         # (--force still replaces runs/<name> itself)
@@ -94,7 +104,7 @@ def run(args):
                          scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                          batch_size=args.batch_size, mode=args.mode, progress=not args.quiet,
                          trust_model=args.trust_model, name=name, log=lambda m: note(args, m),
-                         fine_tune=args.fine_tune, fine_tune_epochs=args.fine_tune_epochs,
+                         fine_tune=fine_tune, fine_tune_epochs=args.fine_tune_epochs,
                          fine_tune_lr=args.fine_tune_lr, seed=args.seed, before_tensorflow=load_tensorflow,
                          scan=args.scan)
     path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
@@ -106,6 +116,13 @@ def run(args):
         from ..scan import summary
 
         print(summary(result.scan))
+    achieved = report.repair_summary(result)
+    if achieved:
+        print(achieved)
+    elif not args.quiet and not demo:
+        hint = report.repair_hint(result, path, cached=not args.no_cache)
+        if hint:
+            print(hint)
     print(f"outputs: {path}")
     if args.export:
         from ..export import export_run, format_exported
