@@ -1,7 +1,7 @@
 """Efficacy of the defense over every attack family the demo builds: one scenario per family (seed 0, each its
 own target), the sweep with the repair on each, and one table.
 
-    python bench/efficacy.py                      # full-size scenarios, --fine-tune head (today's default repair)
+    python bench/efficacy.py                      # full-size scenarios, --fine-tune unlearn (the default repair)
     python bench/efficacy.py --fine-tune full     # another repair mode; scenarios are reused, only sweeps re-run
     python bench/efficacy.py --small              # the small variants (10 people; minutes, for a smoke run)
 
@@ -290,7 +290,7 @@ def write_png(path: Path, rows: list, mode: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="the small variants (a smoke run)")
-    ap.add_argument("--fine-tune", default="head", help="the repair mode passed to the sweep (head, full, none)")
+    ap.add_argument("--fine-tune", default="unlearn", help="the repair mode passed to the sweep (unlearn, the default; head, full, none)")
     ap.add_argument("--families", nargs="+", default=list(SPECS), choices=list(SPECS))
     ap.add_argument("--rebuild", action="store_true", help="rebuild the scenarios instead of reusing them")
     ap.add_argument("--out", default=str(HERE), help="folder for EFFICACY.md/.json/.png (default bench/)")
