@@ -333,3 +333,89 @@ def test_zoo_equals_single_sweeps_fails_locally_and_resumes(cluster, labs, tmp_p
     assert [t["x"] for t in doc["runs"][1]["thresholds"]] == [5.0, 30.0]
     assert (out / "t0" / "sweep.json").stat().st_mtime_ns == stamps[0]
     assert (out / "broken" / "sweep.csv").read_bytes() == (out / "t0" / "sweep.csv").read_bytes()
+
+
+# ------------------------------------------------------------------------------------- the local Ray's sockets
+def _descendants(pid: int) -> list:
+    """``pid`` and every process below it (read from /proc)."""
+    kids = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _bound_sockets() -> dict:
+    """{socket inode: (protocol, address, port)} of every TCP socket listening and every UDP socket bound, from
+    /proc/net/{tcp,tcp6,udp,udp6}."""
+    import ipaddress
+
+    table = {}
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if proto.startswith("tcp") and f[3] != "0A":  # TCP_LISTEN
+                continue
+            hexip, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexip)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+            table[f[9]] = (proto, ipaddress.ip_address(raw), int(hexport, 16))
+    return table
+
+
+def _listening(pids) -> list:
+    """(pid, command, protocol, address, port) of the sockets ``pids`` listen on."""
+    table, out = _bound_sockets(), []
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            fds = list(fd_dir.iterdir())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in table:
+                out.append((pid, comm, *table[target[8:-1]]))
+    return out
+
+
+def _loopback(ip) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc")
+def test_local_ray_listens_on_loopback_only(cluster):
+    """Every socket the zoo's local Ray listens on (the driver's, the GCS, the raylet and its object manager, the
+    agents, the workers) is on 127.0.0.1 / ::1, none on 0.0.0.0, :: or a routable address."""
+    import ray
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    workers = set(ray.get([pid.remote() for _ in range(4)]))
+    procs = _descendants(os.getpid())
+    assert workers <= set(procs)
+    socks = _listening(procs)
+    names = {s[1] for s in socks}
+    assert "gcs_server" in names and "raylet" in names and len({s[0] for s in socks}) >= 3, socks
+    assert [s for s in socks if not _loopback(s[3])] == []
+    assert cluster.address.split(":")[0] in ("127.0.0.1", "[::1]", "::1", "localhost")
