@@ -498,6 +498,79 @@ def test_wrong_architecture_weights(lab, tmp_path, capsys, case, fragments):
                  *fragments, out=out)
 
 
+# ---------------------------------------------------- weight arrays stored outside their file, or declared huge
+#: (where, dataset) of the output layer's bias and kernel in the tiny model's files
+_BIAS = {"h5": "model_weights/out/out/bias", "keras": "layers/dense/vars/1"}
+_KERNEL = {"h5": "model_weights/out/out/kernel", "keras": "layers/dense/vars/0"}
+
+REACHING_OUT = {
+    # case: (make(lab, folder) for hf.h5_with / hf.keras_with, on the kernel?, fragments)
+    "bias read from a secret file (external raw storage)":
+        (lambda lab, d: hf.external_raw(hf.secret_file(d)), False, ["stored in external raw files"]),
+    "bias is a link to another file": (lambda lab, d: hf.external_link(f"{d}/other.h5"), False,
+                                       ["is a link to another file"]),
+    "bias is a virtual dataset over another file": (lambda lab, d: hf.virtual(f"{d}/other.h5"), False,
+                                                    ["virtual dataset"]),
+    "kernel declared 256 MB in a tiny file": (lambda lab, d: hf.declared_huge(), True, []),
+}
+
+
+@pytest.fixture
+def no_big_reads(monkeypatch):
+    """Reading any HDF5 array of more than 4 M values fails the test (a hostile file must be refused from its
+    declared shape, before its values are read)."""
+    for name in ("__getitem__", "__array__", "read_direct"):
+        orig = getattr(h5py.Dataset, name)
+
+        def guarded(self, *a, _orig=orig, **k):
+            assert self.size <= 1 << 22, f"read of a declared {self.shape} array"
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(h5py.Dataset, name, guarded)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras"])
+@pytest.mark.parametrize("case", list(REACHING_OUT))
+def test_model_file_whose_weights_reach_outside_or_are_declared_huge(lab, tmp_path, capsys, no_big_reads, case,
+                                                                     fmt):
+    make, kernel, fragments = REACHING_OUT[case]
+    where = (_KERNEL if kernel else _BIAS)[fmt]
+    src = lab["model_h5"] if fmt == "h5" else lab["model"]
+    build = hf.h5_with if fmt == "h5" else hf.keras_with
+    bad = build(src, tmp_path / f"bad.{fmt}", where, make(lab, tmp_path))
+    out = tmp_path / "run"
+    if kernel:
+        fragments = ["(65536, 1024)", "fits no weight of the model's architecture"]
+    expect_error(capsys, f"model .{fmt}: {case}", sweep_args(lab, out, model=bad), *fragments, out=out)
+
+
+@pytest.fixture(scope="module")
+def deepid_h5(tmp_path_factory):
+    """The lab's DeepID architecture with 5 classes, saved as a legacy .h5 (readable as --weights --arch deepid)."""
+    from badprune.models.archs import BUILDERS
+
+    p = tmp_path_factory.mktemp("deepid") / "deepid.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BUILDERS["deepid"](5).save(p)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", list(REACHING_OUT))
+def test_weight_file_whose_weights_reach_outside_or_are_declared_huge(lab, deepid_h5, tmp_path, capsys,
+                                                                      no_big_reads, case):
+    """--weights --arch deepid: the same hostile arrays in a Keras 2 weight file."""
+    make, kernel, fragments = REACHING_OUT[case]
+    where = "model_weights/fc_1/fc_1/kernel" if kernel else "model_weights/output/output/bias"
+    bad = hf.h5_with(deepid_h5, tmp_path / "w.h5", where, make(lab, tmp_path))
+    out = tmp_path / "run"
+    if kernel:
+        fragments = ["does not fit the deepid architecture", "(65536, 1024), expected (1200, 160)"]
+    expect_error(capsys, f"weights: {case}",
+                 ["sweep", "--weights", bad, "--arch", "deepid", "--valid", lab["valid"], "--out", out, "-q"],
+                 *fragments, out=out)
+
+
 # --------------------------------------------------------------------------------------------------- bad flags
 @pytest.mark.parametrize("case, extra, fragments", [
     ("--layer that does not exist", ["--layer", "nope"], ["no layer 'nope'", "pick one of: conv_a, pool_a"]),

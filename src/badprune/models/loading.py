@@ -4,20 +4,27 @@ from __future__ import annotations
 
 from .. import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 
 import h5py
 import keras
+import numpy as np
 
 from ..errors import BadpruneError, short
 from .archs import ARCHS, BUILDERS
-from .files import check_file, read_model_config
-from .keras2 import assign_weights, fix_legacy_config, read_weight_file
+from .files import check_file, check_h5_storage, read_model_config
+from .keras2 import assign_weights, fit_weights, fix_legacy_config, read_weight_file
 from .safety import check_config
+
+
+#: a weight file declaring more classes than this is refused before its architecture is built
+MAX_CLASSES = 1 << 20
 
 
 def num_classes(model) -> int:
@@ -32,14 +39,63 @@ def num_classes(model) -> int:
     return int(n)
 
 
+def _stored_weights(kind, path) -> dict:
+    """{dataset path: (shape, dtype)} of a model file's weights, after the storage checks (nothing read)."""
+    def scan(f):
+        return {k: (tuple(d.shape), d.dtype) for k, d in check_h5_storage(f, path).items()}
+
+    if kind == "h5":
+        with h5py.File(path, "r") as f:
+            return scan(f)
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.endswith(".h5")]
+        out = {}
+        for n in names:
+            with z.open(n) as fh, h5py.File(fh, "r") as f:
+                out.update({f"{n}:{k}": v for k, v in scan(f).items()})
+        return out
+
+
+def _build_architecture(kind, config, trust):
+    """The model of ``config`` with fresh weights, built the way Keras's loader builds it (no weight read)."""
+    if kind == "keras":
+        from keras.src.saving import saving_lib
+
+        return saving_lib._model_from_config(json.dumps(config), None, False, not trust)
+    from keras.src.legacy.saving import saving_options, saving_utils
+    from keras.src.saving import serialization_lib
+
+    with saving_options.keras_option_scope(use_legacy_config=True), serialization_lib.SafeModeScope(not trust):
+        return saving_utils.model_from_config(copy.deepcopy(config), custom_objects={})
+
+
+def _compare_with_architecture(kind, config, stored, path, trust):
+    """Every weight array the file declares must have the shape and kind of one of the architecture's variables
+    (scalars aside: optimizer counters): a tiny compressed file cannot make Keras read a huge array."""
+    model = _build_architecture(kind, config, trust)
+    fits = {(tuple(int(d) for d in v.shape), np.dtype(v.dtype).kind) for v in model.variables}
+    for name, (shape, dtype) in stored.items():
+        if shape and (shape, dtype.kind) not in fits:
+            raise BadpruneError(f"the weight array '{name}' of shape {shape} ({dtype}) fits no weight of the "
+                                "model's architecture", path, "the file is damaged or hostile: re-save the model")
+
+
 def _load_full_model(path, trust: bool, graph_ops: bool = False):
     kind, config = read_model_config(path)
     check_config(config, path, trust, graph_ops)
     tmpdir = None
     try:
+        stored = _stored_weights(kind, path)
+    except BadpruneError:
+        raise
+    except Exception as e:
+        raise BadpruneError(f"cannot read the model's weights ({short(e)})", path,
+                            "check the file was saved with model.save() by Keras 2.x or 3.x") from None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if kind == "keras":
+                _compare_with_architecture(kind, config, stored, path, trust)
                 load_path = path
                 if not path.endswith(".keras"):  # Keras insists on the extension
                     tmpdir = tempfile.mkdtemp(prefix="badprune-")
@@ -47,6 +103,7 @@ def _load_full_model(path, trust: bool, graph_ops: bool = False):
                     os.symlink(os.path.abspath(path), load_path)
                 return keras.saving.load_model(load_path, compile=False, safe_mode=not trust)
             fixed, changed = fix_legacy_config(config)
+            _compare_with_architecture(kind, fixed, stored, path, trust)
             load_path = path
             if changed or not path.lower().endswith((".h5", ".hdf5")):
                 tmpdir = tempfile.mkdtemp(prefix="badprune-")
@@ -72,16 +129,24 @@ def _load_arch_weights(weights_path, arch):
     arch = (arch or "deepid").lower()
     if arch not in BUILDERS:
         raise BadpruneError(f"unknown architecture '{arch}'", fix=f"use one of: {', '.join(ARCHS)}")
-    ws = read_weight_file(weights_path)
-    if "output" not in ws or "bias" not in ws["output"] or ws["output"]["bias"].ndim != 1:
-        raise BadpruneError(f"weights file does not fit the {arch} architecture (no 'output' layer bias)",
-                            weights_path, "pass the weights made for this architecture")
-    n = int(ws["output"]["bias"].shape[0])
-    if n < 2:
-        raise BadpruneError(f"the 'output' layer has {n} class(es)", weights_path)
-    model = BUILDERS[arch](n)
-    assign_weights(model, ws, weights_path, arch)
-    return model
+    built = []
+
+    def fit(ws):  # the architecture built for the file's class count, checked before any value is read
+        if "output" not in ws or "bias" not in ws["output"] or len(ws["output"]["bias"].shape) != 1:
+            raise BadpruneError(f"weights file does not fit the {arch} architecture (no 'output' layer bias)",
+                                weights_path, "pass the weights made for this architecture")
+        n = int(ws["output"]["bias"].shape[0])
+        if n < 2:
+            raise BadpruneError(f"the 'output' layer has {n} class(es)", weights_path)
+        if n > MAX_CLASSES:
+            raise BadpruneError(f"the 'output' layer declares {n:,} classes, more than badprune handles "
+                                f"({MAX_CLASSES:,})", weights_path, "pass the weights made for this architecture")
+        built.append(BUILDERS[arch](n))
+        fit_weights(built[0], ws, weights_path, arch)
+
+    ws = read_weight_file(weights_path, fit)
+    assign_weights(built[0], ws, weights_path, arch)
+    return built[0]
 
 
 def load_model(model=None, weights=None, arch=None, trust: bool = False, graph_ops: bool = False) -> keras.Model:
@@ -124,5 +189,5 @@ def load_model(model=None, weights=None, arch=None, trust: bool = False, graph_o
     if not isinstance(m, keras.Model):
         raise BadpruneError("the file does not hold a Keras model", path)
     if weights is not None:
-        assign_weights(m, read_weight_file(weights), weights)
+        assign_weights(m, read_weight_file(weights, lambda ws: fit_weights(m, ws, weights)), weights)
     return m
