@@ -89,7 +89,7 @@ def _load_full_model(path, trust: bool, graph_ops: bool = False):
     except BadpruneError:
         raise
     except Exception as e:
-        raise BadpruneError(f"cannot read the model's weights ({short(e)})", path,
+        raise BadpruneError(f"cannot load the Keras model's weights ({short(e)})", path,
                             "check the file was saved with model.save() by Keras 2.x or 3.x") from None
     try:
         with warnings.catch_warnings():
