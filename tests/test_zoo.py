@@ -62,7 +62,8 @@ scale = 0.5
     assert b.options["weights"] == "/abs/w.h5" and b.options["valid"] == str(tmp_path / "other" / "valid.h5")
     assert b.options["fine_tune_epochs"] == 3 and b.options["scale"] == 0.5
     assert a.label == "models/a.keras" and b.label == "/abs/w.h5"
-    assert set(a.sweep_kwargs()) == set(zoo.KEYS) - {"no_models"}
+    assert set(a.sweep_kwargs()) == set(zoo.KEYS) - {"no_models"} | {"trust_model"}
+    assert a.sweep_kwargs()["trust_model"] is False and "trust_model" not in zoo.KEYS
     assert json.loads(json.dumps(a.to_json())) == a.to_json()
 
 
@@ -112,6 +113,28 @@ def test_manifest_error_through_the_cli_is_one_line(tmp_path, capsys):
     assert err == [f"error: manifest run 'lab3': unknown key 'thresh' ({man}): use one of: "
                    + ", ".join(zoo.KEYS)]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["[defaults]\ntrust_model = true\n" + _RUN, _RUN + "trust_model = false\n"])
+def test_manifest_cannot_allow_code_execution(tmp_path, capsys, monkeypatch, where):
+    """`trust_model` in a manifest (even false) is refused with one line and exit 2, before Ray starts; only the
+    user's `zoo --trust-model` sets it, for every run."""
+    man = _write(tmp_path / "zoo.toml", where)
+    assert cli.main(["zoo", str(man), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: manifest ") and "key 'trust_model' is not accepted" in \
+        err[0] and "pass --trust-model to `badprune-fast zoo`" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+    seen = []  # the flag typed by the user reaches every run's sweep
+    monkeypatch.setattr(zoo, "connect", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    man = _write(tmp_path / "ok.toml", _RUN + '[[run]]\nname = "b"\nmodel = "m.keras"\nvalid = "v.h5"\n')
+    for flag in (False, True):
+        m = zoo.read_manifest(man)
+        with pytest.raises(KeyboardInterrupt):
+            zoo.run_zoo(m, tmp_path / "out2", trust_model=flag, progress=False)
+        seen.append([e.sweep_kwargs()["trust_model"] for e in m.entries])
+    assert seen == [[False, False], [True, True]]
 
 
 def test_without_ray_the_zoo_says_what_to_install(tmp_path, capsys, monkeypatch):

@@ -80,7 +80,7 @@ def _ran_here(row: dict, res: dict) -> None:
 
 
 def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, progress=True, log=None,
-            write=True) -> ZooResult:
+            write=True, trust_model=False) -> ZooResult:
     """Run the pruning defense on every model of a manifest, one Ray task per model.
 
     Parameters
@@ -104,6 +104,9 @@ def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, 
         Called with one-line notes (the cluster, each finished run, warnings).
     write : bool
         Write the zoo's four table files (the run folders are always written).
+    trust_model : bool
+        Allow code from every model file of the manifest (Lambda layers, custom classes): the user's own
+        ``--trust-model``; a manifest cannot set it.
 
     Returns
     -------
@@ -123,6 +126,8 @@ def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, 
     say = log or (lambda msg: None)
     t_all = time.perf_counter()
     m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+    for entry in m.entries:
+        entry.options["trust_model"] = trust_model is True
     cpus_per_run = _check_cpus(cpus_per_run)
     out = Path(out if out is not None else m.default_out).expanduser().absolute()
     if out.exists() and not out.is_dir():
