@@ -383,6 +383,28 @@ def test_oversized_or_deep_model_config(lab, tmp_path, capsys, case):
     expect_error(capsys, f"model: {case}", sweep_args(lab, out, model=bad), "bad.keras", out=out)
 
 
+def test_cache_folder_is_private_and_a_shared_one_is_refused(lab, tmp_path, capsys, monkeypatch):
+    """A new cache folder is created 0700; one that other users may write to, or that is not the user's own, is
+    refused in one line before anything runs (others could plant activations or model records in it)."""
+    import stat
+
+    cache = tmp_path / "fresh" / "cache"
+    assert _main(sweep_args(lab, tmp_path / "r1", cache=cache)) == 0
+    capsys.readouterr()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    os.chmod(cache, 0o777)
+    expect_error(capsys, "cache: writable by all", sweep_args(lab, tmp_path / "r2", cache=cache),
+                 "the cache folder is writable by other users (mode 777)", f"({cache})", out=tmp_path / "r2")
+    os.chmod(cache, 0o720)
+    expect_error(capsys, "cache: writable by the group", sweep_args(lab, tmp_path / "r3", cache=cache),
+                 "writable by other users (mode 720)", out=tmp_path / "r3")
+    os.chmod(cache, 0o700)
+    uid = cache.stat().st_uid
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    expect_error(capsys, "cache: another user's", sweep_args(lab, tmp_path / "r4", cache=cache),
+                 f"the cache folder belongs to another user (uid {uid})", out=tmp_path / "r4")
+
+
 def test_unwritable_cache_only_warns(lab, tmp_path, capsys):
     regular = tmp_path / "file.txt"
     regular.write_text("mine")

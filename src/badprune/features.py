@@ -404,7 +404,7 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
     compute_s = time.perf_counter() - t1
     if npy is not None:
         try:
-            os.makedirs(cache_dir, exist_ok=True)
+            os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             warn(f"cannot create the cache folder {cache_dir} ({e.strerror or e}); continuing without it")
         else:
@@ -476,7 +476,7 @@ def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | 
     best = cache.best_scale(accs)
     if path is not None:
         try:  # a cache that cannot be written is reported once, by the extraction that follows
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             cache.write_json(path, {"key": key, "scale": best, "accuracy": accs, "n": n,
                                     "version": cache.FORMAT_VERSION})
         except OSError:

@@ -427,12 +427,15 @@ def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None
     if save_goodnets:
         from .goodnet import sweep_variants
         from .models import save_variants
+        from .record import UnsafeTemplate
 
         try:
             done = _from_templates(result, "goodnet", [(folder / goodnet_filename(t.x), goodnet_filename(t.x, ""),
                                                      t.channels) for t in reached])
             if not done:
                 g, per_x = sweep_variants(result, [t.x for t in reached])
+        except UnsafeTemplate:
+            raise
         except BadpruneError as e:  # B'_X are still useful without their one-graph GoodNets
             for t in reached:
                 warn(f"no {goodnet_filename(t.x)}: {e.line()}")

@@ -243,6 +243,10 @@ def stages(model, weights, arch, valid, test, poisoned, *, layer, thresholds, re
     if use_cache and cache_dir is None:
         cache_dir = cache_home()
     cdir = cache_dir if use_cache else None
+    if cdir is not None:
+        from .cache import secure_dir
+
+        secure_dir(cdir)
     rkey = warm = rec = None
     sets = {"valid": valid, "test": test, "poisoned": poisoned}
     if cdir is not None and not hasattr(model, "predict"):
