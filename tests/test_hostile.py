@@ -661,10 +661,50 @@ def test_existing_run_is_kept_unless_force(lab, tmp_path, capsys):
     expect_error(capsys, "output: existing run folder without --force", sweep_args(lab, out),
                  "output folder already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "sweep.json").write_text("{}")  # a run folder (--force replaces nothing else)
     assert _main(sweep_args(lab, out) + ["--force", "--no-models"]) == 0
     capsys.readouterr()
     assert not (out / "keep.txt").exists() and (out / "sweep.csv").exists()
     assert _leftovers(tmp_path) == []
+
+
+def _files_under(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["--out . (the working folder)", "--out the inputs' folder", "--out $HOME",
+                                  "--out /", "--out the cache's parent", "--out a folder of other files"])
+def test_force_never_deletes_inputs_or_other_folders(lab, tmp_path, capsys, monkeypatch, case):
+    """`--out X --force` where X holds the model and data (and is the working folder), is the home folder, `/`,
+    holds the cache, or is any folder badprune did not write: one line, exit 2, and every file is still there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for k in ("model", "valid", "test", "bd_test"):
+        shutil.copy(lab[k], work / Path(lab[k]).name)
+    (work / "notes.txt").write_text("mine")
+    cache = tmp_path / "c" / "cache"
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work if "HOME" in case else tmp_path / "home"))
+    out = {"--out /": Path("/"), "--out the cache's parent": tmp_path / "c",
+           "--out a folder of other files": tmp_path / "other"}.get(case, work)
+    if "other" in case:
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+    before = {d: _files_under(d) for d in (work, tmp_path / "other") if d.is_dir()}
+    args = ["sweep", "--model", work / "tiny.keras", "--valid", work / "valid.h5", "--test", work / "test.h5",
+            "--out", out, "--cache-dir", cache, "--force", "-q"]
+    if "cache" in case:  # the cache exists (an earlier run), the inputs are elsewhere
+        assert _main(args[:-6] + ["--out", tmp_path / "first", "--cache-dir", cache, "-q"]) == 0
+        capsys.readouterr()
+    fragment = {"--out . (the working folder)": "--force would replace the working folder",
+                "--out the inputs' folder": "which the run reads or caches in", "--out $HOME": "your home folder",
+                "--out /": "--force would replace the root folder", "--out the cache's parent": f"--force would "
+                f"delete {cache}", "--out a folder of other files": "replaces only a run folder badprune wrote"}
+    if case in ("--out the inputs' folder", "--out $HOME"):
+        monkeypatch.chdir(tmp_path)
+    expect_error(capsys, f"output: {case}", [str(a) for a in args], fragment[case])
+    assert {d: _files_under(d) for d in before} == before
+    assert (cache / next(iter(_files_under(cache)))).is_file() if "cache" in case else True
 
 
 # ---------------------------------------------------------------------------------------- other CLI contracts

@@ -451,7 +451,7 @@ def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None
 
 
 def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models: bool = True,
-                  save_goodnets: bool = True, keep=()):
+                  save_goodnets: bool = True, keep=(), protect=()):
     """Write a sweep's run folder.
 
     Parameters
@@ -466,6 +466,9 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
 
     keep : sequence of str
         With ``force``: entries of the existing folder to carry over (e.g. ``tflite``).
+    protect : sequence of paths
+        With ``force``: paths the replaced folder must not hold (the run's inputs, the cache); besides, only a run
+        folder badprune wrote is replaced, never the working folder, the home folder or ``/``.
 
     With fine-tuning (``result.repaired``) also ``models/repaired_X<X>.keras`` (R_X) and
     ``models/goodnet_repaired_X<X>.keras`` (the GoodNet of B and R_X).
@@ -476,7 +479,7 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
         The run folder, written whole (:func:`badprune.outdir.staged_folder`): ``sweep.csv``, ``sweep.json``,
         ``results.md``, ``sweep.png`` and the models.
     """
-    with staged_folder(out_dir, force, keep) as tmp:
+    with staged_folder(out_dir, force, keep, protect) as tmp:
         (tmp / SWEEP_CSV).write_text(sweep_csv(result), encoding="utf-8")
         (tmp / SWEEP_JSON).write_text(json_text(result), encoding="utf-8")
         (tmp / RESULTS_MD).write_text(results_markdown(result), encoding="utf-8")
