@@ -171,3 +171,13 @@ def declared_huge(shape=(1 << 16, 1 << 10)):
     hundred bytes on disk."""
     return lambda g, base, _shape, dtype: g.create_dataset(base, shape=shape, dtype=dtype, chunks=(1024, 1024),
                                                            compression="gzip")
+
+
+def one_chunk_written(path, n, image=(3, 16, 12)):
+    """A lab file declaring ``n`` images in chunks of one image, of which only the first is written (a few kB on
+    disk); its labels are all there (compressed zeros)."""
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("data", shape=(n,) + image, dtype="f4", chunks=(1,) + image, compression="gzip")
+        d[0] = np.ones(image, "f4")
+        f.create_dataset("label", data=np.zeros(n), chunks=(min(n, 1 << 16),), compression="gzip")
+    return str(path)

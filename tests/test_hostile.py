@@ -182,6 +182,8 @@ BAD_DATA = {
     "pixels stored in /etc/hostname": (_external_raw, ["stored in external raw files"]),
     "declared, never written": (lambda lab, p: _unwritten(lab, p, 1000), ["never written"]),
     "declares 10^9 images": (lambda lab, p: _unwritten(lab, p, 10 ** 9), ["more than badprune handles"]),
+    "declares 2,000,000 images, writes one": (lambda lab, p: hf.one_chunk_written(p, 2_000_000),
+                                             ["only 1 of the 2,000,000 chunks of 'data' were written"]),
     "lengths differ": (lambda lab, p: _labels(lab, p, lambda y: y[:100]), ["150 images but 'label' has 100"]),
     "empty set": (lambda lab, p: hf.raw_h5(p, data=np.zeros((0, 3, 16, 12)), label=np.zeros(0)),
                   ["the data set is empty"]),
@@ -225,6 +227,35 @@ def test_bad_data_file(lab, tmp_path, capsys, case):
     bad = build(lab, tmp_path / "bad.h5")
     out = tmp_path / "run"
     expect_error(capsys, f"data: {case}", sweep_args(lab, out, valid=bad), *fragments, out=out)
+
+
+def test_declared_size_is_bounded_by_what_is_stored(tmp_path):
+    """A few-kB file declaring 2,000,000 images (27 GB of float32 pixels at the lab's size) with one chunk written
+    is refused when opened, before anything is allocated."""
+    from badprune import data
+
+    f = hf.one_chunk_written(tmp_path / "big.h5", 2_000_000)
+    assert os.path.getsize(f) < 200_000
+    with pytest.raises(BadpruneError, match="only 1 of the 2,000,000 chunks of 'data' were written"):
+        data.open_dataset(f)
+
+
+def test_memory_and_disk_are_checked_before_allocating(lab, tmp_path, capsys, monkeypatch):
+    """Activations larger than the memory available: one line before allocating; a cache entry larger than the
+    free disk: a warning, the run goes on and caches nothing."""
+    from badprune import data, features
+
+    monkeypatch.setattr(data, "available_memory", lambda: 50_000)
+    expect_error(capsys, "memory: activations beyond the memory available", sweep_args(lab, tmp_path / "r1"),
+                 "not enough memory for the activations of", "GB available", out=tmp_path / "r1")
+    monkeypatch.undo()
+    real = shutil.disk_usage
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
+    cache = tmp_path / "cache"
+    assert _main(sweep_args(lab, tmp_path / "r2", cache=cache)) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert err and all("not enough free disk" in ln for ln in err), err
+    assert not list(cache.glob("act-*"))
 
 
 def test_bad_test_and_poisoned_files_too(lab, tmp_path, capsys):

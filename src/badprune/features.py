@@ -33,6 +33,7 @@ from . import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 
 import contextlib
 import os
+import shutil
 import queue
 import threading
 import time
@@ -396,6 +397,10 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
 
     runner = _runner(model, layer, engine, net)
     if out is None:
+        from .data import check_memory
+
+        check_memory(int(np.prod(out_shape)) * 4, f"the activations of {dataset.n:,} images at '{layer}'",
+                     "use a smaller data set or an earlier, smaller layer")
         out = np.empty(out_shape, np.float32)
 
     t1 = time.perf_counter()
@@ -403,11 +408,18 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         runner.run(dataset, int(batch_size), sv, out, on_batch=bar.update)
     compute_s = time.perf_counter() - t1
     if npy is not None:
+        write = False
         try:
             os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+            free = shutil.disk_usage(cache_dir).free
         except OSError as e:
             warn(f"cannot create the cache folder {cache_dir} ({e.strerror or e}); continuing without it")
         else:
+            write = free >= out.nbytes + (256 << 20)  # a full disk would fail later writes, not only this one
+            if not write:
+                warn(f"not enough free disk in {cache_dir} to cache {out.nbytes / 1e9:.1f} GB of activations "
+                     f"({free / 1e9:.1f} GB free); continuing without caching them")
+        if write:
             cache.write_entry(npy, marker, key, out, {"layer": layer, "data": dataset.identity(), "scale": sv,
                                                   "engine": engine})
     dt = time.perf_counter() - t0
