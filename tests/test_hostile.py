@@ -414,6 +414,42 @@ def test_oversized_or_deep_model_config(lab, tmp_path, capsys, case):
     expect_error(capsys, f"model: {case}", sweep_args(lab, out, model=bad), "bad.keras", out=out)
 
 
+def _set(cfg, layer, key, value):
+    hf.layer_cfg(cfg, layer)["config"][key] = value
+    return cfg
+
+
+HUGE_CONFIGS = {
+    "a Dense layer of 10^9 units": (lambda c: _set(c, "out", "units", 10 ** 9),
+                                    ["the model's architecture asks for over 268,435,456 weights", "layer 'out'"]),
+    "an input of 100000 x 100000 x 3": (lambda c: _set(c, "img", "batch_shape", [None, 100000, 100000, 3]),
+                                        ["declares an input of shape [100000, 100000, 3]"]),
+}
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+@pytest.mark.parametrize("case", list(HUGE_CONFIGS))
+def test_model_config_asking_for_huge_sizes(lab, tmp_path, capsys, case, fmt):
+    """A few bytes of config can ask Keras to allocate terabytes: refused before the weights are allocated."""
+    edit, fragments = HUGE_CONFIGS[case]
+    rewrite = hf.rewrite_keras_config if fmt == "keras" else hf.rewrite_h5_config
+    bad = rewrite(lab["model"] if fmt == "keras" else lab["model_h5"], tmp_path / f"bad.{fmt}", edit)
+    out = tmp_path / "run"
+    expect_error(capsys, f"model .{fmt}: {case}", sweep_args(lab, out, model=bad), *fragments, out=out)
+
+
+def test_legacy_h5_model_config_size_is_capped(lab, tmp_path, capsys, monkeypatch):
+    """A legacy .h5's model_config attribute, like a .keras file's config.json, is refused over the cap before it
+    is read (here the cap is lowered below the tiny model's config)."""
+    from badprune.models import files
+
+    monkeypatch.setattr(files, "MAX_CONFIG_BYTES", 1000)
+    out = tmp_path / "run"
+    expect_error(capsys, "model .h5: model_config over the cap",
+                 sweep_args(lab, out, None, lab["model_h5"], cache=tmp_path / "cache"),
+                 "the .h5 file's model_config is over", out=out)
+
+
 def test_cache_folder_is_private_and_a_shared_one_is_refused(lab, tmp_path, capsys, monkeypatch):
     """A new cache folder is created 0700; one that other users may write to, or that is not the user's own, is
     refused in one line before anything runs (others could plant activations or model records in it)."""

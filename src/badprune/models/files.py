@@ -95,9 +95,18 @@ def read_model_config(path) -> tuple[str, dict]:
                             "pass a .keras or .h5 model saved with model.save()")
     try:
         with h5py.File(path, "r") as f:
-            raw = f.attrs.get("model_config")
+            big = BadpruneError(f"the .h5 file's model_config is over {MAX_CONFIG_BYTES:,} bytes", path,
+                                "re-save the model with model.save()")
+            if "model_config" in f.attrs and h5py.h5a.open(f.id, b"model_config").get_storage_size() \
+                    > MAX_CONFIG_BYTES:  # a fixed-length string: refused unread
+                raise big
+            raw = f.attrs.get("model_config")  # (a variable-length one is in the file: no larger than it)
+            if raw is not None and len(raw) > MAX_CONFIG_BYTES:
+                raise big
             looks_weights = raw is None and ("layer_names" in f.attrs or "layers" in f)
             keras3_weights = raw is None and is_keras3_weights(f)
+    except BadpruneError:
+        raise
     except Exception as e:
         raise BadpruneError(f"cannot read the HDF5 file ({short(e)})", path, "check the file is complete") from None
     if raw is None:

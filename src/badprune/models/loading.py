@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from .. import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 
+import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,6 +58,65 @@ def _stored_weights(kind, path) -> dict:
         return out
 
 
+#: a model config asking for more weights than this (float values, all layers) is refused while Keras builds it,
+#: before each weight is allocated (a few bytes of JSON can ask for a Dense layer of billions of weights)
+MAX_PARAMS = 1 << 28
+#: an input of more values than this per image (and a side longer than MAX_INPUT_SIDE) is refused
+MAX_INPUT_VALUES = 1 << 24
+MAX_INPUT_SIDE = 1 << 15
+
+
+def _check_input_sizes(config, path) -> None:
+    """Every declared input shape (``batch_shape`` / ``batch_input_shape``) is a sane image size."""
+    def walk(obj):
+        if isinstance(obj, dict):
+            for k in ("batch_shape", "batch_input_shape"):
+                shape = obj.get(k)
+                if isinstance(shape, list):
+                    dims = [d for d in shape[1:] if d is not None]
+                    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_INPUT_SIDE
+                               for d in dims) or math.prod(dims) > MAX_INPUT_VALUES:
+                        raise BadpruneError(f"the model declares an input of shape {shape[1:]}, beyond what "
+                                            f"badprune handles ({MAX_INPUT_VALUES:,} values, sides up to "
+                                            f"{MAX_INPUT_SIDE:,})", path, "the file is damaged or hostile")
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(config)
+
+
+@contextlib.contextmanager
+def _bounded_weights(path):
+    """While Keras builds a model: refuse (:class:`BadpruneError`) the weight that brings the total over
+    :data:`MAX_PARAMS`, before it is allocated."""
+    from keras.src.layers.layer import Layer
+
+    orig, total, refused = Layer.add_weight, [0], []
+
+    def add_weight(self, shape=None, *args, **kwargs):
+        dims = [int(d) for d in (shape or ()) if d is not None]
+        total[0] += math.prod(dims)
+        if total[0] > MAX_PARAMS:
+            refused.append(BadpruneError(f"the model's architecture asks for over {MAX_PARAMS:,} weights (layer "
+                                         f"'{self.name}' adds {math.prod(dims):,})", path,
+                                         "the file is damaged or hostile"))
+            raise refused[-1]
+        return orig(self, shape, *args, **kwargs)
+
+    Layer.add_weight = add_weight
+    try:
+        yield
+    except Exception:
+        if refused:  # Keras may have wrapped it
+            raise refused[0] from None
+        raise
+    finally:
+        Layer.add_weight = orig
+
+
 def _build_architecture(kind, config, trust):
     """The model of ``config`` with fresh weights, built the way Keras's loader builds it (no weight read)."""
     if kind == "keras":
@@ -72,7 +133,9 @@ def _build_architecture(kind, config, trust):
 def _compare_with_architecture(kind, config, stored, path, trust):
     """Every weight array the file declares must have the shape and kind of one of the architecture's variables
     (scalars aside: optimizer counters): a tiny compressed file cannot make Keras read a huge array."""
-    model = _build_architecture(kind, config, trust)
+    _check_input_sizes(config, path)
+    with _bounded_weights(path):
+        model = _build_architecture(kind, config, trust)
     fits = {(tuple(int(d) for d in v.shape), np.dtype(v.dtype).kind) for v in model.variables}
     for name, (shape, dtype) in stored.items():
         if shape and (shape, dtype.kind) not in fits:
