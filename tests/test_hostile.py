@@ -438,6 +438,21 @@ def test_model_config_asking_for_huge_sizes(lab, tmp_path, capsys, case, fmt):
     expect_error(capsys, f"model .{fmt}: {case}", sweep_args(lab, out, model=bad), *fragments, out=out)
 
 
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_model_file_with_non_finite_weights(lab, tmp_path, capsys, fmt, value):
+    """--model files, like --weights files, may not hold NaN or infinite weights."""
+    def poison(g, base, shape, dtype):
+        v = np.zeros(shape, dtype)
+        v.flat[1] = value
+        g[base] = v
+    src = lab["model"] if fmt == "keras" else lab["model_h5"]
+    bad = (hf.keras_with if fmt == "keras" else hf.h5_with)(src, tmp_path / f"bad.{fmt}", _BIAS[fmt], poison)
+    out = tmp_path / "run"
+    expect_error(capsys, f"model .{fmt}: {value} weight", sweep_args(lab, out, model=bad, cache=tmp_path / "c"),
+                 "layer 'out' has non-finite weights", out=out)
+
+
 def test_legacy_h5_model_config_size_is_capped(lab, tmp_path, capsys, monkeypatch):
     """A legacy .h5's model_config attribute, like a .keras file's config.json, is refused over the cap before it
     is read (here the cap is lowered below the tiny model's config)."""

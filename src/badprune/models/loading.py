@@ -253,4 +253,16 @@ def load_model(model=None, weights=None, arch=None, trust: bool = False, graph_o
         raise BadpruneError("the file does not hold a Keras model", path)
     if weights is not None:
         assign_weights(m, read_weight_file(weights, lambda ws: fit_weights(m, ws, weights)), weights)
+    else:
+        _check_finite(m, path)
     return m
+
+
+def _check_finite(model, path) -> None:
+    """A model file's float weights must be finite (NaN logits make every table meaningless), as --weights'."""
+    for layer in model.layers:
+        for w in layer.weights:
+            v = np.asarray(w.numpy())
+            if v.dtype.kind == "f" and not np.isfinite(v).all():
+                raise BadpruneError(f"layer '{layer.name}' has non-finite weights ({w.name})", path,
+                                    "pass a model whose weights are finite numbers")
