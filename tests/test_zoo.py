@@ -137,6 +137,46 @@ def test_manifest_cannot_allow_code_execution(tmp_path, capsys, monkeypatch, whe
     assert seen == [[False, False], [True, True]]
 
 
+def test_ray_session_folder_in_tmp_must_be_private(tmp_path, monkeypatch):
+    """The fallback /tmp/bpray-<uid> (a long cache path): created 0700; refused when open to others, a symlink
+    (someone else made it first) or another user's. (A uid of its own, so no real folder is touched.)"""
+    import stat
+
+    from badprune.zoo import cluster
+
+    uid = 900_000 + os.getpid() % 90_000
+    d = Path(f"/tmp/bpray-{uid}")
+    monkeypatch.setenv("BADPRUNE_CACHE", str(tmp_path / ("long-" * 10)))
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+    owner = [uid]
+    monkeypatch.setattr(os, "lstat", lambda p, _l=os.lstat: _mine(_l(p), owner[0]) if str(p) == str(d) else _l(p))
+    shutil.rmtree(d, ignore_errors=True)
+    try:
+        assert cluster.ray_temp_dir() == str(d) and stat.S_IMODE(d.stat().st_mode) == 0o700
+        os.chmod(d, 0o777)
+        with pytest.raises(BadpruneError, match=r"open to other users \(mode 777\)"):
+            cluster.ray_temp_dir()
+        d.rmdir()
+        d.symlink_to(tmp_path)
+        with pytest.raises(BadpruneError, match="a link or not a folder"):
+            cluster.ray_temp_dir()
+        d.unlink()
+        d.mkdir(mode=0o700)
+        owner[0] = uid + 1
+        with pytest.raises(BadpruneError, match=f"belongs to another user \\(uid {uid + 1}\\)"):
+            cluster.ray_temp_dir()
+    finally:
+        if d.is_symlink():
+            d.unlink()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _mine(st, uid):
+    """An lstat result as if ``uid`` owned the file (the test runs as one real user)."""
+    return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid, st.st_gid, st.st_size,
+                           int(st.st_atime), int(st.st_mtime), int(st.st_ctime)))
+
+
 def test_without_ray_the_zoo_says_what_to_install(tmp_path, capsys, monkeypatch):
     man = _write(tmp_path / "zoo.toml", _RUN)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError

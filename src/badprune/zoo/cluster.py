@@ -50,9 +50,29 @@ def ray_temp_dir() -> str:
     ``/tmp/bpray-<uid>`` (Ray's unix sockets live below it, and a socket path must stay under ~107 characters)."""
     d = os.path.join(cache_home(), "ray")
     if len(os.path.abspath(d)) <= 40:
-        return os.path.abspath(d)
+        return _private_dir(os.path.abspath(d))
     uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return f"/tmp/bpray-{uid}"
+    return _private_dir(f"/tmp/bpray-{uid}")
+
+
+def _private_dir(d: str) -> str:
+    """``d`` created 0700 when missing; refused when it is a symlink, not the user's own, or open to others (in a
+    shared /tmp anyone could have made it first, and Ray's sockets and session files live below it)."""
+    fix = "remove it (or set BADPRUNE_CACHE to a short folder of your own)"
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as e:
+        raise BadpruneError(f"cannot create Ray's session folder ({e.strerror or e})", d, fix) from None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadpruneError("Ray's session folder is a link or not a folder", d, fix)
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise BadpruneError(f"Ray's session folder belongs to another user (uid {st.st_uid})", d, fix)
+    if st.st_mode & 0o077:
+        raise BadpruneError(f"Ray's session folder is open to other users (mode {st.st_mode & 0o777:o})", d, fix)
+    return d
 
 
 @contextlib.contextmanager
