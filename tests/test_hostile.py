@@ -465,6 +465,51 @@ def test_legacy_h5_model_config_size_is_capped(lab, tmp_path, capsys, monkeypatc
                  "the .h5 file's model_config is over", out=out)
 
 
+def test_stale_temporaries_are_removed_by_age_and_owner_not_pid(lab, tmp_path, capsys):
+    """What a killed run leaves (a half-written activation file, a template, a staging folder) is removed by the
+    next run once it is an hour old; a fresh one is kept, even when it bears this process's pid (on a shared
+    volume it can be another machine's run, writing right now)."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    old = time.time() - 2 * 3600
+    stale = [cache / "act-0123.npy.tmp4242.77", cache / ".template-4242-7f.keras", cache / "rec-01.npz.tmp4242.1",
+             cache / ".act-89ab.npy.tmp-4242-77-0a1b2c3d"]
+    fresh = [cache / "act-4567.npy.tmp4243.78", cache / f".template-{os.getpid()}-7f.keras",
+             cache / f".act-cdef.npy.tmp-{os.getpid()}-1-0a1b2c3d"]
+    for p in stale + fresh:
+        p.write_bytes(b"x" * 100)
+    for p in stale:
+        os.utime(p, (old, old))
+    out = tmp_path / "run"
+    staging = {"stale": tmp_path / ".run.tmp-4242", "old": tmp_path / ".run.old-4242",
+               "mine": tmp_path / f".run.tmp-{os.getpid()}", "other": tmp_path / ".run.tmp-4243"}
+    for k, d in staging.items():
+        d.mkdir()
+        (d / "sweep.csv").write_text("half")
+        if k in ("stale", "old"):
+            os.utime(d, (old, old))
+    assert _main(sweep_args(lab, out, cache=cache)) == 0
+    capsys.readouterr()
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in fresh)
+    assert not staging["stale"].exists() and not staging["old"].exists()
+    assert staging["mine"].is_dir() and staging["other"].is_dir()  # fresh: another run's, whatever its pid
+
+
+def test_template_file_is_removed_when_keras_fails_half_way(tmp_path):
+    from badprune.models import saving
+
+    class Half:
+        name = "m"
+
+        def save(self, path):
+            Path(path).write_bytes(b"PK half a zip")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        saving.template(Half(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cache_folder_is_private_and_a_shared_one_is_refused(lab, tmp_path, capsys, monkeypatch):
     """A new cache folder is created 0700; one that other users may write to, or that is not the user's own, is
     refused in one line before anything runs (others could plant activations or model records in it)."""

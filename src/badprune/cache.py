@@ -31,6 +31,10 @@ DEFAULT_ENGINE = "tf"
 SCALE_SAMPLE = 1000
 
 
+#: the temporaries a killed run can leave in the cache
+CACHE_TEMPORARIES = (".*.tmp-*", "*.tmp[0-9]*", ".template-*.keras")
+
+
 def secure_dir(path) -> str:
     """The cache folder ``path``, created 0700 when missing; refused (:class:`BadpruneError`) when it is not the
     user's own or other users may write to it (they could plant activations or model records in it). A folder
@@ -46,6 +50,7 @@ def secure_dir(path) -> str:
         raise BadpruneError(f"the cache folder belongs to another user (uid {st.st_uid})", path, fix)
     if st.st_mode & 0o022:
         raise BadpruneError(f"the cache folder is writable by other users (mode {st.st_mode & 0o777:o})", path, fix)
+    atomic.remove_stale(path, CACHE_TEMPORARIES)
     return path
 
 

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import atomic
 from .errors import BadpruneError
 
 
@@ -107,7 +108,7 @@ def remove(p: Path) -> None:
 
 @contextlib.contextmanager
 def staged_folder(out_dir, force: bool = False, keep=(), protect=()):
-    """Write a folder all at once: yields a temporary sibling folder ``.<name>.tmp-<pid>`` to fill, renamed to
+    """Write a folder all at once: yields a temporary sibling folder ``.<name>.tmp-<pid>-<thread>-<random>`` to fill, renamed to
     ``out_dir`` when the block ends without error; on any error it is removed and ``out_dir`` is left as it was.
 
     An existing non-empty ``out_dir`` is an error unless ``force`` (then it is replaced; the entries named in
@@ -122,8 +123,8 @@ def staged_folder(out_dir, force: bool = False, keep=(), protect=()):
     except OSError as e:
         raise BadpruneError(f"cannot create the output folder's parent ({e.strerror or e})", parent,
                             "choose another --out") from None
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    remove(tmp)  # a leftover of an earlier run with the same pid
+    atomic.remove_stale(parent, (f".{out.name}.tmp-*", f".{out.name}.old-*"))  # a killed run's (age, owner)
+    tmp = Path(atomic.temp_name(out))
     try:
         tmp.mkdir()
     except OSError as e:
@@ -140,8 +141,7 @@ def staged_folder(out_dir, force: bool = False, keep=(), protect=()):
         _check_target(out, force, protect)
         if out.exists():
             if _is_nonempty_dir(out):
-                old = parent / f".{out.name}.old-{os.getpid()}"
-                remove(old)
+                old = Path(atomic.temp_name(out, ".old"))
                 os.rename(out, old)
             else:
                 out.rmdir()
