@@ -227,3 +227,16 @@ def test_a_planted_template_is_refused(kind, lab, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: the cached {kind} template is unsafe: ") and "Lambda" in \
         err[0] and str(tpl) in err[0], err
     assert not out.exists()
+
+
+def test_the_record_decoder_resolves_only_the_heads_ufuncs():
+    """A record names numpy ufuncs by name: only the head's merge ufuncs resolve, never another numpy attribute
+    (np.load would read a pickle; any name was resolved before)."""
+    from badprune.head import compiler
+
+    assert {f.__name__ for f in compiler._MERGE.values()} <= record.UFUNCS
+    for name in record.UFUNCS:
+        assert record._dec({"ufunc": name}, {}) is getattr(np, name)
+    for name in ("load", "frompyfunc", "lib", "exp", "__import__"):
+        with pytest.raises(record._Damaged):
+            record._dec({"ufunc": name}, {})

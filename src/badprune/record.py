@@ -92,6 +92,10 @@ def _stem(cache_dir, key) -> str:
 
 
 # -------------------------------------------------------------------------------------- the head as JSON + arrays
+#: the numpy ufuncs a compiled head holds (its merge layers, :mod:`badprune.head.compiler`): all a record may name
+UFUNCS = frozenset({"add", "subtract", "multiply", "maximum", "minimum"})
+
+
 def _enc(v, arrays: dict):
     if isinstance(v, (np.ndarray, np.generic)):
         k = f"a{len(arrays)}"
@@ -107,7 +111,7 @@ def _enc(v, arrays: dict):
         return [_enc(x, arrays) for x in v]
     if isinstance(v, dict) and all(isinstance(k, str) for k in v):
         return {"dict": [[k, _enc(x, arrays)] for k, x in v.items()]}
-    if isinstance(v, np.ufunc) and getattr(np, v.__name__, None) is v:
+    if isinstance(v, np.ufunc) and v.__name__ in UFUNCS and getattr(np, v.__name__) is v:
         return {"ufunc": v.__name__}
     raise _Unrecordable(type(v).__name__)
 
@@ -128,6 +132,8 @@ def _dec(v, arrays):
     if tag == "dict":
         return {k: _dec(y, arrays) for k, y in x}
     if tag == "ufunc":
+        if x not in UFUNCS:  # a record names only these: never any other numpy attribute (np.load, ...)
+            raise _Damaged(f"ufunc {x!r} is not one a head uses")
         return getattr(np, x)
     raise _Damaged(f"unknown tag {tag!r}")
 
