@@ -41,15 +41,16 @@ def num_classes(model) -> int:
     return int(n)
 
 
-def _stored_weights(kind, path) -> dict:
-    """{dataset path: (shape, dtype)} of a model file's weights, after the storage checks (nothing read)."""
+def _stored_weights(kind, copy, path) -> dict:
+    """{dataset path: (shape, dtype)} of a model file's weights (read from ``copy``, errors naming ``path``), after
+    the storage checks (nothing read)."""
     def scan(f):
         return {k: (tuple(d.shape), d.dtype) for k, d in check_h5_storage(f, path).items()}
 
     if kind == "h5":
-        with h5py.File(path, "r") as f:
+        with h5py.File(copy, "r") as f:
             return scan(f)
-    with zipfile.ZipFile(path) as z:
+    with zipfile.ZipFile(copy) as z:
         names = [n for n in z.namelist() if n.endswith(".h5")]
         out = {}
         for n in names:
@@ -144,11 +145,31 @@ def _compare_with_architecture(kind, config, stored, path, trust):
 
 
 def _load_full_model(path, trust: bool, graph_ops: bool = False):
-    kind, config = read_model_config(path)
-    check_config(config, path, trust, graph_ops)
-    tmpdir = None
+    """The model file read once, into a private temporary folder: its config, its weights and Keras all read
+    that copy, so what is loaded is what was checked (the file may be replaced meanwhile). Errors name ``path``."""
+    tmpdir = tempfile.mkdtemp(prefix="badprune-")
+    copy = os.path.join(tmpdir, "model")
     try:
-        stored = _stored_weights(kind, path)
+        try:
+            shutil.copyfile(path, copy)
+        except OSError as e:
+            raise BadpruneError(f"cannot read the model file ({e.strerror or e})", path,
+                                "check the file and its permissions") from None
+        try:
+            return _load_copy(path, copy, trust, graph_ops)
+        except BadpruneError as e:
+            if e.file == copy:
+                e.file = str(path)
+            raise
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _load_copy(path, copy, trust: bool, graph_ops: bool):
+    kind, config = read_model_config(copy)
+    check_config(config, path, trust, graph_ops)
+    try:
+        stored = _stored_weights(kind, copy, path)
     except BadpruneError:
         raise
     except Exception as e:
@@ -159,33 +180,21 @@ def _load_full_model(path, trust: bool, graph_ops: bool = False):
             warnings.simplefilter("ignore")
             if kind == "keras":
                 _compare_with_architecture(kind, config, stored, path, trust)
-                load_path = path
-                if not path.endswith(".keras"):  # Keras insists on the extension
-                    tmpdir = tempfile.mkdtemp(prefix="badprune-")
-                    load_path = os.path.join(tmpdir, "model.keras")
-                    os.symlink(os.path.abspath(path), load_path)
-                return keras.saving.load_model(load_path, compile=False, safe_mode=not trust)
-            fixed, changed = fix_legacy_config(config)
-            _compare_with_architecture(kind, fixed, stored, path, trust)
-            load_path = path
-            if changed or not path.lower().endswith((".h5", ".hdf5")):
-                tmpdir = tempfile.mkdtemp(prefix="badprune-")
-                load_path = os.path.join(tmpdir, "model.h5")
+                load_path = copy + ".keras"  # Keras insists on the extension
+            else:
+                fixed, changed = fix_legacy_config(config)
+                _compare_with_architecture(kind, fixed, stored, path, trust)
+                load_path = copy + ".h5"
                 if changed:
-                    shutil.copyfile(path, load_path)
-                    with h5py.File(load_path, "r+") as f:
+                    with h5py.File(copy, "r+") as f:
                         f.attrs["model_config"] = json.dumps(fixed).encode("utf-8")
-                else:
-                    os.symlink(os.path.abspath(path), load_path)
+            os.rename(copy, load_path)
             return keras.saving.load_model(load_path, compile=False, safe_mode=not trust)
     except BadpruneError:
         raise
     except Exception as e:
         raise BadpruneError(f"cannot load the Keras model ({short(e)})", path,
                             "check the file was saved with model.save() by Keras 2.x or 3.x") from None
-    finally:
-        if tmpdir:
-            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _load_arch_weights(weights_path, arch):
