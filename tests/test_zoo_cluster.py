@@ -1,7 +1,7 @@
 """`badprune-fast zoo --address` against a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``:
 a head and a second node, loopback addresses only): runs land on both nodes and equal the single sweeps; a node
-killed mid-run leaves every row finished (retried on the other node or failed in one line), no hang, nothing
-half-written. Skipped without Ray."""
+killed mid-run has its task retried on the other node; when no node that can run the tasks is left, the pending
+runs fail in one line each instead of waiting for ever. No hang, nothing half-written. Skipped without Ray."""
 import json
 import os
 import shutil
@@ -33,15 +33,17 @@ def two_nodes():
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         node = dict(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False,
                     object_store_memory=80 << 20)
-        c = Cluster(initialize_head=True, head_node_args=node)
+        c = None
         try:
+            c = Cluster(initialize_head=True, head_node_args=node)
             second = c.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
             c.wait_for_nodes()
             yield c, second
         finally:
             if ray.is_initialized():
                 ray.shutdown()
-            c.shutdown()
+            if c is not None:
+                c.shutdown()
             shutil.rmtree(cache, ignore_errors=True)
 
 
@@ -135,3 +137,43 @@ def test_a_node_killed_mid_run_leaves_finished_rows_not_a_hang(two_nodes, labs, 
         else:
             assert (out / r["name"] / "sweep.json").is_file() and r["node_id"] != second.node_id
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_a_zoo_whose_nodes_all_died_fails_its_runs_not_a_hang(two_nodes, labs, tmp_path, capsys, monkeypatch):
+    """Runs of 2 CPUs fit only a third node of 2 CPUs (the head has 1); that node killed mid-run leaves no node
+    that can run them: Ray would keep them pending for ever; the zoo fails them in one line each and ends."""
+    from ray._private import state
+
+    c, _ = two_nodes
+    third = c.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=80 << 20)
+    c.wait_for_nodes()
+    monkeypatch.setattr(zoo, "LOST_NODES_SECONDS", 4.0, raising=False)
+    man = _manifest(tmp_path / "zoo.toml", labs, 'fine_tune = "head"\nfine_tune_epochs = 6\n')
+    out = tmp_path / "zoo"
+    got = {}
+    t = threading.Thread(target=lambda: got.update(rc=cli.main(["zoo", str(man), "--out", str(out), "--address",
+                                                                c.address, "--cpus-per-run", "2", "-q"])),
+                         daemon=True)
+    t0 = time.time()
+    t.start()
+    busy = False
+    while time.time() - t0 < 90 and t.is_alive() and not busy:
+        time.sleep(0.2)
+        try:
+            per_node = state.available_resources_per_node() if ray.is_initialized() else {}
+        except Exception:
+            per_node = {}
+        busy = third.node_id in per_node and per_node[third.node_id].get("CPU", 0) < 2
+    assert busy, "no task ran on the third node"
+    c.remove_node(third, allow_graceful=False)
+    t.join(timeout=120)
+    assert not t.is_alive(), "the zoo hangs once no node can run its tasks"
+    capsys.readouterr()
+    doc = json.loads((out / "zoo.json").read_text())
+    print("\n" + _table(doc, _node_ids(c) | {third.node_id: "third (killed)"}))
+    assert got["rc"] == 1 and doc["counts"]["failed"] >= 1
+    for r in doc["runs"]:
+        if r["status"] == "failed":
+            assert "no node of the cluster with 2 CPUs is left" in r["error"] or "Ray task failed" in r["error"]
+            assert "\n" not in r["error"] and not (out / r["name"]).exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
