@@ -149,10 +149,8 @@ def _model_note(d: _Defended) -> str:
 def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, progress, timings) -> tuple:
     """One float32 activations array for all sets (the sweep evaluates them together), filled set by set (no
     concatenation copy): (F, {set: slice}, {set: extract info})."""
-    from . import features
+    from . import cache, features
     from .data import check_memory
-
-    from . import cache
 
     lo = sum(dset.n for dset in ds.values())
     what = f"the activations of {lo:,} images at '{d.layer}'"
