@@ -69,6 +69,22 @@ def _node_ids(c) -> dict:
     return {c.head_node.node_id: "head"} | {n.node_id: "second" for n in c.worker_nodes}
 
 
+def _busy(node, cpus, zoo_thread, timeout=90) -> bool:
+    """Wait until a zoo task holds ``node``'s CPUs (it has ``cpus``), while the zoo runs."""
+    from ray._private import state
+
+    t0 = time.time()
+    while time.time() - t0 < timeout and zoo_thread.is_alive():
+        time.sleep(0.2)
+        try:
+            per_node = state.available_resources_per_node() if ray.is_initialized() else {}
+        except Exception:  # not connected yet
+            per_node = {}
+        if node.node_id in per_node and per_node[node.node_id].get("CPU", 0) < cpus:  # (0 is left out)
+            return True
+    return False
+
+
 def _table(doc, names) -> str:
     lines = ["| run | status | node | seconds | base test acc | base ASR |", "|---|---|---|---:|---:|---:|"]
     for r in doc["runs"]:
@@ -104,25 +120,14 @@ def test_zoo_on_two_nodes_equals_single_sweeps(two_nodes, labs, tmp_path, capsys
 def test_a_node_killed_mid_run_leaves_finished_rows_not_a_hang(two_nodes, labs, tmp_path, capsys):
     """The second node is killed while it runs a zoo task: the zoo still ends (within two minutes), every row is
     ok (retried on the head) or failed with its one-line error, and no run folder is half-written."""
-    from ray._private import state
-
     c, second = two_nodes
     man = _manifest(tmp_path / "zoo.toml", labs, 'fine_tune = "head"\nfine_tune_epochs = 6\n')
     out = tmp_path / "zoo"
     got = {}
     t = threading.Thread(target=lambda: got.update(rc=cli.main(["zoo", str(man), "--out", str(out), "--address",
                                                                 c.address, "-q"])), daemon=True)
-    t0 = time.time()
     t.start()
-    busy = False
-    while time.time() - t0 < 90 and t.is_alive() and not busy:  # until a task holds the second node's CPU
-        time.sleep(0.2)
-        try:
-            per_node = state.available_resources_per_node() if ray.is_initialized() else {}
-        except Exception:  # not connected yet
-            per_node = {}
-        busy = second.node_id in per_node and per_node[second.node_id].get("CPU", 0) < 1  # (0 is left out)
-    assert busy, "no task ran on the second node"
+    assert _busy(second, 1, t), "no task ran on the second node"
     c.remove_node(second, allow_graceful=False)
     t.join(timeout=120)
     assert not t.is_alive(), "the zoo hangs after a node died"
@@ -142,8 +147,6 @@ def test_a_node_killed_mid_run_leaves_finished_rows_not_a_hang(two_nodes, labs, 
 def test_a_zoo_whose_nodes_all_died_fails_its_runs_not_a_hang(two_nodes, labs, tmp_path, capsys, monkeypatch):
     """Runs of 2 CPUs fit only a third node of 2 CPUs (the head has 1); that node killed mid-run leaves no node
     that can run them: Ray would keep them pending for ever; the zoo fails them in one line each and ends."""
-    from ray._private import state
-
     c, _ = two_nodes
     third = c.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=80 << 20)
     c.wait_for_nodes()
@@ -154,17 +157,8 @@ def test_a_zoo_whose_nodes_all_died_fails_its_runs_not_a_hang(two_nodes, labs, t
     t = threading.Thread(target=lambda: got.update(rc=cli.main(["zoo", str(man), "--out", str(out), "--address",
                                                                 c.address, "--cpus-per-run", "2", "-q"])),
                          daemon=True)
-    t0 = time.time()
     t.start()
-    busy = False
-    while time.time() - t0 < 90 and t.is_alive() and not busy:
-        time.sleep(0.2)
-        try:
-            per_node = state.available_resources_per_node() if ray.is_initialized() else {}
-        except Exception:
-            per_node = {}
-        busy = third.node_id in per_node and per_node[third.node_id].get("CPU", 0) < 2
-    assert busy, "no task ran on the third node"
+    assert _busy(third, 2, t), "no task ran on the third node"
     c.remove_node(third, allow_graceful=False)
     t.join(timeout=120)
     assert not t.is_alive(), "the zoo hangs once no node can run its tasks"
