@@ -95,3 +95,89 @@ def layer_cfg(cfg, name):
         if lc.get("name") == name or lc.get("config", {}).get("name") == name:
             return lc
     raise KeyError(name)
+
+
+# ------------------------------------------------------------------ weight arrays that reach outside their file
+def secret_file(folder, nbytes=4096):
+    """A file standing for a secret on the machine (any bytes a hostile weight file could point at)."""
+    p = f"{folder}/secret.bin"
+    with open(p, "wb") as f:
+        f.write(np.random.default_rng(7).integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+    return p
+
+
+def _swap_dataset(f, name, make):
+    """Replace the dataset ``name`` of an open h5 file by ``make(group, base name, old dataset's shape, dtype)``."""
+    group, base = name.rsplit("/", 1)
+    g = f[group]
+    shape, dtype = g[base].shape, g[base].dtype
+    del g[base]
+    make(g, base, shape, dtype)
+
+
+def h5_with(src, dst, name, make):
+    """A copy of the HDF5 file ``src`` whose dataset ``name`` is rebuilt by ``make`` (see :func:`_swap_dataset`)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fo.write(fi.read())
+    with h5py.File(dst, "r+") as f:
+        _swap_dataset(f, name, make)
+    return str(dst)
+
+
+def keras_with(src, dst, name, make):
+    """A copy of the .keras zip ``src`` whose weights file's dataset ``name`` is rebuilt by ``make``."""
+    import io
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "model.weights.h5":
+                buf = io.BytesIO(data)
+                with h5py.File(buf, "r+") as f:
+                    _swap_dataset(f, name, make)
+                data = buf.getvalue()
+            zout.writestr(item, data)
+    return str(dst)
+
+
+def external_raw(secret):
+    """``make``: the array's bytes are read from ``secret`` (HDF5 external raw storage)."""
+    return lambda g, base, shape, dtype: g.create_dataset(base, shape=shape, dtype=dtype,
+                                                          external=[(secret, 0, h5py.h5f.UNLIMITED)])
+
+
+def external_link(other_h5):
+    """``make``: the array is a link to dataset ``/x`` of another HDF5 file (written next to it)."""
+    def make(g, base, shape, dtype):
+        with h5py.File(other_h5, "w") as o:
+            o["x"] = np.ones(shape, dtype)
+        g[base] = h5py.ExternalLink(other_h5, "/x")
+    return make
+
+
+def virtual(other_h5):
+    """``make``: a virtual dataset mapping dataset ``/x`` of another HDF5 file."""
+    def make(g, base, shape, dtype):
+        with h5py.File(other_h5, "w") as o:
+            o["x"] = np.ones(shape, dtype)
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[...] = h5py.VirtualSource(other_h5, "x", shape=shape)
+        g.create_virtual_dataset(base, layout)
+    return make
+
+
+def declared_huge(shape=(1 << 16, 1 << 10)):
+    """``make``: an array declared of ``shape`` (256 MB of float32 by default), compressed, never written: a few
+    hundred bytes on disk."""
+    return lambda g, base, _shape, dtype: g.create_dataset(base, shape=shape, dtype=dtype, chunks=(1024, 1024),
+                                                           compression="gzip")
+
+
+def one_chunk_written(path, n, image=(3, 16, 12)):
+    """A lab file declaring ``n`` images in chunks of one image, of which only the first is written (a few kB on
+    disk); its labels are all there (compressed zeros)."""
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("data", shape=(n,) + image, dtype="f4", chunks=(1,) + image, compression="gzip")
+        d[0] = np.ones(image, "f4")
+        f.create_dataset("label", data=np.zeros(n), chunks=(min(n, 1 << 16),), compression="gzip")
+    return str(path)

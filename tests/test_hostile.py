@@ -182,6 +182,8 @@ BAD_DATA = {
     "pixels stored in /etc/hostname": (_external_raw, ["stored in external raw files"]),
     "declared, never written": (lambda lab, p: _unwritten(lab, p, 1000), ["never written"]),
     "declares 10^9 images": (lambda lab, p: _unwritten(lab, p, 10 ** 9), ["more than badprune handles"]),
+    "declares 2,000,000 images, writes one": (lambda lab, p: hf.one_chunk_written(p, 2_000_000),
+                                             ["only 1 of the 2,000,000 chunks of 'data' were written"]),
     "lengths differ": (lambda lab, p: _labels(lab, p, lambda y: y[:100]), ["150 images but 'label' has 100"]),
     "empty set": (lambda lab, p: hf.raw_h5(p, data=np.zeros((0, 3, 16, 12)), label=np.zeros(0)),
                   ["the data set is empty"]),
@@ -225,6 +227,35 @@ def test_bad_data_file(lab, tmp_path, capsys, case):
     bad = build(lab, tmp_path / "bad.h5")
     out = tmp_path / "run"
     expect_error(capsys, f"data: {case}", sweep_args(lab, out, valid=bad), *fragments, out=out)
+
+
+def test_declared_size_is_bounded_by_what_is_stored(tmp_path):
+    """A few-kB file declaring 2,000,000 images (27 GB of float32 pixels at the lab's size) with one chunk written
+    is refused when opened, before anything is allocated."""
+    from badprune import data
+
+    f = hf.one_chunk_written(tmp_path / "big.h5", 2_000_000)
+    assert os.path.getsize(f) < 200_000
+    with pytest.raises(BadpruneError, match="only 1 of the 2,000,000 chunks of 'data' were written"):
+        data.open_dataset(f)
+
+
+def test_memory_and_disk_are_checked_before_allocating(lab, tmp_path, capsys, monkeypatch):
+    """Activations larger than the memory available: one line before allocating; a cache entry larger than the
+    free disk: a warning, the run goes on and caches nothing."""
+    from badprune import data, features
+
+    monkeypatch.setattr(data, "available_memory", lambda: 50_000)
+    expect_error(capsys, "memory: activations beyond the memory available", sweep_args(lab, tmp_path / "r1"),
+                 "not enough memory for the activations of", "GB available", out=tmp_path / "r1")
+    monkeypatch.undo()
+    real = shutil.disk_usage
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
+    cache = tmp_path / "cache"
+    assert _main(sweep_args(lab, tmp_path / "r2", cache=cache)) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert err and all("not enough free disk" in ln for ln in err), err
+    assert not list(cache.glob("act-*"))
 
 
 def test_bad_test_and_poisoned_files_too(lab, tmp_path, capsys):
@@ -383,6 +414,124 @@ def test_oversized_or_deep_model_config(lab, tmp_path, capsys, case):
     expect_error(capsys, f"model: {case}", sweep_args(lab, out, model=bad), "bad.keras", out=out)
 
 
+def _set(cfg, layer, key, value):
+    hf.layer_cfg(cfg, layer)["config"][key] = value
+    return cfg
+
+
+HUGE_CONFIGS = {
+    "a Dense layer of 10^9 units": (lambda c: _set(c, "out", "units", 10 ** 9),
+                                    ["the model's architecture asks for over 268,435,456 weights", "layer 'out'"]),
+    "an input of 100000 x 100000 x 3": (lambda c: _set(c, "img", "batch_shape", [None, 100000, 100000, 3]),
+                                        ["declares an input of shape [100000, 100000, 3]"]),
+}
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+@pytest.mark.parametrize("case", list(HUGE_CONFIGS))
+def test_model_config_asking_for_huge_sizes(lab, tmp_path, capsys, case, fmt):
+    """A few bytes of config can ask Keras to allocate terabytes: refused before the weights are allocated."""
+    edit, fragments = HUGE_CONFIGS[case]
+    rewrite = hf.rewrite_keras_config if fmt == "keras" else hf.rewrite_h5_config
+    bad = rewrite(lab["model"] if fmt == "keras" else lab["model_h5"], tmp_path / f"bad.{fmt}", edit)
+    out = tmp_path / "run"
+    expect_error(capsys, f"model .{fmt}: {case}", sweep_args(lab, out, model=bad), *fragments, out=out)
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_model_file_with_non_finite_weights(lab, tmp_path, capsys, fmt, value):
+    """--model files, like --weights files, may not hold NaN or infinite weights."""
+    def poison(g, base, shape, dtype):
+        v = np.zeros(shape, dtype)
+        v.flat[1] = value
+        g[base] = v
+    src = lab["model"] if fmt == "keras" else lab["model_h5"]
+    bad = (hf.keras_with if fmt == "keras" else hf.h5_with)(src, tmp_path / f"bad.{fmt}", _BIAS[fmt], poison)
+    out = tmp_path / "run"
+    expect_error(capsys, f"model .{fmt}: {value} weight", sweep_args(lab, out, model=bad, cache=tmp_path / "c"),
+                 "layer 'out' has non-finite weights", out=out)
+
+
+def test_legacy_h5_model_config_size_is_capped(lab, tmp_path, capsys, monkeypatch):
+    """A legacy .h5's model_config attribute, like a .keras file's config.json, is refused over the cap before it
+    is read (here the cap is lowered below the tiny model's config)."""
+    from badprune.models import files
+
+    monkeypatch.setattr(files, "MAX_CONFIG_BYTES", 1000)
+    out = tmp_path / "run"
+    expect_error(capsys, "model .h5: model_config over the cap",
+                 sweep_args(lab, out, None, lab["model_h5"], cache=tmp_path / "cache"),
+                 "the .h5 file's model_config is over", out=out)
+
+
+def test_stale_temporaries_are_removed_by_age_and_owner_not_pid(lab, tmp_path, capsys):
+    """What a killed run leaves (a half-written activation file, a template, a staging folder) is removed by the
+    next run once it is an hour old; a fresh one is kept, even when it bears this process's pid (on a shared
+    volume it can be another machine's run, writing right now)."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    old = time.time() - 2 * 3600
+    stale = [cache / "act-0123.npy.tmp4242.77", cache / ".template-4242-7f.keras", cache / "rec-01.npz.tmp4242.1",
+             cache / ".act-89ab.npy.tmp-4242-77-0a1b2c3d"]
+    fresh = [cache / "act-4567.npy.tmp4243.78", cache / f".template-{os.getpid()}-7f.keras",
+             cache / f".act-cdef.npy.tmp-{os.getpid()}-1-0a1b2c3d"]
+    for p in stale + fresh:
+        p.write_bytes(b"x" * 100)
+    for p in stale:
+        os.utime(p, (old, old))
+    out = tmp_path / "run"
+    staging = {"stale": tmp_path / ".run.tmp-4242", "old": tmp_path / ".run.old-4242",
+               "mine": tmp_path / f".run.tmp-{os.getpid()}", "other": tmp_path / ".run.tmp-4243"}
+    for k, d in staging.items():
+        d.mkdir()
+        (d / "sweep.csv").write_text("half")
+        if k in ("stale", "old"):
+            os.utime(d, (old, old))
+    assert _main(sweep_args(lab, out, cache=cache)) == 0
+    capsys.readouterr()
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in fresh)
+    assert not staging["stale"].exists() and not staging["old"].exists()
+    assert staging["mine"].is_dir() and staging["other"].is_dir()  # fresh: another run's, whatever its pid
+
+
+def test_template_file_is_removed_when_keras_fails_half_way(tmp_path):
+    from badprune.models import saving
+
+    class Half:
+        name = "m"
+
+        def save(self, path):
+            Path(path).write_bytes(b"PK half a zip")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        saving.template(Half(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_folder_is_private_and_a_shared_one_is_refused(lab, tmp_path, capsys, monkeypatch):
+    """A new cache folder is created 0700; one that other users may write to, or that is not the user's own, is
+    refused in one line before anything runs (others could plant activations or model records in it)."""
+    import stat
+
+    cache = tmp_path / "fresh" / "cache"
+    assert _main(sweep_args(lab, tmp_path / "r1", cache=cache)) == 0
+    capsys.readouterr()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    os.chmod(cache, 0o777)
+    expect_error(capsys, "cache: writable by all", sweep_args(lab, tmp_path / "r2", cache=cache),
+                 "the cache folder is writable by other users (mode 777)", f"({cache})", out=tmp_path / "r2")
+    os.chmod(cache, 0o720)
+    expect_error(capsys, "cache: writable by the group", sweep_args(lab, tmp_path / "r3", cache=cache),
+                 "writable by other users (mode 720)", out=tmp_path / "r3")
+    os.chmod(cache, 0o700)
+    uid = cache.stat().st_uid
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    expect_error(capsys, "cache: another user's", sweep_args(lab, tmp_path / "r4", cache=cache),
+                 f"the cache folder belongs to another user (uid {uid})", out=tmp_path / "r4")
+
+
 def test_unwritable_cache_only_warns(lab, tmp_path, capsys):
     regular = tmp_path / "file.txt"
     regular.write_text("mine")
@@ -498,6 +647,79 @@ def test_wrong_architecture_weights(lab, tmp_path, capsys, case, fragments):
                  *fragments, out=out)
 
 
+# ---------------------------------------------------- weight arrays stored outside their file, or declared huge
+#: (where, dataset) of the output layer's bias and kernel in the tiny model's files
+_BIAS = {"h5": "model_weights/out/out/bias", "keras": "layers/dense/vars/1"}
+_KERNEL = {"h5": "model_weights/out/out/kernel", "keras": "layers/dense/vars/0"}
+
+REACHING_OUT = {
+    # case: (make(lab, folder) for hf.h5_with / hf.keras_with, on the kernel?, fragments)
+    "bias read from a secret file (external raw storage)":
+        (lambda lab, d: hf.external_raw(hf.secret_file(d)), False, ["stored in external raw files"]),
+    "bias is a link to another file": (lambda lab, d: hf.external_link(f"{d}/other.h5"), False,
+                                       ["is a link to another file"]),
+    "bias is a virtual dataset over another file": (lambda lab, d: hf.virtual(f"{d}/other.h5"), False,
+                                                    ["virtual dataset"]),
+    "kernel declared 256 MB in a tiny file": (lambda lab, d: hf.declared_huge(), True, []),
+}
+
+
+@pytest.fixture
+def no_big_reads(monkeypatch):
+    """Reading any HDF5 array of more than 4 M values fails the test (a hostile file must be refused from its
+    declared shape, before its values are read)."""
+    for name in ("__getitem__", "__array__", "read_direct"):
+        orig = getattr(h5py.Dataset, name)
+
+        def guarded(self, *a, _orig=orig, **k):
+            assert self.size <= 1 << 22, f"read of a declared {self.shape} array"
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(h5py.Dataset, name, guarded)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras"])
+@pytest.mark.parametrize("case", list(REACHING_OUT))
+def test_model_file_whose_weights_reach_outside_or_are_declared_huge(lab, tmp_path, capsys, no_big_reads, case,
+                                                                     fmt):
+    make, kernel, fragments = REACHING_OUT[case]
+    where = (_KERNEL if kernel else _BIAS)[fmt]
+    src = lab["model_h5"] if fmt == "h5" else lab["model"]
+    build = hf.h5_with if fmt == "h5" else hf.keras_with
+    bad = build(src, tmp_path / f"bad.{fmt}", where, make(lab, tmp_path))
+    out = tmp_path / "run"
+    if kernel:
+        fragments = ["(65536, 1024)", "fits no weight of the model's architecture"]
+    expect_error(capsys, f"model .{fmt}: {case}", sweep_args(lab, out, model=bad), *fragments, out=out)
+
+
+@pytest.fixture(scope="module")
+def deepid_h5(tmp_path_factory):
+    """The lab's DeepID architecture with 5 classes, saved as a legacy .h5 (readable as --weights --arch deepid)."""
+    from badprune.models.archs import BUILDERS
+
+    p = tmp_path_factory.mktemp("deepid") / "deepid.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BUILDERS["deepid"](5).save(p)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", list(REACHING_OUT))
+def test_weight_file_whose_weights_reach_outside_or_are_declared_huge(lab, deepid_h5, tmp_path, capsys,
+                                                                      no_big_reads, case):
+    """--weights --arch deepid: the same hostile arrays in a Keras 2 weight file."""
+    make, kernel, fragments = REACHING_OUT[case]
+    where = "model_weights/fc_1/fc_1/kernel" if kernel else "model_weights/output/output/bias"
+    bad = hf.h5_with(deepid_h5, tmp_path / "w.h5", where, make(lab, tmp_path))
+    out = tmp_path / "run"
+    if kernel:
+        fragments = ["does not fit the deepid architecture", "(65536, 1024), expected (1200, 160)"]
+    expect_error(capsys, f"weights: {case}",
+                 ["sweep", "--weights", bad, "--arch", "deepid", "--valid", lab["valid"], "--out", out, "-q"],
+                 *fragments, out=out)
+
+
 # --------------------------------------------------------------------------------------------------- bad flags
 @pytest.mark.parametrize("case, extra, fragments", [
     ("--layer that does not exist", ["--layer", "nope"], ["no layer 'nope'", "pick one of: conv_a, pool_a"]),
@@ -566,10 +788,50 @@ def test_existing_run_is_kept_unless_force(lab, tmp_path, capsys):
     expect_error(capsys, "output: existing run folder without --force", sweep_args(lab, out),
                  "output folder already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "sweep.json").write_text("{}")  # a run folder (--force replaces nothing else)
     assert _main(sweep_args(lab, out) + ["--force", "--no-models"]) == 0
     capsys.readouterr()
     assert not (out / "keep.txt").exists() and (out / "sweep.csv").exists()
     assert _leftovers(tmp_path) == []
+
+
+def _files_under(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["--out . (the working folder)", "--out the inputs' folder", "--out $HOME",
+                                  "--out /", "--out the cache's parent", "--out a folder of other files"])
+def test_force_never_deletes_inputs_or_other_folders(lab, tmp_path, capsys, monkeypatch, case):
+    """`--out X --force` where X holds the model and data (and is the working folder), is the home folder, `/`,
+    holds the cache, or is any folder badprune did not write: one line, exit 2, and every file is still there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for k in ("model", "valid", "test", "bd_test"):
+        shutil.copy(lab[k], work / Path(lab[k]).name)
+    (work / "notes.txt").write_text("mine")
+    cache = tmp_path / "c" / "cache"
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work if "HOME" in case else tmp_path / "home"))
+    out = {"--out /": Path("/"), "--out the cache's parent": tmp_path / "c",
+           "--out a folder of other files": tmp_path / "other"}.get(case, work)
+    if "other" in case:
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+    before = {d: _files_under(d) for d in (work, tmp_path / "other") if d.is_dir()}
+    args = ["sweep", "--model", work / "tiny.keras", "--valid", work / "valid.h5", "--test", work / "test.h5",
+            "--out", out, "--cache-dir", cache, "--force", "-q"]
+    if "cache" in case:  # the cache exists (an earlier run), the inputs are elsewhere
+        assert _main(args[:-6] + ["--out", tmp_path / "first", "--cache-dir", cache, "-q"]) == 0
+        capsys.readouterr()
+    fragment = {"--out . (the working folder)": "--force would replace the working folder",
+                "--out the inputs' folder": "which the run reads or caches in", "--out $HOME": "your home folder",
+                "--out /": "--force would replace the root folder", "--out the cache's parent": f"--force would "
+                f"delete {cache}", "--out a folder of other files": "replaces only a run folder badprune wrote"}
+    if case in ("--out the inputs' folder", "--out $HOME"):
+        monkeypatch.chdir(tmp_path)
+    expect_error(capsys, f"output: {case}", [str(a) for a in args], fragment[case])
+    assert {d: _files_under(d) for d in before} == before
+    assert (cache / next(iter(_files_under(cache)))).is_file() if "cache" in case else True
 
 
 # ---------------------------------------------------------------------------------------- other CLI contracts

@@ -418,3 +418,28 @@ def test_trunk_forward_max_pool_passes_over_nan_like_tensorflow(pool):
     y = np.empty_like(want)
     assert prune_ext.trunk_forward(x, np.array([[1, ph, pw, sh, sw, 0, 0, 0]], np.int32), [None], [None], y)
     assert y.tobytes() == want.tobytes()
+
+
+def test_conv2d_sizes_past_int_are_refused_not_overflowed():
+    """One image's im2col columns of 2^32 values (P = 256*256 output positions, KK = 65536 inputs each): the sizes
+    were int products (P*KK wrapped to 0, the offsets went out of bounds); now refused before any allocation. In a
+    subprocess, so that an overflowing build crashes only it."""
+    code = ("import numpy as np, prune_ext\n"
+            "x = np.ones((1, 1, 1, 1 << 16), np.float32); k = np.ones((1, 1, 1 << 16, 1), np.float32)\n"
+            "b = np.zeros(1, np.float32); y = np.zeros((1, 256, 256, 1), np.float32)\n"
+            "try:\n    prune_ext.conv2d(x, k, b, 1, 1, 0, 0, 1, 1, y)\n"
+            "except ValueError as e:\n    print('refused:', e)\n")
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert p.returncode == 0 and p.stdout.startswith("refused: conv2d: an image, its output or its im2col"), \
+        (p.returncode, p.stdout, p.stderr[-500:])
+
+
+def test_argmax_rows_without_columns_is_refused():
+    """Rows with no column have no argmax (the kernel read past the row): refused; no rows is an empty answer."""
+    with pytest.raises(ValueError, match="no columns"):
+        prune_ext.argmax_rows(np.zeros((3, 0), np.float32))
+    assert prune_ext.argmax_rows(np.zeros((0, 0), np.float32)).shape == (0,)

@@ -484,3 +484,30 @@ def test_model_name():
     assert models.model_name("/x/y/bd_net.h5") == "bd_net"
     assert models.model_name("m.weights.h5") == "m"
     assert models.model_name("dir/net.keras") == "net"
+
+
+@pytest.mark.parametrize("ext", [".keras", ".h5"])
+def test_the_model_loaded_is_the_one_checked(tmp_path, tiny_model, monkeypatch, ext):
+    """The model file is read once: replaced right after its config passed the check (a race a local attacker
+    can win), the model loaded is still the file as it was checked."""
+    import shutil
+    import warnings
+
+    from badprune.models import loading
+
+    path, other = tmp_path / f"m{ext}", tmp_path / f"other{ext}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_model(seed=0).save(path)
+        tiny_model(seed=7).save(other)
+    want = [w.copy() for w in models.load_model(model=str(path)).get_weights()]
+    real = loading.check_config
+
+    def check_then_swap(*a, **k):
+        out = real(*a, **k)
+        shutil.copyfile(other, path)  # the file changes once it was checked
+        return out
+
+    monkeypatch.setattr(loading, "check_config", check_then_swap)
+    got = models.load_model(model=str(path)).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))

@@ -65,7 +65,7 @@ def test_head_mode_writes_r_x_and_keeps_pruned_channels_exactly_zero(sc, runs):
     for r in js["repaired"]:
         x = int(r["x"])
         t = next(t for t in js["thresholds"] if t["x"] == r["x"])
-        assert r["channels"] == t["channels"] and r["step"] == t["step"] and r["mode"] == "head"
+        assert r["channels"] == t["channels"] and r["step"] == t["step"] and r["mode"] == "unlearn"
         R = keras.models.load_model(run / "models" / f"repaired_X{x}.keras")
         k, b = R.get_layer("conv_3").get_weights()
         assert np.all(k[..., r["channels"]] == 0) and np.all(b[r["channels"]] == 0)

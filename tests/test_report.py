@@ -255,6 +255,7 @@ def test_force_replaces(result, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("old")
+    (out / "sweep.json").write_text("{}")  # an earlier run's folder (--force replaces no other)
     report.write_outputs(result, out, force=True, save_models=False)
     assert sorted(p.name for p in out.iterdir()) == ["results.md", "sweep.csv", "sweep.json", "sweep.png"]
     assert _siblings(out) == []  # neither the temp folder nor the old one is left
@@ -287,9 +288,10 @@ def test_failure_leaves_nothing(result, tmp_path, monkeypatch):
     # with --force, a failure leaves the previous output as it was
     out.mkdir()
     (out / "mine.txt").write_text("old")
+    (out / "sweep.json").write_text("{}")  # an earlier run's folder
     with pytest.raises(RuntimeError):
         report.write_outputs(result, out, force=True)
-    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "sweep.json"]
     assert _siblings(out) == []
 
 

@@ -2,6 +2,7 @@
 what the cold run wrote; a damaged record is reported and not used; a changed model file is not reused."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -194,3 +195,48 @@ def test_record_head_equals_the_compiled_one(random_deepid, tmp_path):
     mask[[3, 7, 11]] = 0
     np.testing.assert_array_equal(head.labels(F, mask), got.head.labels(F, mask))
     assert record.load(tmp_path, "j" * 64) is None  # another key: nothing, silently
+
+
+@pytest.mark.parametrize("kind", ["bprime", "goodnet"])
+def test_a_planted_template_is_refused(kind, lab, tmp_path, capsys):
+    """Someone who can write to the cache replaces a template with one holding a Lambda layer and forges its
+    record entry (size and CRC-32s): the warm run refuses it in one line, exit 2, before anything is written."""
+    import zipfile
+
+    cache, stem = _cold_then(lab, tmp_path, capsys)
+    tpl = stem.parent / f"{stem.name}-{kind}.keras"
+    src = tpl.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(src)) as zin:
+        items = [(i, zin.read(i.filename)) for i in zin.infolist()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zout:
+        for info, data in items:
+            if info.filename == "config.json":
+                cfg = json.loads(data)
+                cfg["config"]["layers"][-1]["class_name"] = "Lambda"
+                data = json.dumps(cfg).encode()
+            zout.writestr(info, data)
+    tpl.write_bytes(buf.getvalue())
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    doc["models"][kind].update(bytes=len(buf.getvalue()), crc32=record._crc(buf.getvalue()))
+    doc["crc32"] = record._doc_crc(doc)
+    stem.with_suffix(".json").write_text(json.dumps(doc))
+    out = tmp_path / "again"
+    assert cli.main(_args(lab, out, cache) + ["-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the cached {kind} template is unsafe: ") and "Lambda" in \
+        err[0] and str(tpl) in err[0], err
+    assert not out.exists()
+
+
+def test_the_record_decoder_resolves_only_the_heads_ufuncs():
+    """A record names numpy ufuncs by name: only the head's merge ufuncs resolve, never another numpy attribute
+    (np.load would read a pickle; any name was resolved before)."""
+    from badprune.head import compiler
+
+    assert {f.__name__ for f in compiler._MERGE.values()} <= record.UFUNCS
+    for name in record.UFUNCS:
+        assert record._dec({"ufunc": name}, {}) is getattr(np, name)
+    for name in ("load", "frompyfunc", "lib", "exp", "__import__"):
+        with pytest.raises(record._Damaged):
+            record._dec({"ufunc": name}, {})

@@ -62,7 +62,8 @@ scale = 0.5
     assert b.options["weights"] == "/abs/w.h5" and b.options["valid"] == str(tmp_path / "other" / "valid.h5")
     assert b.options["fine_tune_epochs"] == 3 and b.options["scale"] == 0.5
     assert a.label == "models/a.keras" and b.label == "/abs/w.h5"
-    assert set(a.sweep_kwargs()) == set(zoo.KEYS) - {"no_models"}
+    assert set(a.sweep_kwargs()) == set(zoo.KEYS) - {"no_models"} | {"trust_model"}
+    assert a.sweep_kwargs()["trust_model"] is False and "trust_model" not in zoo.KEYS
     assert json.loads(json.dumps(a.to_json())) == a.to_json()
 
 
@@ -112,6 +113,69 @@ def test_manifest_error_through_the_cli_is_one_line(tmp_path, capsys):
     assert err == [f"error: manifest run 'lab3': unknown key 'thresh' ({man}): use one of: "
                    + ", ".join(zoo.KEYS)]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["[defaults]\ntrust_model = true\n" + _RUN, _RUN + "trust_model = false\n"])
+def test_manifest_cannot_allow_code_execution(tmp_path, capsys, monkeypatch, where):
+    """`trust_model` in a manifest (even false) is refused with one line and exit 2, before Ray starts; only the
+    user's `zoo --trust-model` sets it, for every run."""
+    man = _write(tmp_path / "zoo.toml", where)
+    assert cli.main(["zoo", str(man), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: manifest ") and "key 'trust_model' is not accepted" in \
+        err[0] and "pass --trust-model to `badprune-fast zoo`" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+    seen = []  # the flag typed by the user reaches every run's sweep
+    monkeypatch.setattr(zoo, "connect", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    man = _write(tmp_path / "ok.toml", _RUN + '[[run]]\nname = "b"\nmodel = "m.keras"\nvalid = "v.h5"\n')
+    for flag in (False, True):
+        m = zoo.read_manifest(man)
+        with pytest.raises(KeyboardInterrupt):
+            zoo.run_zoo(m, tmp_path / "out2", trust_model=flag, progress=False)
+        seen.append([e.sweep_kwargs()["trust_model"] for e in m.entries])
+    assert seen == [[False, False], [True, True]]
+
+
+def test_ray_session_folder_in_tmp_must_be_private(tmp_path, monkeypatch):
+    """The fallback /tmp/bpray-<uid> (a long cache path): created 0700; refused when open to others, a symlink
+    (someone else made it first) or another user's. (A uid of its own, so no real folder is touched.)"""
+    import stat
+
+    from badprune.zoo import cluster
+
+    uid = 900_000 + os.getpid() % 90_000
+    d = Path(f"/tmp/bpray-{uid}")
+    monkeypatch.setenv("BADPRUNE_CACHE", str(tmp_path / ("long-" * 10)))
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+    owner = [uid]
+    monkeypatch.setattr(os, "lstat", lambda p, _l=os.lstat: _mine(_l(p), owner[0]) if str(p) == str(d) else _l(p))
+    shutil.rmtree(d, ignore_errors=True)
+    try:
+        assert cluster.ray_temp_dir() == str(d) and stat.S_IMODE(d.stat().st_mode) == 0o700
+        os.chmod(d, 0o777)
+        with pytest.raises(BadpruneError, match=r"open to other users \(mode 777\)"):
+            cluster.ray_temp_dir()
+        d.rmdir()
+        d.symlink_to(tmp_path)
+        with pytest.raises(BadpruneError, match="a link or not a folder"):
+            cluster.ray_temp_dir()
+        d.unlink()
+        d.mkdir(mode=0o700)
+        owner[0] = uid + 1
+        with pytest.raises(BadpruneError, match=f"belongs to another user \\(uid {uid + 1}\\)"):
+            cluster.ray_temp_dir()
+    finally:
+        monkeypatch.undo()  # (rmtree uses os.lstat)
+        if d.is_symlink():
+            d.unlink()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _mine(st, uid):
+    """An lstat result as if ``uid`` owned the file (the test runs as one real user)."""
+    return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid, st.st_gid, st.st_size,
+                           int(st.st_atime), int(st.st_mtime), int(st.st_ctime)))
 
 
 def test_without_ray_the_zoo_says_what_to_install(tmp_path, capsys, monkeypatch):
@@ -333,3 +397,89 @@ def test_zoo_equals_single_sweeps_fails_locally_and_resumes(cluster, labs, tmp_p
     assert [t["x"] for t in doc["runs"][1]["thresholds"]] == [5.0, 30.0]
     assert (out / "t0" / "sweep.json").stat().st_mtime_ns == stamps[0]
     assert (out / "broken" / "sweep.csv").read_bytes() == (out / "t0" / "sweep.csv").read_bytes()
+
+
+# ------------------------------------------------------------------------------------- the local Ray's sockets
+def _descendants(pid: int) -> list:
+    """``pid`` and every process below it (read from /proc)."""
+    kids = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _bound_sockets() -> dict:
+    """{socket inode: (protocol, address, port)} of every TCP socket listening and every UDP socket bound, from
+    /proc/net/{tcp,tcp6,udp,udp6}."""
+    import ipaddress
+
+    table = {}
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if proto.startswith("tcp") and f[3] != "0A":  # TCP_LISTEN
+                continue
+            hexip, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexip)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+            table[f[9]] = (proto, ipaddress.ip_address(raw), int(hexport, 16))
+    return table
+
+
+def _listening(pids) -> list:
+    """(pid, command, protocol, address, port) of the sockets ``pids`` listen on."""
+    table, out = _bound_sockets(), []
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            fds = list(fd_dir.iterdir())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in table:
+                out.append((pid, comm, *table[target[8:-1]]))
+    return out
+
+
+def _loopback(ip) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc")
+def test_local_ray_listens_on_loopback_only(cluster):
+    """Every socket the zoo's local Ray listens on (the driver's, the GCS, the raylet and its object manager, the
+    agents, the workers) is on 127.0.0.1 / ::1, none on 0.0.0.0, :: or a routable address."""
+    import ray
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    workers = set(ray.get([pid.remote() for _ in range(4)]))
+    procs = _descendants(os.getpid())
+    assert workers <= set(procs)
+    socks = _listening(procs)
+    names = {s[1] for s in socks}
+    assert "gcs_server" in names and "raylet" in names and len({s[0] for s in socks}) >= 3, socks
+    assert [s for s in socks if not _loopback(s[3])] == []
+    assert cluster.address.split(":")[0] in ("127.0.0.1", "[::1]", "::1", "localhost")

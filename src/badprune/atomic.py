@@ -1,7 +1,7 @@
 """Writing a file or a folder whole: the one write-to-a-temporary-name-then-rename of the package.
 
 A reader never sees half a file: the content goes to a temporary sibling (same folder, so the rename is atomic on
-one file system), named ``.<name>.tmp-<pid>-<thread>[<suffix>]``, renamed onto the final name when complete; on
+one file system), named ``.<name>.tmp-<pid>-<thread>-<random>[<suffix>]``, renamed onto the final name when complete; on
 any exception (Ctrl-C included) the temporary file or folder is removed and the exception goes on. ``fsync=True``
 also flushes the file and its folder to disk before and after the rename, for a small file that vouches for
 others (a marker); the large files it vouches for are checked on read (sizes, CRC-32) instead.
@@ -11,17 +11,52 @@ Whole output folders with ``--force`` and kept entries are :func:`badprune.outdi
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
+import secrets
 import shutil
 import threading
+import time
+
+
+#: a temporary file or folder untouched this long (its process was killed mid-write: SIGKILL, the OOM killer) is
+#: removed by :func:`remove_stale`
+STALE_SECONDS = 3600
 
 
 def temp_name(path, suffix: str = "") -> str:
-    """The temporary sibling of ``path`` this process and thread write (``suffix``: an extension a writer needs,
-    e.g. ``.keras``)."""
+    """A fresh temporary sibling of ``path`` (``suffix``: an extension a writer needs, e.g. ``.keras``): the pid
+    and thread tell a person whose it is, a random part makes it unique (a pid is reused, and in a folder shared
+    between machines another one's process can have the same)."""
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}")
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}{suffix}")
+
+
+def remove_stale(folder, patterns) -> list:
+    """Remove the entries of ``folder`` matching a glob of ``patterns`` that are the user's own and untouched for
+    :data:`STALE_SECONDS`: what a killed process left, found by age and owner, never by pid. Returns their names."""
+    gone = []
+    try:
+        entries = list(os.scandir(os.fspath(folder)))
+    except OSError:
+        return gone
+    now, uid = time.time(), os.getuid() if hasattr(os, "getuid") else None
+    for e in entries:
+        if not any(fnmatch.fnmatchcase(e.name, p) for p in patterns):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+            if (uid is not None and st.st_uid != uid) or now - st.st_mtime < STALE_SECONDS:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.remove(e.path)
+            gone.append(e.name)
+        except OSError:
+            pass
+    return gone
 
 
 def remove(path) -> None:
@@ -50,7 +85,6 @@ def replacing(path, suffix: str = "", fsync: bool = False):
     the block ends without error it is renamed onto ``path`` (a file replaces a file; a folder needs ``path``
     absent). On any exception it is removed. ``fsync``: see the module docstring."""
     tmp = temp_name(path, suffix)
-    remove(tmp)  # a leftover of an earlier process with the same pid
     try:
         yield tmp
         if fsync:

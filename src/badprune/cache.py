@@ -20,7 +20,7 @@ import numpy as np
 
 from . import atomic
 from ._console import progress as stage_progress
-from .errors import warn
+from .errors import BadpruneError, warn
 from .options import SCALES, scale_value
 
 #: bump when the cache layout or the meaning of its content changes
@@ -29,6 +29,29 @@ FORMAT_VERSION = 2
 DEFAULT_ENGINE = "tf"
 #: the number of validation images :func:`badprune.features.detect_scale` decides on by default
 SCALE_SAMPLE = 1000
+
+
+#: the temporaries a killed run can leave in the cache
+CACHE_TEMPORARIES = (".*.tmp-*", "*.tmp[0-9]*", ".template-*.keras")
+
+
+def secure_dir(path) -> str:
+    """The cache folder ``path``, created 0700 when missing; refused (:class:`BadpruneError`) when it is not the
+    user's own or other users may write to it (they could plant activations or model records in it). A folder
+    that cannot be created is left to the writes' own warnings."""
+    path = str(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError:
+        return path
+    fix = "use a cache folder of your own (--cache-dir or BADPRUNE_CACHE), or chmod go-w it"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise BadpruneError(f"the cache folder belongs to another user (uid {st.st_uid})", path, fix)
+    if st.st_mode & 0o022:
+        raise BadpruneError(f"the cache folder is writable by other users (mode {st.st_mode & 0o777:o})", path, fix)
+    atomic.remove_stale(path, CACHE_TEMPORARIES)
+    return path
 
 
 def data_identity(dataset) -> dict:

@@ -220,6 +220,45 @@ def _check_dataset(f, key, what, path):
     return obj
 
 
+def _check_stored(ds, key, path) -> None:
+    """The declared size of ``ds`` bounded by what is stored: every chunk of a chunked dataset allocated (a tiny
+    file can declare millions of images and write one chunk), a contiguous one's bytes all there."""
+    fix = "the file is incomplete or forged: write it again"
+    if ds.chunks is not None:
+        total = 1
+        for dim, c in zip(ds.shape, ds.chunks):
+            total *= -(-int(dim) // int(c))
+        stored = ds.id.get_num_chunks()
+        if stored < total:
+            raise BadpruneError(f"only {stored:,} of the {total:,} chunks of '{key}' were written (it declares "
+                                f"{ds.shape[0]:,} rows)", path, fix)
+    elif ds.id.get_storage_size() < ds.size * ds.dtype.itemsize and ds.id.get_create_plist().get_layout() \
+            == h5py.h5d.CONTIGUOUS:
+        raise BadpruneError(f"'{key}' declares {ds.size * ds.dtype.itemsize:,} bytes but stores "
+                            f"{ds.id.get_storage_size():,}", path, fix)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse (:class:`BadpruneError`) an allocation of ``nbytes`` larger than the memory available (an array
+    that is allocated but cannot be filled ends in the kernel's OOM killer, not in an error line)."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise BadpruneError(f"not enough memory for {what} ({nbytes / 1e9:.1f} GB needed, "
+                            f"{avail / 1e9:.1f} GB available)", fix=fix)
+
+
 def _inspect(f, path, input_shape, layout):
     """(n, layout, image shape, dtype, raw labels, data key, label key) of an open lab h5 file."""
     keys = list(f.keys())
@@ -252,6 +291,7 @@ def _inspect(f, path, input_shape, layout):
         if obj.id.get_storage_size() == 0:
             raise BadpruneError(f"'{key}' was declared but never written (no stored values)", path,
                                 "the file is incomplete: write it again")
+        _check_stored(obj, key, path)
     lay = _layout_of(ds.shape, input_shape, layout, path)
     try:
         raw = np.asarray(ls[()]).reshape(-1)

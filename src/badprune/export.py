@@ -208,8 +208,8 @@ def export_run(run_dir, quantize: str = "none", allow_lossy: bool = False, min_a
         raise BadpruneError("the run names no validation set", run_dir, "pass --valid valid.h5")
 
     out_dir = os.path.join(str(run_dir), TFLITE_DIR)
+    atomic.remove_stale(run_dir, (f".{TFLITE_DIR}.tmp-*",))  # a killed export's (by age and owner, not pid)
     tmp = atomic.temp_name(out_dir)  # the new files, moved in one by one once all are checked
-    atomic.remove(tmp)
     os.makedirs(tmp)
     exported = []
     try:

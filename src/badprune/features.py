@@ -33,6 +33,7 @@ from . import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
 
 import contextlib
 import os
+import shutil
 import queue
 import threading
 import time
@@ -396,6 +397,10 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
 
     runner = _runner(model, layer, engine, net)
     if out is None:
+        from .data import check_memory
+
+        check_memory(int(np.prod(out_shape)) * 4, f"the activations of {dataset.n:,} images at '{layer}'",
+                     "use a smaller data set or an earlier, smaller layer")
         out = np.empty(out_shape, np.float32)
 
     t1 = time.perf_counter()
@@ -403,11 +408,18 @@ def extract(model, layer: str, dataset, scale, cache_dir=None, batch_size: int =
         runner.run(dataset, int(batch_size), sv, out, on_batch=bar.update)
     compute_s = time.perf_counter() - t1
     if npy is not None:
+        write = False
         try:
-            os.makedirs(cache_dir, exist_ok=True)
+            os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+            free = shutil.disk_usage(cache_dir).free
         except OSError as e:
             warn(f"cannot create the cache folder {cache_dir} ({e.strerror or e}); continuing without it")
         else:
+            write = free >= out.nbytes + (256 << 20)  # a full disk would fail later writes, not only this one
+            if not write:
+                warn(f"not enough free disk in {cache_dir} to cache {out.nbytes / 1e9:.1f} GB of activations "
+                     f"({free / 1e9:.1f} GB free); continuing without caching them")
+        if write:
             cache.write_entry(npy, marker, key, out, {"layer": layer, "data": dataset.identity(), "scale": sv,
                                                   "engine": engine})
     dt = time.perf_counter() - t0
@@ -476,7 +488,7 @@ def detect_scale(model, dataset, n: int = cache.SCALE_SAMPLE, batch_size: int | 
     best = cache.best_scale(accs)
     if path is not None:
         try:  # a cache that cannot be written is reported once, by the extraction that follows
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             cache.write_json(path, {"key": key, "scale": best, "accuracy": accs, "n": n,
                                     "version": cache.FORMAT_VERSION})
         except OSError:

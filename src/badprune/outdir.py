@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import atomic
 from .errors import BadpruneError
 
 
@@ -19,18 +20,46 @@ def _is_nonempty_dir(p: Path) -> bool:
         return False
 
 
-def _check_target(out: Path, force: bool) -> None:
+#: files that mark a folder badprune wrote (a sweep's run folder, a zoo's run folder, a scan's folder): only such a
+#: folder may be replaced with --force
+RUN_MARKERS = ("sweep.json", "zoo-entry.json", "scan.json")
+
+
+def _check_replace(out: Path, protect) -> None:
+    """With ``force``: refuse to replace the working folder, the home folder, ``/``, a folder holding (or being)
+    any path of ``protect`` (the run's inputs, the cache), or a non-empty folder that is not a run folder."""
+    fix = "choose another --out (a new folder, or a run folder badprune wrote)"
+    real = Path(os.path.realpath(out))
+    for what, p in (("the working folder", os.getcwd()), ("your home folder", os.path.expanduser("~")),
+                    ("the root folder", os.sep)):
+        if real == Path(os.path.realpath(p)):
+            raise BadpruneError(f"--force would replace {what}", out, fix)
+    for p in protect:
+        if p is None:
+            continue
+        rp = Path(os.path.realpath(os.path.expanduser(str(p))))
+        if rp == real or real in rp.parents:
+            raise BadpruneError(f"--force would delete {p}, which the run reads or caches in", out, fix)
+    if _is_nonempty_dir(out) and not any((out / m).is_file() for m in RUN_MARKERS):
+        raise BadpruneError("--force replaces only a run folder badprune wrote, and this one holds no "
+                            f"{RUN_MARKERS[0]}", out, fix)
+
+
+def _check_target(out: Path, force: bool, protect=()) -> None:
     if out.exists() and not out.is_dir():
         raise BadpruneError("output path exists and is not a folder", out, "choose another --out")
     if _is_nonempty_dir(out) and not force:
         raise BadpruneError("output folder already exists", out, "pass --force to replace it or choose another --out")
+    if force:
+        _check_replace(out, protect)
 
 
-def check_output(out_dir, force: bool = False) -> Path:
-    """Before the work: refuse an output folder that exists (unless ``force``) or could not be written (a part of
+def check_output(out_dir, force: bool = False, protect=()) -> Path:
+    """Before the work: refuse an output folder that exists (unless ``force``; even then, one that is not a run
+    folder or that holds a path of ``protect``, see :func:`_check_replace`) or could not be written (a part of
     the path is a file, or the nearest existing folder is not writable). Creates nothing; returns the path."""
     out = Path(out_dir).expanduser().absolute()
-    _check_target(out, force)
+    _check_target(out, force, protect)
     anc = out.parent
     while not anc.exists():
         anc = anc.parent
@@ -78,24 +107,24 @@ def remove(p: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out_dir, force: bool = False, keep=()):
-    """Write a folder all at once: yields a temporary sibling folder ``.<name>.tmp-<pid>`` to fill, renamed to
+def staged_folder(out_dir, force: bool = False, keep=(), protect=()):
+    """Write a folder all at once: yields a temporary sibling folder ``.<name>.tmp-<pid>-<thread>-<random>`` to fill, renamed to
     ``out_dir`` when the block ends without error; on any error it is removed and ``out_dir`` is left as it was.
 
     An existing non-empty ``out_dir`` is an error unless ``force`` (then it is replaced; the entries named in
     ``keep`` that the block did not write are carried over from it). ``OSError`` inside the block becomes a
-    :class:`BadpruneError` naming ``out_dir``.
+    :class:`BadpruneError` naming ``out_dir``. ``protect``: paths ``force`` must not delete (:func:`check_output`).
     """
     out = Path(out_dir).expanduser().absolute()
-    _check_target(out, force)
+    _check_target(out, force, protect)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadpruneError(f"cannot create the output folder's parent ({e.strerror or e})", parent,
                             "choose another --out") from None
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    remove(tmp)  # a leftover of an earlier run with the same pid
+    atomic.remove_stale(parent, (f".{out.name}.tmp-*", f".{out.name}.old-*"))  # a killed run's (age, owner)
+    tmp = Path(atomic.temp_name(out))
     try:
         tmp.mkdir()
     except OSError as e:
@@ -109,11 +138,10 @@ def staged_folder(out_dir, force: bool = False, keep=()):
                 shutil.copytree(out / name, tmp / name, symlinks=True) if (out / name).is_dir() \
                     else shutil.copy2(out / name, tmp / name)
         # move into place (re-check: the folder may have appeared while we worked)
-        _check_target(out, force)
+        _check_target(out, force, protect)
         if out.exists():
             if _is_nonempty_dir(out):
-                old = parent / f".{out.name}.old-{os.getpid()}"
-                remove(old)
+                old = Path(atomic.temp_name(out, ".old"))
                 os.rename(out, old)
             else:
                 out.rmdir()

@@ -92,6 +92,10 @@ def _stem(cache_dir, key) -> str:
 
 
 # -------------------------------------------------------------------------------------- the head as JSON + arrays
+#: the numpy ufuncs a compiled head holds (its merge layers, :mod:`badprune.head.compiler`): all a record may name
+UFUNCS = frozenset({"add", "subtract", "multiply", "maximum", "minimum"})
+
+
 def _enc(v, arrays: dict):
     if isinstance(v, (np.ndarray, np.generic)):
         k = f"a{len(arrays)}"
@@ -107,7 +111,7 @@ def _enc(v, arrays: dict):
         return [_enc(x, arrays) for x in v]
     if isinstance(v, dict) and all(isinstance(k, str) for k in v):
         return {"dict": [[k, _enc(x, arrays)] for k, x in v.items()]}
-    if isinstance(v, np.ufunc) and getattr(np, v.__name__, None) is v:
+    if isinstance(v, np.ufunc) and v.__name__ in UFUNCS and getattr(np, v.__name__) is v:
         return {"ufunc": v.__name__}
     raise _Unrecordable(type(v).__name__)
 
@@ -128,6 +132,8 @@ def _dec(v, arrays):
     if tag == "dict":
         return {k: _dec(y, arrays) for k, y in x}
     if tag == "ufunc":
+        if x not in UFUNCS:  # a record names only these: never any other numpy attribute (np.load, ...)
+            raise _Damaged(f"ufunc {x!r} is not one a head uses")
         return getattr(np, x)
     raise _Damaged(f"unknown tag {tag!r}")
 
@@ -240,6 +246,7 @@ class ModelRecord:
         if entry is not None and "rule" in entry:
             try:
                 data = _read_checked(self.stem + f"-{kind}.keras", entry)
+                _check_template(data, self.stem + f"-{kind}.keras", kind)
             except (OSError, _Damaged):
                 warn(f"the cached {kind} template of {os.path.basename(self.stem)} changed on disk (checksum "
                      "mismatch): saving it again")
@@ -287,6 +294,35 @@ class ModelRecord:
         return entry, data
 
 
+class UnsafeTemplate(BadpruneError):
+    """A cached template that fails the safety check: someone else wrote to the cache (always fatal)."""
+
+
+def _check_template(data: bytes, path, kind: str) -> None:
+    """A cached template passes the safety check of any model file before it is used (its config: built-in Keras
+    layers only, nothing that runs code; its weights: nothing stored outside the archive), without Keras."""
+    import zipfile
+
+    import h5py
+
+    from .models.files import check_h5_storage
+    from .models.safety import check_config
+
+    fix = "delete it (or the whole cache folder) and run again"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            config = json.loads(z.read("config.json"))
+            weights = [z.read(n) for n in z.namelist() if n.endswith(".h5")]
+        for w in weights:
+            with h5py.File(io.BytesIO(w), "r") as f:
+                check_h5_storage(f, path)
+        check_config(config, path, graph_ops=kind == "goodnet", keras_free=True)
+    except BadpruneError as e:
+        raise UnsafeTemplate(f"the cached {kind} template is unsafe: {e.what}", path, fix) from None
+    except Exception as e:
+        raise UnsafeTemplate(f"the cached {kind} template cannot be read ({type(e).__name__})", path, fix) from None
+
+
 def save(cache_dir, key: str, model, layer: str, conv_layer, num_classes: int, head) -> ModelRecord | None:
     """Write the record of B (``model``, loaded; ``head`` its compiled head) under ``key`` (:func:`source_key`).
     Returns it, or None when there is nothing to record (a TensorFlow head, a head op the JSON cannot hold, a
@@ -308,7 +344,7 @@ def save(cache_dir, key: str, model, layer: str, conv_layer, num_classes: int, h
         data = buf.getvalue()
         stem = _stem(cache_dir, key)
         doc["arrays"] = {"file": os.path.basename(stem) + ".npz", "bytes": len(data), "crc32": _crc(data)}
-        os.makedirs(str(cache_dir), exist_ok=True)
+        os.makedirs(str(cache_dir), mode=0o700, exist_ok=True)
         if os.path.exists(stem + ".json"):
             os.remove(stem + ".json")
         cache.write_bytes(stem + ".npz", data)

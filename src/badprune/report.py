@@ -427,12 +427,15 @@ def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None
     if save_goodnets:
         from .goodnet import sweep_variants
         from .models import save_variants
+        from .record import UnsafeTemplate
 
         try:
             done = _from_templates(result, "goodnet", [(folder / goodnet_filename(t.x), goodnet_filename(t.x, ""),
                                                      t.channels) for t in reached])
             if not done:
                 g, per_x = sweep_variants(result, [t.x for t in reached])
+        except UnsafeTemplate:
+            raise
         except BadpruneError as e:  # B'_X are still useful without their one-graph GoodNets
             for t in reached:
                 warn(f"no {goodnet_filename(t.x)}: {e.line()}")
@@ -448,7 +451,7 @@ def _save_models(result: SweepResult, folder: Path, save_goodnets: bool) -> None
 
 
 def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models: bool = True,
-                  save_goodnets: bool = True, keep=()):
+                  save_goodnets: bool = True, keep=(), protect=()):
     """Write a sweep's run folder.
 
     Parameters
@@ -463,6 +466,9 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
 
     keep : sequence of str
         With ``force``: entries of the existing folder to carry over (e.g. ``tflite``).
+    protect : sequence of paths
+        With ``force``: paths the replaced folder must not hold (the run's inputs, the cache); besides, only a run
+        folder badprune wrote is replaced, never the working folder, the home folder or ``/``.
 
     With fine-tuning (``result.repaired``) also ``models/repaired_X<X>.keras`` (R_X) and
     ``models/goodnet_repaired_X<X>.keras`` (the GoodNet of B and R_X).
@@ -473,7 +479,7 @@ def write_outputs(result: SweepResult, out_dir, force: bool = False, save_models
         The run folder, written whole (:func:`badprune.outdir.staged_folder`): ``sweep.csv``, ``sweep.json``,
         ``results.md``, ``sweep.png`` and the models.
     """
-    with staged_folder(out_dir, force, keep) as tmp:
+    with staged_folder(out_dir, force, keep, protect) as tmp:
         (tmp / SWEEP_CSV).write_text(sweep_csv(result), encoding="utf-8")
         (tmp / SWEEP_JSON).write_text(json_text(result), encoding="utf-8")
         (tmp / RESULTS_MD).write_text(results_markdown(result), encoding="utf-8")

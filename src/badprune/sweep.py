@@ -149,17 +149,18 @@ def _model_note(d: _Defended) -> str:
 def _extract_all(d: _Defended, ds: dict, scale_value, cache_dir, batch_size, progress, timings) -> tuple:
     """One float32 activations array for all sets (the sweep evaluates them together), filled set by set (no
     concatenation copy): (F, {set: slice}, {set: extract info})."""
-    from . import features
+    from . import cache, features
+    from .data import check_memory
 
-    from . import cache
-
+    lo = sum(dset.n for dset in ds.values())
+    what = f"the activations of {lo:,} images at '{d.layer}'"
+    fix = "use smaller data sets or an earlier, smaller --layer"
+    check_memory(lo * int(np.prod(d.head.input_shape)) * 4, what, fix)
     try:
         F, bounds = cache.stacked({k: dset.n for k, dset in ds.items()}, d.head.input_shape)
     except MemoryError:
-        lo = sum(dset.n for dset in ds.values())
         gb = lo * int(np.prod(d.head.input_shape)) * 4 / 1e9
-        raise BadpruneError(f"not enough memory for the activations of {lo:,} images at '{d.layer}' ({gb:.1f} GB)",
-                            fix="use smaller data sets or an earlier, smaller --layer") from None
+        raise BadpruneError(f"not enough memory for {what} ({gb:.1f} GB)", fix=fix) from None
     info = {}
     for k, dset in ds.items():
         _, info[k] = features.extract(d.model, d.layer, dset, scale_value, cache_dir=cache_dir,
@@ -243,6 +244,10 @@ def stages(model, weights, arch, valid, test, poisoned, *, layer, thresholds, re
     if use_cache and cache_dir is None:
         cache_dir = cache_home()
     cdir = cache_dir if use_cache else None
+    if cdir is not None:
+        from .cache import secure_dir
+
+        secure_dir(cdir)
     rkey = warm = rec = None
     sets = {"valid": valid, "test": test, "poisoned": poisoned}
     if cdir is not None and not hasattr(model, "predict"):

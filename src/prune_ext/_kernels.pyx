@@ -104,7 +104,7 @@ cdef void _im2col(const float* x, int H, int W, int C, int KH, int KW, int SH, i
     cdef const float* src
     for oy in range(OH):
         for ox in range(OW):
-            dst = col + (oy * OW + ox) * (KH * KW * C)
+            dst = col + (<Py_ssize_t>oy * OW + ox) * (<Py_ssize_t>KH * KW * C)
             for ky in range(KH):
                 iy = oy * SH + ky * DH - PT
                 for kx in range(KW):
@@ -113,7 +113,7 @@ cdef void _im2col(const float* x, int H, int W, int C, int KH, int KW, int SH, i
                         for c in range(C):
                             dst[c] = 0
                     else:
-                        src = x + (iy * W + ix) * C
+                        src = x + (<Py_ssize_t>iy * W + ix) * C
                         for c in range(C):
                             dst[c] = src[c]
                     dst += C
@@ -122,16 +122,24 @@ cdef void _im2col(const float* x, int H, int W, int C, int KH, int KW, int SH, i
 cpdef void conv2d(const float[:, :, :, ::1] X, const float[:, :, :, ::1] K, const float[::1] b,
                   int sh, int sw, int pt, int pl, int dh, int dw, float[:, :, :, ::1] Y):
     """Y[n] := conv(X[n], K, stride (sh, sw), top/left padding (pt, pl), dilation (dh, dw)) + b"""
+    cdef Py_ssize_t INT_LIMIT = 2147483647
+    # every size and product below (BLAS takes int dimensions, _im2col int coordinates) must fit an int
+    if X.shape[1] * X.shape[2] * X.shape[3] > INT_LIMIT or Y.shape[1] * Y.shape[2] * K.shape[0] * K.shape[1] \
+            * X.shape[3] > INT_LIMIT or K.shape[3] > INT_LIMIT or Y.shape[1] * Y.shape[2] * K.shape[3] > INT_LIMIT \
+            or X.shape[0] > INT_LIMIT:
+        raise ValueError("conv2d: an image, its output or its im2col columns exceed 2^31 values")
     cdef int M = <int>X.shape[0], H = <int>X.shape[1], W = <int>X.shape[2], C = <int>X.shape[3]
     cdef int KH = <int>K.shape[0], KW = <int>K.shape[1], CO = <int>K.shape[3]
     cdef int OH = <int>Y.shape[1], OW = <int>Y.shape[2]
-    cdef int KK = KH * KW * C, P = OH * OW, block, lo, n, i, j
+    cdef Py_ssize_t KK = <Py_ssize_t>KH * KW * C, P = <Py_ssize_t>OH * OW, block
+    cdef int lo, n, i, j
     cdef float* col
     if K.shape[2] != C or Y.shape[3] != CO or Y.shape[0] != M or b.shape[0] != CO:
         raise ValueError("conv2d: shapes do not match")
     if M == 0:
         return
-    block = max(1, min(M, (1 << 22) // max(1, P * KK)))  # ~16 MB of columns per block
+    block = max(1, min(<Py_ssize_t>M, (1 << 22) // max(1, P * KK)))  # ~16 MB of columns per block
+    block = min(block, INT_LIMIT // max(1, P))  # block * P rows in one GEMM
     col = <float*>malloc(<size_t>block * P * KK * sizeof(float))
     if col == NULL:
         raise MemoryError()
@@ -147,7 +155,7 @@ cpdef void conv2d(const float[:, :, :, ::1] X, const float[:, :, :, ::1] K, cons
                     for i in range(P):
                         for j in range(CO):
                             Y[lo + n, i // OW, i % OW, j] = b[j]
-                _gemm(block * P, CO, KK, <float>1, col, KK, &K[0, 0, 0, 0], CO, <float>1,
+                _gemm(<int>(block * P), CO, <int>KK, <float>1, col, <int>KK, &K[0, 0, 0, 0], CO, <float>1,
                       &Y[lo, 0, 0, 0], CO)
                 lo += block
     finally:
@@ -585,6 +593,8 @@ cpdef cnp.ndarray argmax_rows(const float[:, ::1] X):
     cdef cnp.int64_t[::1] o = out
     if M == 0:
         return out
+    if N == 0:
+        raise ValueError("argmax_rows: the rows have no columns (no class to pick)")
     with nogil:
         for m in range(M):
             o[m] = _argmax(&X[m, 0], N)

@@ -32,6 +32,7 @@ def add_parser(sub):
 def run(args):
     from .. import scan as _scan
     from ..outdir import check_output, fresh_folder, staged_folder
+    from .._env import cache_home
     from ..options import check_source
     from ..runfolder import model_name
 
@@ -40,13 +41,14 @@ def run(args):
     if out is None:
         base = os.path.join("runs", model_name(args.model or args.weights) + "-scan")
         out = base if args.force else str(fresh_folder(base))
-    check_output(out, force=args.force)
+    protect = [args.model, args.weights, args.valid, None if args.no_cache else (args.cache_dir or cache_home())]
+    check_output(out, force=args.force, protect=protect)
     load_tensorflow()
     res = _scan.run(model=args.model, weights=args.weights, arch=args.arch, valid=args.valid, layer=args.layer,
                     scale=args.scale, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                     batch_size=args.batch_size, progress=not args.quiet, trust_model=args.trust_model,
                     log=lambda m: note(args, m), seed=args.seed)
-    with staged_folder(out, args.force) as tmp:
+    with staged_folder(out, args.force, protect=protect) as tmp:
         _scan.write_files(res, tmp)
     print(_scan.summary(res))
     for i, t in enumerate(res.targets, 1):

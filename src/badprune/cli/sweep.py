@@ -93,8 +93,12 @@ def run(args):
         raise BadpruneError("--export needs the models", fix="drop --no-models")
     if not args.export and (args.quantize != "none" or args.allow_lossy):
         raise BadpruneError("--quantize and --allow-lossy go with --export", fix="add --export")
-    # refuse an existing or unwritable output folder before doing the work, not after
-    report.check_output(out, force=args.force)
+    # refuse an existing or unwritable output folder before doing the work, not after; --force never deletes
+    # an input or the cache
+    from .._env import cache_home
+
+    protect = [model, weights, valid, test, poisoned, None if args.no_cache else (args.cache_dir or cache_home())]
+    report.check_output(out, force=args.force, protect=protect)
 
     t0 = time.perf_counter()
     if args.export:  # LiteRT export needs TensorFlow anyway
@@ -107,7 +111,7 @@ def run(args):
                          fine_tune=fine_tune, fine_tune_epochs=args.fine_tune_epochs,
                          fine_tune_lr=args.fine_tune_lr, seed=args.seed, before_tensorflow=load_tensorflow,
                          scan=args.scan)
-    path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models)
+    path = report.write_outputs(result, out, force=args.force, save_models=not args.no_models, protect=protect)
     result.timings["command"] = time.perf_counter() - t0
     print(report.format_table(result, thresholds_only=not args.all_steps))
     print()

@@ -20,6 +20,9 @@ def add_parser(sub):
                    help="Ray CPUs each run reserves (default 1)")
     p.add_argument("--num-cpus", type=int, metavar="N",
                    help="CPUs of the local Ray (default: all of this machine's; not with --address)")
+    p.add_argument("--trust-model", action="store_true",
+                   help="allow Lambda layers / custom code in every model of the manifest (only for files you "
+                        "trust; a manifest cannot ask for it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or notes")
     p.set_defaults(func=run)
     return p
@@ -30,7 +33,8 @@ def run(args):
     from .. import zoo
 
     result = zoo.run_zoo(args.manifest, out=args.out, address=args.address, cpus_per_run=args.cpus_per_run,
-                         num_cpus=args.num_cpus, progress=not args.quiet, log=lambda m: note(args, m))
+                         num_cpus=args.num_cpus, progress=not args.quiet, log=lambda m: note(args, m),
+                         trust_model=args.trust_model)
     print(zoo.format_table(result))
     print()
     print(zoo.summary_line(result))

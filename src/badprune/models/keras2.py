@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import BadpruneError, short
 from .safety import MODEL_CLASSES
-from .files import check_file, is_keras3_weights
+from .files import check_file, check_h5_storage, is_keras3_weights
 
 
 def fix_legacy_config(cfg) -> tuple[dict, bool]:
@@ -65,18 +65,21 @@ def _decode(v):
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
-def read_weight_file(path) -> dict:
+def read_weight_file(path, fit=None) -> dict:
     """Read a Keras 2 HDF5 weights file (``<layer>/<layer>/kernel:0``) into {layer: {weight_name: array}}.
 
     Also accepts a full Keras 2 model file (weights under ``model_weights``). Weight names are the base names
-    ('kernel', 'bias', ...), in the file's order.
+    ('kernel', 'bias', ...), in the file's order. Links to other files, external storage and virtual datasets are
+    refused (:func:`~badprune.models.files.check_h5_storage`); ``fit``, if given, is called with the same mapping
+    of unread h5py datasets (their shapes and types) and may refuse them before any value is read.
     """
     path = check_file(path, "weights file")
     if not h5py.is_hdf5(path):
         raise BadpruneError("not an HDF5 weights file", path, "pass a Keras .h5 weights file")
-    out = {}
+    found = {}
     try:
         with h5py.File(path, "r") as f:
+            check_h5_storage(f, path)
             g = f["model_weights"] if "model_weights" in f and isinstance(f["model_weights"], h5py.Group) else f
             if "layer_names" in g.attrs:
                 names = [_decode(n) for n in g.attrs["layer_names"]]
@@ -91,26 +94,26 @@ def read_weight_file(path) -> dict:
                 lg = g[lname]
                 wnames = [_decode(n) for n in lg.attrs.get("weight_names", [])]
                 if not wnames:
-                    found = []
-                    lg.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
-                    wnames = found
+                    items = []
+                    lg.visititems(lambda n, o: items.append(n) if isinstance(o, h5py.Dataset) else None)
+                    wnames = items
                 ws = {}
                 for wn in wnames:
-                    if wn not in lg:
+                    if wn not in lg or not isinstance(lg[wn], h5py.Dataset):
                         raise BadpruneError(f"weight '{wn}' of layer '{lname}' is missing", path,
                                             "the file is damaged")
-                    arr = np.asarray(lg[wn][()])
-                    base = wn.rsplit("/", 1)[-1].split(":", 1)[0]
-                    ws[base] = arr
+                    ws[wn.rsplit("/", 1)[-1].split(":", 1)[0]] = lg[wn]
                 if ws:
-                    out[lname] = ws
+                    found[lname] = ws
+            if not found:
+                raise BadpruneError("the weights file holds no weights", path, "pass a Keras .h5 weights file")
+            if fit is not None:
+                fit(found)
+            return {lname: {k: np.asarray(ds[()]) for k, ds in ws.items()} for lname, ws in found.items()}
     except BadpruneError:
         raise
     except Exception as e:
         raise BadpruneError(f"cannot read the weights ({short(e)})", path, "check the file is complete") from None
-    if not out:
-        raise BadpruneError("the weights file holds no weights", path, "pass a Keras .h5 weights file")
-    return out
 
 
 #: Keras 2 weight names for layers whose Keras 3 variables are in the same order
@@ -120,8 +123,9 @@ _WEIGHT_ORDER = {
 }
 
 
-def assign_weights(model, weights: dict, path, arch=None):
-    """Set each layer's weights from ``weights`` (by layer name); shapes must match exactly."""
+def fit_weights(model, weights: dict, path, arch=None) -> list:
+    """Match ``weights`` ({layer: {name: array or unread h5py dataset}}) to the model's layers by name; shapes and
+    types must fit exactly. Returns [(layer, [(value, variable), ...])]; reads no values."""
     what = f"the {arch} architecture" if arch else "the model"
     fix = "pass the weights made for this architecture" if arch else "pass weights saved from this model"
     model_layers = {l.name: l for l in model.layers if l.weights}
@@ -129,6 +133,7 @@ def assign_weights(model, weights: dict, path, arch=None):
     if extra:
         raise BadpruneError(f"weights file does not fit {what}: it has layer(s) {', '.join(extra[:5])} "
                             "that the architecture lacks", path, fix)
+    plan = []
     for name, layer in model_layers.items():
         if name not in weights:
             raise BadpruneError(f"weights file does not fit {what}: no weights for layer '{name}'", path, fix)
@@ -145,7 +150,16 @@ def assign_weights(model, weights: dict, path, arch=None):
             if tuple(v.shape) != tuple(var.shape):
                 raise BadpruneError(f"weights file does not fit {what}: layer '{name}' weight of shape "
                                     f"{tuple(v.shape)}, expected {tuple(var.shape)}", path, fix)
-            if v.dtype.kind != "f" or not np.isfinite(v).all():
+            if v.dtype.kind != "f":
                 raise BadpruneError(f"layer '{name}' has non-finite or non-float weights", path, fix)
-        layer.set_weights([np.asarray(v, dtype=var.dtype) for v, var in zip(vals, layer.weights)])
+        plan.append((layer, list(zip(vals, layer.weights))))
+    return plan
 
+
+def assign_weights(model, weights: dict, path, arch=None):
+    """Set each layer's weights from ``weights`` (by layer name); shapes must match exactly, values be finite."""
+    fix = "pass the weights made for this architecture" if arch else "pass weights saved from this model"
+    for layer, pairs in fit_weights(model, weights, path, arch):
+        if not all(np.isfinite(v).all() for v, _ in pairs):
+            raise BadpruneError(f"layer '{layer.name}' has non-finite or non-float weights", path, fix)
+        layer.set_weights([np.asarray(v, dtype=var.dtype) for v, var in pairs])

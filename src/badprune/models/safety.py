@@ -6,10 +6,6 @@ A GoodNet graph (:mod:`badprune.goodnet`) also holds a few ``keras.ops`` nodes a
 """
 from __future__ import annotations
 
-from .. import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
-
-import keras
-
 from ..errors import BadpruneError
 
 #: layer classes refused even though Keras ships them: they run code or load files named in the config
@@ -27,6 +23,9 @@ GRAPH_OPS = {"TopK": {"k", "sorted"}, "Squeeze": {"axis"}, "Equal": set(), "Wher
 
 
 def _builtin_layer_classes() -> set:
+    from .. import _tf  # noqa: F401  (quiet TensorFlow before keras is imported)
+    import keras
+
     names = set()
     for n in dir(keras.layers):
         obj = getattr(keras.layers, n)
@@ -62,7 +61,7 @@ def _layer_label(cfg) -> str:
     return f"'{name}'" if name else "(unnamed)"
 
 
-def check_config(config, path=None, trust: bool = False, graph_ops: bool = False) -> bool:
+def check_config(config, path=None, trust: bool = False, graph_ops: bool = False, keras_free: bool = False) -> bool:
     """Refuse a model config that would run code when deserialized (Lambda, custom or non-Keras classes).
 
     Parameters
@@ -75,6 +74,9 @@ def check_config(config, path=None, trust: bool = False, graph_ops: bool = False
         Accept anything (nothing is checked).
     graph_ops : bool
         Also accept the top-level ``keras.ops`` nodes of :data:`GRAPH_OPS` (a GoodNet graph).
+    keras_free : bool
+        Without importing Keras (a warm run's cached templates, Keras 3 configs): a layer must name the module
+        ``keras.layers`` and a class not in :data:`UNSAFE_LAYERS`, instead of being one of Keras's layer classes.
 
     Returns
     -------
@@ -95,7 +97,7 @@ def check_config(config, path=None, trust: bool = False, graph_ops: bool = False
     if not isinstance(config, dict) or "class_name" not in config:
         raise BadpruneError("the model file's architecture is not a Keras model config", path,
                             "save the model with model.save('model.keras') or Keras 2 model.save('model.h5')")
-    builtin = _builtin_layer_classes()
+    builtin = None if keras_free else _builtin_layer_classes()
 
     # 1. anything anywhere that carries code or points outside Keras
     def scan(obj, owner):
@@ -135,7 +137,10 @@ def check_config(config, path=None, trust: bool = False, graph_ops: bool = False
     # 2. every layer must be a built-in Keras layer (or a plain Functional/Sequential model)
     for i, lc in enumerate(_iter_layers(config)):
         cls = lc.get("class_name")
-        ok = cls in MODEL_CLASSES or (i > 0 and cls in builtin)
+        if builtin is None:
+            ok = cls in MODEL_CLASSES or (i > 0 and lc.get("module") == "keras.layers" and cls not in UNSAFE_LAYERS)
+        else:
+            ok = cls in MODEL_CLASSES or (i > 0 and cls in builtin)
         if ok:
             continue
         if i == 0:

@@ -114,12 +114,13 @@ def template(model, folder) -> bytes | None:
     the bytes of a ``.keras`` file, or None when Keras did not lay the archive out as :func:`write_variants`
     expects."""
     path = os.path.join(str(folder), f".template-{os.getpid()}-{id(model):x}.keras")
-    model.save(path)
     try:
+        model.save(path)
         with open(path, "rb") as f:
             data = f.read()
     finally:
-        os.unlink(path)
+        if os.path.exists(path):  # (also when model.save raised half-way)
+            os.unlink(path)
     try:
         if _read_template(data)[1]["config"]["name"] != model.name:
             return None

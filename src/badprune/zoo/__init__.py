@@ -80,7 +80,7 @@ def _ran_here(row: dict, res: dict) -> None:
 
 
 def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, progress=True, log=None,
-            write=True) -> ZooResult:
+            write=True, trust_model=False) -> ZooResult:
     """Run the pruning defense on every model of a manifest, one Ray task per model.
 
     Parameters
@@ -104,6 +104,9 @@ def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, 
         Called with one-line notes (the cluster, each finished run, warnings).
     write : bool
         Write the zoo's four table files (the run folders are always written).
+    trust_model : bool
+        Allow code from every model file of the manifest (Lambda layers, custom classes): the user's own
+        ``--trust-model``; a manifest cannot set it.
 
     Returns
     -------
@@ -123,6 +126,8 @@ def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, 
     say = log or (lambda msg: None)
     t_all = time.perf_counter()
     m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+    for entry in m.entries:
+        entry.options["trust_model"] = trust_model is True
     cpus_per_run = _check_cpus(cpus_per_run)
     out = Path(out if out is not None else m.default_out).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -171,6 +176,20 @@ def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, 
     return result
 
 
+#: when no live node of the cluster has the CPUs a run reserves for this long (its nodes died), the runs still
+#: pending fail instead of waiting for ever
+LOST_NODES_SECONDS = 30.0
+
+
+def _capacity_lost(ray, cpus_per_run) -> bool:
+    """No live node of the cluster could run a task of ``cpus_per_run`` CPUs any more."""
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive", n.get("alive", False))]
+    except Exception:  # the cluster cannot be asked: let Ray's own errors decide
+        return False
+    return max((float((n.get("Resources") or {}).get("CPU", 0)) for n in nodes), default=0.0) < cpus_per_run
+
+
 def _run_tasks(todo, cpus_per_run, progress, say) -> None:
     """Submit one task per (entry, row), write each run folder as its result arrives, fill the rows in."""
     import ray
@@ -200,14 +219,28 @@ def _run_tasks(todo, cpus_per_run, progress, say) -> None:
             say(msg)
 
     done = failed = 0
+    lost_since, checked = None, time.perf_counter()
     try:
         with stage_progress(len(todo), "zoo", "run", enabled=progress, rate=False) as bar:
             while pending:
                 keep_on_term()
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                lost = False
+                if not ready and time.perf_counter() - checked > 2:  # every few seconds: are nodes left?
+                    checked = time.perf_counter()
+                    lost_since = (lost_since or checked) if _capacity_lost(ray, cpus_per_run) else None
+                    lost = lost_since is not None and checked - lost_since >= LOST_NODES_SECONDS
+                if lost:
+                    for ref in pending:
+                        with contextlib.suppress(Exception):
+                            ray.cancel(ref, force=True)
+                    ready = list(pending)
                 for ref in ready:
                     entry, row, inputs = pending.pop(ref)
                     try:
+                        if lost:
+                            raise RuntimeError(f"no node of the cluster with {cpus_per_run:g} CPUs is left "
+                                               f"(nodes lost for {LOST_NODES_SECONDS:g} s)")
                         res = ray.get(ref)
                     except Exception as e:  # the worker died twice, or the task was lost
                         res = {"ok": False, "error": f"the Ray task failed ({_ray_error(e)})",

@@ -50,9 +50,66 @@ def ray_temp_dir() -> str:
     ``/tmp/bpray-<uid>`` (Ray's unix sockets live below it, and a socket path must stay under ~107 characters)."""
     d = os.path.join(cache_home(), "ray")
     if len(os.path.abspath(d)) <= 40:
-        return os.path.abspath(d)
+        return _private_dir(os.path.abspath(d))
     uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return f"/tmp/bpray-{uid}"
+    return _private_dir(f"/tmp/bpray-{uid}")
+
+
+def _private_dir(d: str) -> str:
+    """``d`` created 0700 when missing; refused when it is a symlink, not the user's own, or open to others (in a
+    shared /tmp anyone could have made it first, and Ray's sockets and session files live below it)."""
+    fix = "remove it (or set BADPRUNE_CACHE to a short folder of your own)"
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as e:
+        raise BadpruneError(f"cannot create Ray's session folder ({e.strerror or e})", d, fix) from None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadpruneError("Ray's session folder is a link or not a folder", d, fix)
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise BadpruneError(f"Ray's session folder belongs to another user (uid {st.st_uid})", d, fix)
+    if st.st_mode & 0o077:
+        raise BadpruneError(f"Ray's session folder is open to other users (mode {st.st_mode & 0o777:o})", d, fix)
+    return d
+
+
+@contextlib.contextmanager
+def _loopback_only(ray):
+    """While a local Ray starts: its node address is 127.0.0.1, so Ray binds its GCS, raylet, object manager,
+    agents and workers to loopback only (Ray turns a loopback ``_node_ip_address`` into the machine's routable
+    address, then listens on every interface, unless its cluster mode is off, as it is on macOS and Windows)."""
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env
+
+
+def _check_loopback(ray) -> None:
+    """A local Ray whose nodes advertise a non-loopback address listens beyond this machine: refused."""
+    import ipaddress
+
+    for n in ray.nodes():
+        ip = n.get("NodeManagerAddress") or ""
+        try:
+            ok = ipaddress.ip_address(ip).is_loopback
+        except ValueError:
+            ok = False
+        if not ok:
+            raise BadpruneError(f"the local Ray started on {ip or 'an unknown address'}, not on 127.0.0.1 only "
+                                f"(Ray {ray.__version__})", None,
+                                "start a cluster yourself (`ray start --head --node-ip-address 127.0.0.1`) and "
+                                "pass --address")
 
 
 @contextlib.contextmanager
@@ -113,7 +170,8 @@ def connect(address=None, num_cpus=None):
     if address is None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local cluster reports nothing anywhere
         temp_dir = ray_temp_dir()
-        kw.update(num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=temp_dir)
+        kw.update(num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+                  dashboard_host="127.0.0.1")
         started = "local"
     else:
         if num_cpus is not None:
@@ -125,7 +183,9 @@ def connect(address=None, num_cpus=None):
         try:
             with _keep_signal_handlers():
                 if address is None:
-                    ray.init(**kw)
+                    with _loopback_only(ray):
+                        ray.init(**kw)
+                    _check_loopback(ray)
                 else:
                     ray.init(address=address, **kw)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError, OSError) as e:

@@ -22,8 +22,10 @@ INSTALL_FIX = 'pip install "badprune[cluster]"'
 #: the keys of :func:`badprune.defense.run` a manifest may set (its other parameters belong to the zoo: cache_dir,
 #: progress, name, log)
 _SWEEP_KEYS = ("model", "weights", "arch", "valid", "test", "poisoned", "layer", "thresholds", "relative", "order",
-               "scale", "mode", "trust_model", "fine_tune", "fine_tune_epochs", "fine_tune_lr", "seed", "batch_size",
-               "use_cache")
+               "scale", "mode", "fine_tune", "fine_tune_epochs", "fine_tune_lr", "seed", "batch_size", "use_cache")
+#: sweep keys only the user's own flag sets (``zoo --trust-model``), never a manifest: a shared manifest must not
+#: switch on code execution
+USER_ONLY = ("trust_model",)
 #: every manifest key of a run (besides ``name``): the sweep's keys and ``no_models`` (write no B'_X / G_X files)
 KEYS = _SWEEP_KEYS + ("no_models",)
 #: the manifest key of each parameter (:mod:`badprune.options` names parameters; a manifest's keys are the same)
@@ -47,7 +49,7 @@ def _defaults() -> dict:
     from ..defense import run
 
     params = inspect.signature(run).parameters
-    d = {k: params[k].default for k in _SWEEP_KEYS}
+    d = {k: params[k].default for k in _SWEEP_KEYS + USER_ONLY}
     d["thresholds"] = [float(x) for x in d["thresholds"]]
     d["no_models"] = False
     return d
@@ -76,7 +78,7 @@ class ZooEntry:
 
     def sweep_kwargs(self) -> dict:
         """The keyword arguments of :func:`badprune.defense.run` for this run."""
-        return {k: self.options[k] for k in _SWEEP_KEYS}
+        return {k: self.options[k] for k in _SWEEP_KEYS + USER_ONLY}
 
     def to_json(self) -> dict:
         """The resolved entry as plain JSON (what ``zoo-entry.json`` keeps and the next invocation compares)."""
@@ -125,6 +127,10 @@ def _check_types(table: dict, name, path: str, allowed) -> None:
     """Unknown keys and value types of one table (``[defaults]`` or a ``[[run]]``)."""
     where = _where(name)
     for key, v in table.items():
+        if key in USER_ONLY:
+            raise BadpruneError(f"{where}: key '{key}' is not accepted in a manifest (it would let the models' files "
+                                "run code)", path, "remove it; pass --trust-model to `badprune-fast zoo` yourself "
+                                "to trust every model of this manifest")
         if key not in allowed:
             raise BadpruneError(f"{where}: unknown key '{key}'", path, f"use one of: {', '.join(allowed)}")
         ok, takes = _TYPE_RULES[_TYPES[key]]
