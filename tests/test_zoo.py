@@ -292,6 +292,7 @@ test = "{f1['test']}"
 poisoned = "{f1['bd_test']}"
 thresholds = {t1_thresholds}
 order = "descending"
+scan = true
 
 [[run]]
 name = "t2"
@@ -316,7 +317,7 @@ def _single_args(files, k, out, cache):
     if k == 0:
         args += ["--no-models"]
     if k == 1:
-        args += ["--thresholds", "5", "20", "--order", "descending", "--no-models"]
+        args += ["--thresholds", "5", "20", "--order", "descending", "--no-models", "--scan"]
     if k == 2:
         args += ["--fine-tune", "head", "--fine-tune-epochs", "2"]
     return args
@@ -374,7 +375,15 @@ def test_zoo_equals_single_sweeps_fails_locally_and_resumes(cluster, labs, tmp_p
            if t["repaired_asr"] is not None}
     assert got == {x: (r["test_acc"], r["asr"]) for x, r in rep.items()}
     csv_lines = (out / "zoo.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("name,model,status,error,n_channels,base_test_acc,base_asr,X2_channels,")
+    assert csv_lines[0].startswith("name,model,status,error,n_channels,base_test_acc,base_asr,scan_score,"
+                                   "scan_backdoored,scan_target,X2_channels,")
+    # the run with scan = true: its scan.json's verdict in its row and in zoo.csv
+    sj = json.loads((out / "t1" / "scan.json").read_text())
+    assert (rows["t1"]["scan_score"], rows["t1"]["scan_backdoored"], rows["t1"]["scan_target"]) == \
+        (sj["score"], sj["backdoored"], sj["targets"][0]["class"])
+    assert csv_lines[2].split(",")[7:10] == [f"{sj['score']:.4f}", str(sj["backdoored"]).lower(),
+                                              str(sj["targets"][0]["class"])]
+    assert "scan_score" not in rows["t0"]
     assert len(csv_lines) == 5 and csv_lines[4].startswith(f"broken,{broken['model']},failed,model file not")
     md = (out / "zoo.md").read_text()
     assert "| t2 |" in md and "## Failed runs" in md and "## X = 20" in md

@@ -31,7 +31,7 @@ TYPES = {
     "model": "path", "weights": "path", "arch": "str", "valid": "path", "test": "path", "poisoned": "path",
     "layer": "str", "thresholds": "thresholds", "relative": "bool", "order": "str", "scale": "scale",
     "mode": "str", "trust_model": "bool", "fine_tune": "str", "fine_tune_epochs": "int", "fine_tune_lr": "number",
-    "seed": "int", "batch_size": "int", "use_cache": "bool",
+    "seed": "int", "batch_size": "int", "use_cache": "bool", "scan": "bool",
 }
 
 

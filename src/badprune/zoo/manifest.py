@@ -22,7 +22,8 @@ INSTALL_FIX = 'pip install "badprune[cluster]"'
 #: the keys of :func:`badprune.defense.run` a manifest may set (its other parameters belong to the zoo: cache_dir,
 #: progress, name, log)
 _SWEEP_KEYS = ("model", "weights", "arch", "valid", "test", "poisoned", "layer", "thresholds", "relative", "order",
-               "scale", "mode", "fine_tune", "fine_tune_epochs", "fine_tune_lr", "seed", "batch_size", "use_cache")
+               "scale", "mode", "fine_tune", "fine_tune_epochs", "fine_tune_lr", "seed", "batch_size", "use_cache",
+               "scan")
 #: sweep keys only the user's own flag sets (``zoo --trust-model``), never a manifest: a shared manifest must not
 #: switch on code execution
 USER_ONLY = ("trust_model",)

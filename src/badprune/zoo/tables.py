@@ -92,9 +92,15 @@ def _row_numbers(folder: Path) -> dict:
                    "test_acc": row.get("test_acc"), "asr": row.get("asr"),
                    "detection": row.get("goodnet_detection"), "false_alarm": row.get("goodnet_false_alarm"),
                    "repaired_test_acc": rep.get("test_acc"), "repaired_asr": rep.get("asr")})
-    return {"model_name": doc.get("model_name"), "layer": doc.get("layer"), "n_channels": doc.get("n_channels"),
-            "base_valid_acc": first("valid_acc"), "base_test_acc": first("test_acc"), "base_asr": first("asr"),
-            "relative": doc.get("relative"), "thresholds": xs, "fine_tuned": bool(repaired)}
+    out = {"model_name": doc.get("model_name"), "layer": doc.get("layer"), "n_channels": doc.get("n_channels"),
+           "base_valid_acc": first("valid_acc"), "base_test_acc": first("test_acc"), "base_asr": first("asr"),
+           "relative": doc.get("relative"), "thresholds": xs, "fine_tuned": bool(repaired)}
+    scan = Path(folder) / "scan.json"   # the run scanned B (manifest key scan = true)
+    if scan.is_file():
+        js = json.loads(scan.read_text(encoding="utf-8"))
+        out.update(scan_score=js.get("score"), scan_backdoored=js.get("backdoored"),
+                   scan_target=(js.get("targets") or [{}])[0].get("class"))
+    return out
 
 
 @dataclass
@@ -131,14 +137,17 @@ def _num(v, decimals=4) -> str:
 
 
 def zoo_csv(result: ZooResult) -> str:
-    """``zoo.csv``: a row per run; per threshold X the columns ``X<x>_channels``, ``_test_acc``, ``_asr``,
+    """``zoo.csv``: a row per run (with ``scan_score``, ``scan_backdoored``, ``scan_target`` when any run
+    scanned); per threshold X the columns ``X<x>_channels``, ``_test_acc``, ``_asr``,
     ``_detection``, ``_false_alarm`` (and ``_repaired_test_acc``, ``_repaired_asr`` when any run fine-tuned)."""
     xs = _xs(result.rows)
     fine = any(r.get("fine_tuned") for r in result.rows)
     per_x = ["channels", "test_acc", "asr", "detection", "false_alarm"]
     if fine:
         per_x += ["repaired_test_acc", "repaired_asr"]
+    scanned = any("scan_score" in r for r in result.rows)
     header = ["name", "model", "status", "error", "n_channels", "base_test_acc", "base_asr"]
+    header += ["scan_score", "scan_backdoored", "scan_target"] if scanned else []
     header += [f"X{fmt_x(x)}_{c}" for x in xs for c in per_x]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -146,6 +155,10 @@ def zoo_csv(result: ZooResult) -> str:
     for r in result.rows:
         line = [r["name"], r["model"], r["status"], r.get("error") or "", r.get("n_channels") or "",
                 _num(r.get("base_test_acc")), _num(r.get("base_asr"))]
+        if scanned:
+            line += [_num(r.get("scan_score")), "" if r.get("scan_backdoored") is None else
+                     str(bool(r["scan_backdoored"])).lower(), "" if r.get("scan_target") is None else
+                     str(r["scan_target"])]
         by_x = {t["x"]: t for t in r.get("thresholds") or []}
         for x in xs:
             t = by_x.get(x)
