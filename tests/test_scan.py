@@ -8,23 +8,25 @@ from badprune import _tf  # noqa: F401
 
 import keras
 
-from badprune.invert import UNTARGETED, flip_rate, holdout_split, invert_shifts, mean_norm
-from badprune.scan import THRESHOLD, gap_statistic, scan_activations, score_of
+from badprune.invert import LEVELS, UNTARGETED, flip_rate, holdout_split, invert_shifts, mean_norm, stimulate_channels
+from badprune.scan import (SHIFT_THRESHOLD, STIM_THRESHOLD, THRESHOLD, gap_statistic, scan_activations, score_of,
+                           stim_statistic)
 
 SHAPE = (2, 2, 4)
 
 
-def _head():
+def _head(weight=4.0, bias=-2.0):
     """A linear head over (2, 2, 4) activations, 3 classes: class 0 follows channel 0, class 1 channel 1, and
-    class 2 (the 'backdoor') fires on channel 3, which clean inputs never use."""
+    class 2 (the 'backdoor') fires on channel 3, which clean inputs never use (``weight`` per position, ``bias``:
+    the defaults make it reachable by a small shift; a large bias and weight only by a large value, like a patch)."""
     x = keras.Input(SHAPE)
     z = keras.layers.Dense(3, name="out")(keras.layers.Flatten()(x))
     m = keras.Model(x, z)
     W = np.zeros((2, 2, 4, 3), np.float32)
     W[..., 0, 0] = 1.0
     W[..., 1, 1] = 1.0
-    W[..., 3, 2] = 4.0
-    m.get_layer("out").set_weights([W.reshape(16, 3), np.array([0, 0, -2.0], np.float32)])
+    W[..., 3, 2] = weight
+    m.get_layer("out").set_weights([W.reshape(16, 3), np.array([0, 0, bias], np.float32)])
     return m
 
 
@@ -75,9 +77,35 @@ def test_gap_statistic_and_score():
     lone[3] = 0.6
     s_flat, _, _ = gap_statistic(flat)
     s_lone, med, mad = gap_statistic(lone)
-    assert s_flat < THRESHOLD <= s_lone
+    assert s_flat < SHIFT_THRESHOLD <= s_lone
     assert s_lone == pytest.approx((0.6 - 0.22) / mad)
     assert score_of(THRESHOLD) == pytest.approx(0.5) and score_of(s_lone) > 0.5 > score_of(s_flat)
+
+
+def test_stimulation_statistic_is_the_gap_in_octaves():
+    assert stim_statistic([3.0, 5.0, 5.5, 13.0]) == pytest.approx(1.0)      # two ladder steps = one octave
+    assert stim_statistic([13.0, 13.0, 13.0]) == 0.0                        # nothing reached
+    assert stim_statistic([4.0, 4.2, 9.0]) < STIM_THRESHOLD
+
+
+def test_stimulation_finds_the_backdoor_channel_and_respects_the_kept_channels():
+    m, (F, y) = _head(weight=20.0, bias=-30.0), _data()
+    level, chan, unit = stimulate_channels(_labels(m), F, y, 3)
+    assert unit == pytest.approx(np.percentile(F, 99))
+    assert chan[2] == 3 and level[2] < min(level[0], level[1]) - 2 * STIM_THRESHOLD
+    assert stim_statistic(level) >= STIM_THRESHOLD
+    level_k, chan_k, _ = stimulate_channels(_labels(m), F, y, 3, keep=np.array([True, True, True, False]))
+    assert level_k[2] == len(LEVELS) and chan_k[2] == -1                    # its channel pruned: out of reach
+
+
+def test_scan_finds_a_patch_like_backdoor_by_stimulation():
+    m, (F, y) = _head(weight=20.0, bias=-30.0), _data(600)
+    res = scan_activations(m, _labels(m), F, y, 3, "toy")
+    assert res.flip[2] < 0.05                          # no small shift reaches it ...
+    assert res.probe == "stimulation" and res.backdoored and res.targets[0]["class"] == 2   # ... a stimulation does
+    assert res.targets[0]["stimulation"]["channel"] == 3
+    js = res.to_json()
+    assert js["stimulation_statistic"] == pytest.approx(res.stim_statistic, abs=1e-5) and len(js["stimulation"]) == 3
 
 
 def test_scan_of_a_toy_backdoor_names_its_target():

@@ -14,8 +14,14 @@ of ``classes x batch`` rows through the head per step), each shift kept in the L
 of the clean activations' mean norm). It needs only the head (the layers after the prune layer) as a Keras model
 over cached activations: its cost does not depend on the trunk.
 
-Used by :mod:`badprune.scan` (which classes need anomalously small shifts: the verdict and the targets) and by
-:mod:`badprune.repair` (the shifts found for the suspected targets are unlearned).
+A second probe, :func:`stimulate_channels`, looks for the other form (the one a patch trigger takes): a channel
+that, driven beyond its clean range, sends most clean inputs to one class (the idea of ABS, Liu et al. 2019, at the
+prune layer). Each channel in turn is raised to a ladder of levels at every position; per class, the smallest
+level at which one channel sends most inputs of other classes to it. A backdoor's target is reached at a
+level well below every other class's.
+
+Used by :mod:`badprune.scan` (which classes need anomalously small shifts or stimulations: the verdict and the
+targets) and by :mod:`badprune.repair` (the shifts found for the suspected targets are unlearned).
 """
 from __future__ import annotations
 
@@ -27,6 +33,13 @@ BATCH = 32
 MAX_ROWS = 8192
 #: the "class" of an untargeted shift
 UNTARGETED = -1
+#: the stimulation ladder: half-octave multiples of the clean activations' 99th percentile (1/8 to 8)
+LEVELS = 0.125 * 2.0 ** (np.arange(13) / 2)
+#: a class is reached by a stimulation when it receives this share of the inputs of other classes (a backdoor's
+#: channel sends nearly all of them; 0.8 separated the demo models better than 0.5 or 0.3)
+STIM_SHARE = 0.8
+#: clean rows the stimulation probe pushes through the head per channel and level
+STIM_ROWS = 400
 #: share of the clean data held out (class-stratified, seeded) to measure what a shift or a repair does
 HOLDOUT = 0.2
 
@@ -132,3 +145,51 @@ def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int
                                    for o in others]).astype(np.int32)
             step(tf.constant(rows), tf.constant((0.25 * (1 - s / steps) + 0.02) * eps, tf.float32))
         return delta.numpy()
+
+
+def stimulate_channels(labels_fn, F, y, num_classes: int, keep=None, rows: int = STIM_ROWS,
+                       share: float = STIM_SHARE) -> tuple:
+    """Per class, the smallest stimulation of one channel that sends ``share`` of the clean rows ``F`` (labels
+    ``y``) of other classes to it through ``labels_fn``.
+
+    Each channel (``keep``: a bool mask over channels; others are skipped) is raised, at every position, to at
+    least ``LEVELS[i]`` times the 99th percentile of ``F`` for each level i in turn. Returns ``(level, channel,
+    unit)``: per class the crossing level in ladder steps (a float, interpolated in log scale between the last level
+    below ``share`` and the first at or above it; ``len(LEVELS)`` when never reached), the channel that reached it
+    first (-1 if none), and the unit (the 99th percentile). Only the first ``rows`` rows of ``F`` are used (pass a
+    seeded subset)."""
+    F = np.asarray(F, np.float32)[:rows]
+    y = np.asarray(y, np.int64)[:rows]
+    n, shape = len(F), F.shape[1:]
+    K = int(num_classes)
+    C = shape[-1]
+    level = np.full(K, float(len(LEVELS)))
+    channel = np.full(K, -1, np.int64)
+    if n == 0 or K == 0:
+        return level, channel, 0.0
+    unit = float(np.percentile(F, 99)) or float(F.max()) or 1.0
+    chans = np.flatnonzero(np.ones(C, bool) if keep is None else np.asarray(keep, bool))
+    if not len(chans):
+        return level, channel, unit
+    others = n - np.bincount(y, minlength=K)[:K]               # per class: rows of other classes
+    prev = np.zeros(K)
+    X = np.repeat(F[None], len(chans), axis=0)                  # (channels, rows, H, W, C)
+    for i, v in enumerate(LEVELS):
+        Xi = X.copy()
+        for j, c in enumerate(chans):
+            np.maximum(Xi[j, ..., c], v * unit, out=Xi[j, ..., c])
+        lab = np.asarray(labels_fn(Xi.reshape((-1,) + shape)), np.int64).reshape(len(chans), n)
+        hit = lab != y[None]                                    # sent to a class other than its own
+        cnt = np.zeros((len(chans), K))
+        np.add.at(cnt, (np.nonzero(hit)[0], lab[hit]), 1.0)
+        rate = cnt / np.maximum(others, 1)[None]
+        best = rate.max(axis=0)
+        new = (best >= share) & (level == len(LEVELS))
+        if new.any():
+            frac = (share - prev[new]) / np.maximum(best[new] - prev[new], 1e-9)
+            level[new] = i - 1 + np.clip(frac, 0.0, 1.0)
+            channel[new] = chans[rate[:, new].argmax(axis=0)]
+        prev = best
+        if (level < len(LEVELS)).all():
+            break
+    return level, channel, unit

@@ -1,23 +1,29 @@
 """Scan: is this model backdoored, and which class is the target? A verdict from clean data alone.
 
-For every class t, :mod:`badprune.invert` looks for the universal shift of the prune layer's activations, of L2
-norm at most :data:`EPS` times the clean activations' mean norm, that sends the most clean inputs of other classes
-to t (the budget is halved while the median class is reached by more than :data:`MEDIAN_MAX` of the inputs). A model's classes differ in how easily they are reached, but smoothly: the most reachable classes of a clean
-model follow one another closely. A backdoor's target stands alone: a trigger that works on any input is, at the
-prune layer, a small shift toward one class, so that class is reached by far more inputs than the next.
+Two probes of the prune layer, both over clean activations only (:mod:`badprune.invert`), each asking per class how
+cheaply clean inputs of other classes are sent to it:
 
-The statistic is that gap: (share flipped to the first class - share flipped to the second) / the median
-absolute deviation of the shares over all classes (scaled by 1.4826). The verdict is ``statistic >=``
-:data:`THRESHOLD`; the score is a logistic of the statistic (0.5 at the threshold). How the threshold was fixed,
-and what the scan does not see (patch triggers whose shift at the prune layer is larger than any natural class's),
-is in the README (Scan).
+* the shift probe (global triggers: blends, sinusoids, warps): the universal shift of the activations, of L2 norm at
+  most :data:`EPS` times their mean norm, that sends the most inputs to the class (the budget is halved while the
+  median class is reached by more than :data:`MEDIAN_MAX` of the inputs). Its statistic is the gap between the
+  first and second class's flip rates in MAD units of all classes' flip rates (scaled by 1.4826);
+* the stimulation probe (patch triggers, whose shift at the prune layer is larger than any natural class's): each
+  channel driven beyond its clean range in turn; per class the smallest stimulation that sends 80 % of the inputs
+  to it. Its statistic is the gap, in octaves, between the first and second class's stimulation.
 
-Many classes: with more than :data:`SCREEN_ALL` classes every class gets a short search (:data:`SCREEN_STEPS`
+A model's classes differ in how easily they are reached, but smoothly: the most reachable classes of a clean model
+follow one another closely. A backdoor's target stands alone. Each statistic is divided by its own threshold
+(:data:`SHIFT_THRESHOLD`, :data:`STIM_THRESHOLD`, fixed on the demo models: README, Scan); the scan's statistic is
+the larger of the two, the verdict is ``statistic >= 1`` (:data:`THRESHOLD`), the score a logistic of it (0.5 at the
+threshold), and the targets are ranked by the probe that gave it.
+
+Many classes: with more than :data:`SCREEN_ALL` classes every class gets a short shift search (:data:`SCREEN_STEPS`
 steps on a few rows each, its flip rate on :data:`SCREEN_ROWS` held-out rows), and only the :data:`CANDIDATES` most
-reachable are searched in full; the statistic is then taken over those (not calibrated at that scale: README).
+reachable are searched in full; the shift statistic is then taken over those (not calibrated at that scale:
+README). The stimulation probe's cost does not grow with the classes.
 
-Clean data only: the poisoned set is never read here. Flip rates are measured on a seeded, class-stratified
-held-out part of the clean data the search did not use.
+Clean data only: the poisoned set is never read here. Flip rates and stimulations are measured on a seeded,
+class-stratified held-out part of the clean data the search did not use.
 """
 from __future__ import annotations
 
@@ -27,15 +33,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .invert import (BATCH, STEPS, flip_rate, holdout_split, invert_shifts, mean_norm)
+from .invert import (BATCH, LEVELS, STEPS, STIM_ROWS, flip_rate, holdout_split, invert_shifts, mean_norm,
+                     stimulate_channels)
 
 #: the shift budget: this share of the clean activations' mean L2 norm
 EPS = 0.1
 #: the budget is halved (down to MIN_EPS) while the median class's flip rate exceeds MEDIAN_MAX
 MEDIAN_MAX = 0.3
 MIN_EPS = 0.01
-#: verdict: backdoored when the gap statistic reaches this (fixed on the demo models: README, Scan)
-THRESHOLD = 0.9
+#: each probe's gap statistic at the verdict line (fixed on the demo models: README, Scan): the shift probe's in MAD
+#: units, the stimulation probe's in octaves
+SHIFT_THRESHOLD = 0.9
+STIM_THRESHOLD = 0.65
+#: verdict: backdoored when the larger of the two statistics, each over its threshold, reaches this
+THRESHOLD = 1.0
 #: logistic slope of the score around the threshold
 SCORE_SLOPE = 0.3
 #: classes searched in full directly; above this, a screen first
@@ -53,9 +64,9 @@ class ScanResult:
 
     score: float                      # in [0, 1], higher = more likely backdoored
     backdoored: bool                  # score >= 0.5 (statistic >= threshold)
-    statistic: float                  # the gap statistic
+    statistic: float                  # max(shift statistic / SHIFT_THRESHOLD, stimulation statistic / STIM_THRESHOLD)
     threshold: float
-    targets: list                     # [{class, flip, anomaly, channels, shift_norm}], most suspicious first
+    targets: list                     # [{class, flip, anomaly, channels, shift_norm, stimulation}], most suspicious first
     flip: np.ndarray                  # per class: share of held-out clean inputs its shift sends to it
     eps: float                        # the absolute L2 budget
     layer: str
@@ -64,15 +75,26 @@ class ScanResult:
     num_classes: int = 0
     shifts: np.ndarray | None = None  # the shifts of ``targets`` (same order), (k, H, W, C)
     config: dict = field(default_factory=dict)
+    probe: str = "shift"              # the probe that gave the statistic: "shift" or "stimulation"
+    shift_statistic: float = 0.0      # the shift probe's gap (MAD units)
+    stim_statistic: float = 0.0       # the stimulation probe's gap (octaves)
+    stim_level: np.ndarray | None = None    # per class: the stimulation that reaches it (ladder steps)
+    stim_channel: np.ndarray | None = None  # per class: the channel that does
 
     def to_json(self) -> dict:
+        lv = self.stim_level if self.stim_level is not None else np.zeros(0)
         return {"score": round(self.score, 6), "backdoored": bool(self.backdoored),
                 "statistic": round(self.statistic, 6), "threshold": self.threshold,
-                "method": "feature-space universal shift (L2 budget, per class), gap statistic",
+                "method": "two probes of the prune layer over clean activations, per class: a universal shift "
+                          "(L2 budget) and the stimulation of one channel; gap statistics",
+                "probe": self.probe,
+                "shift_statistic": round(self.shift_statistic, 6), "shift_threshold": SHIFT_THRESHOLD,
+                "stimulation_statistic": round(self.stim_statistic, 6), "stimulation_threshold": STIM_THRESHOLD,
                 "targets": self.targets, "layer": self.layer, "eps": round(self.eps, 6),
                 "eps_share": self.config.get("eps_share"), "seconds": round(self.seconds, 3),
                 "model": self.model_name, "num_classes": self.num_classes,
-                "flip": [round(float(v), 6) for v in self.flip], "config": self.config}
+                "flip": [round(float(v), 6) for v in self.flip],
+                "stimulation": [round(float(v) / 2, 4) for v in lv], "config": self.config}
 
 
 def gap_statistic(flip) -> tuple:
@@ -85,6 +107,15 @@ def gap_statistic(flip) -> tuple:
     top = np.sort(f)[::-1]
     gap = float(top[0] - top[1])
     return gap / max(mad, 1e-3), med, mad
+
+
+def stim_statistic(level) -> float:
+    """The stimulation probe's statistic: the gap in octaves between the class reached by the smallest stimulation
+    and the next (``level`` in half-octave ladder steps; 0 when no class is reached)."""
+    lv = np.sort(np.asarray(level, np.float64))
+    if len(lv) < 2 or lv[0] >= len(LEVELS):
+        return 0.0
+    return float(lv[1] - lv[0]) / 2
 
 
 def score_of(statistic: float) -> float:
@@ -131,24 +162,47 @@ def scan_activations(head_net, labels_fn, F, y, num_classes: int, layer: str, se
             f"{eps_share:.3g}")
     # the statistic over the classes searched in full (all of them up to SCREEN_ALL classes): with many classes
     # most are never reached at this budget, and their zeros would make the spread meaningless
-    stat, med, mad = gap_statistic(flip[cand])
-    order = np.argsort(-flip, kind="stable")[:top]
+    s_shift, med, mad = gap_statistic(flip[cand])
+    # the stimulation probe, on a seeded subset of the held-out rows
+    rows = ho[np.random.default_rng([int(seed), 11]).permutation(len(ho))[:STIM_ROWS]]
+    level, chan, unit = stimulate_channels(labels_fn, F[rows], y[rows], K)
+    s_stim = stim_statistic(level)
+    by_shift, by_stim = s_shift / SHIFT_THRESHOLD, s_stim / STIM_THRESHOLD
+    stat = max(by_shift, by_stim)
+    probe = "shift" if by_shift >= by_stim else "stimulation"
+    if probe == "shift":
+        order = np.argsort(-flip, kind="stable")[:top]
+    else:
+        order = np.lexsort((-flip, level))[:top]
     where = {int(c): i for i, c in enumerate(cand)}
+    missing = [int(c) for c in order if int(c) not in where]
+    if missing:       # a class the stimulation found that the shift screen left out: its shift, for the repair
+        Dm = invert_shifts(head_net, F[tr], y[tr], np.array(missing), eps, steps=STEPS, batch=BATCH, seed=seed)
+        flip[missing] = flip_rate(labels_fn, F[ho], y[ho], missing, Dm)
+        D = np.concatenate([D, Dm])
+        where.update({c: len(cand) + i for i, c in enumerate(missing)})
     shifts = np.stack([D[where[int(c)]] for c in order]) if len(order) else None
     targets = []
     for j, c in enumerate(order):
+        reached = level[c] < len(LEVELS)
         targets.append({"class": int(c), "flip": round(float(flip[c]), 4),
                         "anomaly": round(float((flip[c] - med) / max(mad, 1e-3)), 3),
                         "shift_norm": round(float(np.linalg.norm(shifts[j])), 4),
-                        "channels": [{"channel": ch, "share": s} for ch, s in _channels(shifts[j])]})
+                        "channels": [{"channel": ch, "share": s} for ch, s in _channels(shifts[j])],
+                        "stimulation": {"channel": int(chan[c]) if reached else None,
+                                        "octaves": round(float(level[c]) / 2, 4) if reached else None,
+                                        "value": round(float(unit * 2.0 ** (level[c] / 2) * LEVELS[0]), 4)
+                                        if reached else None}})
     score = score_of(stat)
     return ScanResult(score=score, backdoored=stat >= THRESHOLD, statistic=stat, threshold=THRESHOLD,
                       targets=targets, flip=flip, eps=float(eps), layer=layer,
-                      seconds=time.perf_counter() - t0, num_classes=K, shifts=shifts,
+                      seconds=time.perf_counter() - t0, num_classes=K, shifts=shifts, probe=probe,
+                      shift_statistic=s_shift, stim_statistic=s_stim, stim_level=level, stim_channel=chan,
                       config={"eps_share": eps_share, "seed": int(seed), "rows": int(len(tr)),
                               "held_out": int(len(ho)), "steps": STEPS, "batch": BATCH,
                               "screened": bool(K > SCREEN_ALL), "median_flip": round(med, 6),
-                              "mad_flip": round(mad, 6)})
+                              "mad_flip": round(mad, 6), "stimulation_rows": int(len(rows)),
+                              "stimulation_unit": round(unit, 6)})
 
 
 def _channels(delta, top: int = 6) -> list:
@@ -213,59 +267,92 @@ def write_files(res: ScanResult, folder) -> None:
     plot(res, os.path.join(folder, "scan.png"))
 
 
+def _how(res: ScanResult, t: dict) -> str:
+    st = t.get("stimulation") or {}
+    if res.probe == "stimulation" and st.get("channel") is not None:
+        return (f"driving channel {st['channel']} to {st['value']:.3g} sends {100 * STIM_SHARE:.0f}% of clean inputs "
+                "to it")
+    return (f"a shift of {res.config.get('eps_share', EPS):.0%} of the activations' norm sends {100 * t['flip']:.1f}% "
+            "of clean inputs to it")
+
+
 def summary(res: ScanResult) -> str:
     t = res.targets[0] if res.targets else None
     verdict = "BACKDOORED" if res.backdoored else "no backdoor found"
-    s = f"scan: {verdict} (score {res.score:.2f}, statistic {res.statistic:.2f}, threshold {res.threshold:g})"
+    s = (f"scan: {verdict} (score {res.score:.2f}, statistic {res.statistic:.2f}, threshold {res.threshold:g}; "
+         f"shift {res.shift_statistic:.2f}/{SHIFT_THRESHOLD:g}, stimulation {res.stim_statistic:.2f}/{STIM_THRESHOLD:g})")
     if t is not None:
-        s += (f"; most suspicious class {t['class']}: a shift of {res.config.get('eps_share', EPS):.0%} of the "
-              f"activations' norm sends {100 * t['flip']:.1f}% of clean inputs to it")
+        s += f"; most suspicious class {t['class']}: {_how(res, t)}"
     return s + f" ({res.seconds:.1f} s)"
 
 
 def markdown(res: ScanResult) -> str:
     lines = [f"# Scan of {res.model_name or 'the model'}", "", summary(res), "",
-             f"Method: for every class, the universal shift of the `{res.layer}` activations of L2 norm at most "
-             f"{res.config.get('eps_share', EPS):.0%} of their mean norm ({res.eps:.3g}) that sends the most clean "
-             "inputs of other classes to it (clean data only). Statistic: (first flip rate - second) / MAD of all "
-             f"classes' flip rates; backdoored at >= {res.threshold:g}.", "",
-             "| rank | class | flipped to it | anomaly (MAD units) | shift's main channels (share) |",
-             "|---:|---:|---:|---:|---|"]
+             f"Method (clean data only), two probes of the `{res.layer}` activations. Shift: for every class, the "
+             f"universal shift of L2 norm at most {res.config.get('eps_share', EPS):.0%} of their mean norm "
+             f"({res.eps:.3g}) that sends the most clean inputs of other classes to it; statistic (first flip rate - "
+             f"second) / MAD of all classes' flip rates, {res.shift_statistic:.2f} (line {SHIFT_THRESHOLD:g}). "
+             "Stimulation: each channel raised in turn, at every position, along a ladder of values; per class the "
+             f"smallest value at which one channel sends {100 * STIM_SHARE:.0f}% of clean inputs to it; statistic the "
+             f"gap in octaves between the first class and the second, {res.stim_statistic:.2f} (line "
+             f"{STIM_THRESHOLD:g}). The scan's statistic is the larger of the two over its line "
+             f"({res.statistic:.2f}, from the {res.probe} probe); backdoored at >= {res.threshold:g}.", "",
+             "| rank | class | flipped to it by its shift | anomaly (MAD units) | shift's main channels (share) | "
+             "stimulation: channel, octaves above the ladder's foot |",
+             "|---:|---:|---:|---:|---|---|"]
     for i, t in enumerate(res.targets, 1):
         ch = ", ".join(f"{c['channel']} ({100 * c['share']:.0f}%)" for c in t["channels"][:5])
-        lines.append(f"| {i} | {t['class']} | {100 * t['flip']:.1f}% | {t['anomaly']:.2f} | {ch} |")
+        st = t.get("stimulation") or {}
+        sm = f"{st['channel']}, {st['octaves']:.2f}" if st.get("channel") is not None else "not reached"
+        lines.append(f"| {i} | {t['class']} | {100 * t['flip']:.1f}% | {t['anomaly']:.2f} | {ch} | {sm} |")
     lines += ["", f"Median flip rate over {res.num_classes} classes: {100 * res.config.get('median_flip', 0):.1f}%.",
               ""]
     return "\n".join(lines)
 
 
-def plot(res: ScanResult, path) -> None:
+def plot(res: ScanResult, path, show: int = 60) -> None:
+    """Three panels: per class (the ``show`` most reachable) the shift probe's flip rates and the stimulation probe's
+    levels, each with its verdict line, and the first suspect's shift per channel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [2, 2, 1.2]})
+    first = res.targets[0]["class"] if res.targets else -1
     f = np.asarray(res.flip) * 100
-    order = np.argsort(-f, kind="stable")
-    colors = ["#c0392b" if (res.backdoored and i == 0) else "#7f8c8d" for i in range(len(order))]
-    ax[0].bar(np.arange(len(order)), f[order], color=colors, width=0.9)
-    med, mad = 100 * res.config.get("median_flip", 0), 100 * res.config.get("mad_flip", 0)
+    order = np.argsort(-f, kind="stable")[:show]
+    ax[0].bar(np.arange(len(order)), f[order], width=0.9,
+              color=["#c0392b" if (res.backdoored and c == first) else "#7f8c8d" for c in order])
+    mad = 100 * res.config.get("mad_flip", 0)
     if len(order) > 1:
-        ax[0].axhline(f[order[1]] + res.threshold * max(mad, 0.1), color="#c0392b", ls="--", lw=1,
-                      label=f"verdict line (second + {res.threshold:g} MAD)")
-    ax[0].axhline(med, color="#2c3e50", ls=":", lw=1, label="median")
+        ax[0].axhline(f[order[1]] + SHIFT_THRESHOLD * max(mad, 0.1), color="#c0392b", ls="--", lw=1,
+                      label=f"verdict line (second + {SHIFT_THRESHOLD:g} MAD)")
+    ax[0].axhline(100 * res.config.get("median_flip", 0), color="#2c3e50", ls=":", lw=1, label="median")
     ax[0].set_xlabel("classes, most reachable first")
-    ax[0].set_ylabel("clean inputs sent to the class (%)")
-    ax[0].set_title(("BACKDOORED" if res.backdoored else "no backdoor found") + f"  (score {res.score:.2f})")
+    ax[0].set_ylabel("clean inputs sent by its shift (%)")
+    ax[0].set_title(f"shift probe: statistic {res.shift_statistic:.2f}", fontsize=10)
     ax[0].legend(fontsize=8)
+    if res.stim_level is not None and len(res.stim_level):
+        lv = np.asarray(res.stim_level, float) / 2
+        o = np.argsort(lv, kind="stable")[:show]
+        ax[1].bar(np.arange(len(o)), lv[o], width=0.9,
+                  color=["#c0392b" if (res.backdoored and c == first) else "#7f8c8d" for c in o])
+        if len(o) > 1:
+            ax[1].axhline(lv[o[1]] - STIM_THRESHOLD, color="#c0392b", ls="--", lw=1,
+                          label=f"verdict line (second - {STIM_THRESHOLD:g} octave)")
+            ax[1].legend(fontsize=8)
+        ax[1].set_xlabel("classes, most reachable first")
+        ax[1].set_ylabel("stimulation reaching it (octaves)")
+        ax[1].set_title(f"stimulation probe: statistic {res.stim_statistic:.2f}", fontsize=10)
     if res.targets:
-        t = res.targets[0]
         mass = np.abs(res.shifts[0]).reshape(-1, res.shifts.shape[-1]).sum(axis=0)
-        ax[1].bar(np.arange(len(mass)), mass / max(mass.sum(), 1e-12) * 100, color="#2980b9", width=0.9)
-        ax[1].set_title(f"shift toward class {t['class']}: per channel")
-        ax[1].set_xlabel(f"{res.layer} channel")
-        ax[1].set_ylabel("share of the shift (%)")
+        ax[2].bar(np.arange(len(mass)), mass / max(mass.sum(), 1e-12) * 100, color="#2980b9", width=0.9)
+        ax[2].set_title(f"shift toward class {first}: per channel", fontsize=10)
+        ax[2].set_xlabel(f"{res.layer} channel")
+        ax[2].set_ylabel("share of the shift (%)")
+    fig.suptitle(("BACKDOORED" if res.backdoored else "no backdoor found") +
+                 f"  (score {res.score:.2f}, statistic {res.statistic:.2f} from the {res.probe} probe)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
