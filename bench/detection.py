@@ -3,8 +3,10 @@ score separates them.
 
     python bench/detection.py DIR [DIR ...]        # scenario folders of `badprune-fast demo` (scenario.json)
 
-A folder is backdoored when its scenario's poison rate is above 0 (and its attack is not clean-label with an ASR
-under 50 %); its targets are the scenario's (``attack.targets``, or ``target``; all-to-all has none). Writes
+A folder is clean when its scenario's poison rate is 0 and backdoored when the poison rate is above 0 and the
+backdoor works (ASR >= 50 %); a poisoned model whose backdoor did not take (ASR < 50 %, e.g. SIG clean-label or some
+small variants) is neither: it is listed, but left out of every measure. Targets are the scenario's
+(``attack.targets``, or ``target``; all-to-all has none). Writes
 ``bench/DETECTION.md`` / ``.json`` and ``bench/DETECTION.png`` (the ROC curve) with, per model, the score,
 verdict, statistic and suspected target, and over all: ROC-AUC, the true-positive rate at a 5 % false-positive
 rate, the verdict's accuracy, the cross-entropy of the score as P(backdoored) (TrojAI's measure) and the share of
@@ -35,6 +37,7 @@ def _truth(d: Path) -> dict:
         targets = None
     backdoored = rate > 0 and float(sc.get("asr", 100.0)) >= 50.0
     return {"family": sc.get("family", "patch") if rate > 0 else "clean", "seed": sc.get("seed"),
+            "weak": rate > 0 and not backdoored,
             "small": bool(sc.get("small")), "backdoored": backdoored, "targets": targets,
             "asr": sc.get("asr"), "clean_acc": sc.get("clean_acc")}
 
@@ -70,11 +73,14 @@ def main(argv=None):
         res = scan.run(model=str(d / "model.keras"), valid=str(d / "valid.h5"), progress=False, use_cache=False)
         first = res.targets[0]["class"] if res.targets else None
         rows.append({"dir": str(d), **truth, "score": res.score, "backdoored_verdict": bool(res.backdoored),
-                     "statistic": res.statistic, "first_suspect": first,
+                     "statistic": res.statistic, "shift_statistic": res.shift_statistic,
+                     "stimulation_statistic": res.stim_statistic, "probe": res.probe, "first_suspect": first,
                      "target_first": (first in truth["targets"]) if truth["backdoored"] and truth["targets"] else None,
                      "seconds": round(time.perf_counter() - t0, 2)})
         print(f"detection: {d.name}: {truth['family']} backdoored={truth['backdoored']} -> score {res.score:.2f} "
               f"(statistic {res.statistic:.2f}), first suspect {first}", file=sys.stderr, flush=True)
+    weak = [r for r in rows if r["weak"]]
+    allrows, rows = rows, [r for r in rows if not r["weak"]]
     y = [r["backdoored"] for r in rows]
     s = [r["score"] for r in rows]
     eps = 1e-6
@@ -90,25 +96,31 @@ def main(argv=None):
                "cross_entropy": ce, "target_first": float(np.mean(firsts)) if firsts else float("nan"),
                "target_first_counted": len(firsts), "false_positives": int(sum(r["backdoored_verdict"] and not
                                                                                 r["backdoored"] for r in rows)),
-               "threshold_statistic": scan.THRESHOLD, "mean_seconds": float(np.mean([r["seconds"] for r in rows]))}
+               "threshold_statistic": scan.THRESHOLD, "shift_threshold": scan.SHIFT_THRESHOLD,
+               "stimulation_threshold": scan.STIM_THRESHOLD, "left_out_weak": len(weak),
+               "mean_seconds": float(np.mean([r["seconds"] for r in rows]))}
     out = Path(args.out)
-    (out / "DETECTION.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    (out / "DETECTION.json").write_text(json.dumps({"summary": summary, "rows": allrows}, indent=1))
     lines = ["# Detection: `badprune-fast scan` over demo scenarios", "",
              f"Written by `python bench/detection.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
              f"{summary['models']} models ({summary['backdoored']} backdoored, {summary['clean']} clean), clean data "
-             "only (each scenario's valid.h5).", "",
+             f"only (each scenario's valid.h5); {len(weak)} poisoned models whose backdoor did not take (ASR < 50 %) "
+             "are listed last and left out of the measures.", "",
              "| ROC-AUC | TPR at 5 % FPR | verdict accuracy | false positives | cross-entropy | target first | "
              "seconds per model |", "|---:|---:|---:|---:|---:|---:|---:|",
              f"| {summary['auc']:.3f} | {summary['tpr_at_5pct_fpr']:.2f} | {summary['verdict_accuracy']:.2f} | "
              f"{summary['false_positives']} of {summary['clean']} | {summary['cross_entropy']:.3f} | "
              f"{summary['target_first']:.2f} ({summary['target_first_counted']} counted) | "
              f"{summary['mean_seconds']:.1f} |", "",
-             "| model | family | small | backdoored | target(s) | score | statistic | verdict | first suspect |",
-             "|---|---|---|---|---|---:|---:|---|---:|"]
-    for r in rows:
-        lines.append(f"| {Path(r['dir']).name} | {r['family']} | {'yes' if r['small'] else ''} | "
-                     f"{'yes' if r['backdoored'] else 'no'} | {r['targets'] if r['backdoored'] else '-'} | "
-                     f"{r['score']:.2f} | {r['statistic']:.2f} | "
+             "| model | family | small | backdoored | target(s) | score | statistic | shift | stimulation | probe | "
+             "verdict | first suspect |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---|---|---:|"]
+    for r in rows + weak:
+        truth = "weak (left out)" if r["weak"] else ("yes" if r["backdoored"] else "no")
+        lines.append(f"| {Path(r['dir']).name} | {r['family']} | {'yes' if r['small'] else ''} | {truth} | "
+                     f"{r['targets'] if r['backdoored'] or r['weak'] else '-'} | "
+                     f"{r['score']:.2f} | {r['statistic']:.2f} | {r['shift_statistic']:.2f} | "
+                     f"{r['stimulation_statistic']:.2f} | {r['probe']} | "
                      f"{'backdoored' if r['backdoored_verdict'] else 'clean'} | {r['first_suspect']} |")
     (out / "DETECTION.md").write_text("\n".join(lines) + "\n")
     import matplotlib
