@@ -9,8 +9,8 @@ from badprune import _tf  # noqa: F401
 import keras
 
 from badprune.invert import LEVELS, UNTARGETED, flip_rate, holdout_split, invert_shifts, mean_norm, stimulate_channels
-from badprune.scan import (SHIFT_THRESHOLD, STIM_THRESHOLD, THRESHOLD, gap_statistic, scan_activations, score_of,
-                           stim_statistic)
+from badprune.scan import (SHIFT_THRESHOLD, STIM_THRESHOLD, THRESHOLD, gap_statistic, markdown, scan_activations,
+                           score_of, stim_statistic, summary)
 
 SHAPE = (2, 2, 4)
 
@@ -106,6 +106,8 @@ def test_scan_finds_a_patch_like_backdoor_by_stimulation():
     assert res.targets[0]["stimulation"]["channel"] == 3
     js = res.to_json()
     assert js["stimulation_statistic"] == pytest.approx(res.stim_statistic, abs=1e-5) and len(js["stimulation"]) == 3
+    assert "BACKDOORED" in summary(res) and "driving channel 3" in summary(res)
+    assert "| 1 | 2 |" in markdown(res)
 
 
 def test_scan_of_a_toy_backdoor_names_its_target():

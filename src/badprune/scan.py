@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .invert import (BATCH, LEVELS, STEPS, STIM_ROWS, flip_rate, holdout_split, invert_shifts, mean_norm,
+from .invert import (BATCH, LEVELS, STEPS, STIM_ROWS, STIM_SHARE, flip_rate, holdout_split, invert_shifts, mean_norm,
                      stimulate_channels)
 
 #: the shift budget: this share of the clean activations' mean L2 norm
@@ -66,7 +66,8 @@ class ScanResult:
     backdoored: bool                  # score >= 0.5 (statistic >= threshold)
     statistic: float                  # max(shift statistic / SHIFT_THRESHOLD, stimulation statistic / STIM_THRESHOLD)
     threshold: float
-    targets: list                     # [{class, flip, anomaly, channels, shift_norm, stimulation}], most suspicious first
+    targets: list                     # [{class, flip, anomaly, channels, shift_norm, stimulation}], most suspicious
+                                      # first
     flip: np.ndarray                  # per class: share of held-out clean inputs its shift sends to it
     eps: float                        # the absolute L2 budget
     layer: str
@@ -280,7 +281,8 @@ def summary(res: ScanResult) -> str:
     t = res.targets[0] if res.targets else None
     verdict = "BACKDOORED" if res.backdoored else "no backdoor found"
     s = (f"scan: {verdict} (score {res.score:.2f}, statistic {res.statistic:.2f}, threshold {res.threshold:g}; "
-         f"shift {res.shift_statistic:.2f}/{SHIFT_THRESHOLD:g}, stimulation {res.stim_statistic:.2f}/{STIM_THRESHOLD:g})")
+         f"shift {res.shift_statistic:.2f}/{SHIFT_THRESHOLD:g}, stimulation "
+         f"{res.stim_statistic:.2f}/{STIM_THRESHOLD:g})")
     if t is not None:
         s += f"; most suspicious class {t['class']}: {_how(res, t)}"
     return s + f" ({res.seconds:.1f} s)"
