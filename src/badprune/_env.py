@@ -3,6 +3,18 @@ standard library only."""
 from __future__ import annotations
 
 import os
+import threading
+
+#: set by the command line's SIGTERM handler. Its exception can be lost: raised while Python runs a weakref or
+#: import-lock callback, it is printed as "Exception ignored" and the program goes on. Long loops (the zoo's)
+#: check this flag too.
+STOP = threading.Event()
+
+
+def stop_requested() -> None:
+    """Raise KeyboardInterrupt if SIGTERM arrived (:data:`STOP`), whether or not its exception got through."""
+    if STOP.is_set():
+        raise KeyboardInterrupt("terminated")
 
 
 def cpu_count() -> int:

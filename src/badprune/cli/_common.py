@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import threading
 
+from .._env import STOP
 from ..errors import printable
 
 
@@ -21,8 +21,9 @@ class Terminated(KeyboardInterrupt):
 
 
 #: set once SIGTERM arrived: C extensions that catch the interrupt in a blocking call re-raise a plain
-#: KeyboardInterrupt (Ray's ray.wait does), so the exception's class alone cannot say it was SIGTERM
-TERMINATED = threading.Event()
+#: KeyboardInterrupt (Ray's ray.wait does), so the exception's class alone cannot say it was SIGTERM; and the
+#: exception itself can be lost (see badprune._env.STOP, which this is)
+TERMINATED = STOP
 
 
 def on_sigterm(signum, frame):

@@ -49,6 +49,7 @@ import threading
 import time
 from pathlib import Path
 
+from .._env import stop_requested
 from ..errors import BadpruneError, printable, short
 from ..runfolder import jsonable, missing
 from .cluster import _run_entry, connect
@@ -224,6 +225,7 @@ def _run_tasks(todo, cpus_per_run, progress, say) -> None:
         with stage_progress(len(todo), "zoo", "run", enabled=progress, rate=False) as bar:
             while pending:
                 keep_on_term()
+                stop_requested()   # a SIGTERM whose exception was lost (raised inside a callback) still stops
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 lost = False
                 if not ready and time.perf_counter() - checked > 2:  # every few seconds: are nodes left?
@@ -266,6 +268,7 @@ def _run_tasks(todo, cpus_per_run, progress, say) -> None:
                          f"running or queued, {failed} failed){why}")
                     for w in res.get("warnings") or []:
                         note(f"warning: {entry.name}: {w}")
+            stop_requested()
     except BaseException:
         for ref in pending:  # Ctrl-C, SIGTERM, or a fault here: nothing keeps running for this zoo
             with contextlib.suppress(Exception):
