@@ -86,6 +86,8 @@ def test_stimulation_statistic_is_the_gap_in_octaves():
     assert stim_statistic([3.0, 5.0, 5.5, 13.0]) == pytest.approx(1.0)      # two ladder steps = one octave
     assert stim_statistic([13.0, 13.0, 13.0]) == 0.0                        # nothing reached
     assert stim_statistic([4.0, 4.2, 9.0]) < STIM_THRESHOLD
+    assert stim_statistic([2.7, 13.0, 13.0]) == 0.0                         # only one reached: nothing to compare
+    assert stim_statistic([2.7, 9.0]) == 0.0                                # two classes: no statistic
 
 
 def test_stimulation_finds_the_backdoor_channel_and_respects_the_kept_channels():
@@ -96,6 +98,12 @@ def test_stimulation_finds_the_backdoor_channel_and_respects_the_kept_channels()
     assert stim_statistic(level) >= STIM_THRESHOLD
     level_k, chan_k, _ = stimulate_channels(_labels(m), F, y, 3, keep=np.array([True, True, True, False]))
     assert level_k[2] == len(LEVELS) and chan_k[2] == -1                    # its channel pruned: out of reach
+    # channels in groups of one row-block at a time: the same answer with a fraction of the memory
+    level_g, chan_g, _ = stimulate_channels(_labels(m), F, y, 3, max_bytes=1)
+    assert np.array_equal(level_g, level) and np.array_equal(chan_g, chan)
+    # a labeller with more classes than asked for: its extra labels are not counted (no IndexError)
+    level_2, _, _ = stimulate_channels(_labels(m), F, y, 2)
+    assert level_2.shape == (2,) and np.array_equal(level_2, level[:2])
 
 
 def test_scan_finds_a_patch_like_backdoor_by_stimulation():

@@ -474,7 +474,6 @@ def _loopback(ip) -> bool:
     return (mapped or ip).is_loopback
 
 
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc")
 def test_a_sigterm_whose_exception_was_lost_still_stops_the_zoo(cluster, labs, tmp_path, monkeypatch, capsys):
     """SIGTERM's exception can be lost (raised inside an import-lock or weakref callback, Python prints "Exception
     ignored" and goes on: seen in CI). The flag it sets still stops the zoo: exit 143, no zoo tables."""
@@ -499,6 +498,30 @@ def test_a_sigterm_whose_exception_was_lost_still_stops_the_zoo(cluster, labs, t
     assert not (out / zoo.ZOO_JSON).exists() and not (out / zoo.ZOO_CSV).exists()
 
 
+def test_the_cli_leaves_no_stop_flag_behind(cluster, labs, tmp_path, monkeypatch):
+    """After a terminated CLI call, a library zoo in the same process runs (the flag is the CLI call's only)."""
+    from badprune import _env
+
+    _, files = labs
+    man = _write(tmp_path / "zoo.toml", f'[[run]]\nname = "t0"\nmodel = "{files[0]["model"]}"\n'
+                                        f'valid = "{files[0]["valid"]}"\n')
+    real = zoo._run_tasks
+
+    def lost_signal(*a, **k):
+        _env.STOP.set()
+        return real(*a, **k)
+
+    monkeypatch.setattr(zoo, "_run_tasks", lost_signal)
+    assert cli.main(["zoo", str(man), "--out", str(tmp_path / "a"), "-q"]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(zoo, "_run_tasks", real)
+    try:
+        res = zoo.run_zoo(str(man), out=str(tmp_path / "b"), progress=False)
+    except KeyboardInterrupt:
+        pytest.fail("the CLI's stop flag outlived its call: the library zoo stopped")
+    assert [r["status"] for r in res.rows] == ["ok"]
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc")
 def test_local_ray_listens_on_loopback_only(cluster):
     """Every socket the zoo's local Ray listens on (the driver's, the GCS, the raylet and its object manager, the
     agents, the workers) is on 127.0.0.1 / ::1, none on 0.0.0.0, :: or a routable address."""

@@ -148,16 +148,18 @@ def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int
 
 
 def stimulate_channels(labels_fn, F, y, num_classes: int, keep=None, rows: int = STIM_ROWS,
-                       share: float = STIM_SHARE) -> tuple:
+                       share: float = STIM_SHARE, max_bytes: int = 64 << 20) -> tuple:
     """Per class, the smallest stimulation of one channel that sends ``share`` of the clean rows ``F`` (labels
     ``y``) of other classes to it through ``labels_fn``.
 
     Each channel (``keep``: a bool mask over channels; others are skipped) is raised, at every position, to at
     least ``LEVELS[i]`` times the 99th percentile of ``F`` for each level i in turn. Returns ``(level, channel,
-    unit)``: per class the crossing level in ladder steps (a float, interpolated in log scale between the last level
-    below ``share`` and the first at or above it; ``len(LEVELS)`` when never reached), the channel that reached it
-    first (-1 if none), and the unit (the 99th percentile). Only the first ``rows`` rows of ``F`` are used (pass a
-    seeded subset)."""
+    unit)``: per class the crossing level in ladder steps (a float: interpolated in log scale between the last
+    level below ``share`` and the first at or above it, 0 when the first level already reaches it;
+    ``len(LEVELS)`` when never reached), the channel that reached it first (-1 if none), and the unit (the 99th
+    percentile). Only the first ``rows`` rows of ``F`` are used (pass a seeded subset); labels outside
+    ``range(num_classes)`` are not counted. Channels go through the head in groups of at most ``max_bytes`` of
+    activations."""
     F = np.asarray(F, np.float32)[:rows]
     y = np.asarray(y, np.int64)[:rows]
     n, shape = len(F), F.shape[1:]
@@ -171,23 +173,25 @@ def stimulate_channels(labels_fn, F, y, num_classes: int, keep=None, rows: int =
     chans = np.flatnonzero(np.ones(C, bool) if keep is None else np.asarray(keep, bool))
     if not len(chans):
         return level, channel, unit
-    others = n - np.bincount(y, minlength=K)[:K]               # per class: rows of other classes
+    others = n - np.bincount(y[(y >= 0) & (y < K)], minlength=K)[:K]   # per class: rows of other classes
+    group = max(1, int(max_bytes // max(F.nbytes, 1)))
     prev = np.zeros(K)
-    X = np.repeat(F[None], len(chans), axis=0)                  # (channels, rows, H, W, C)
     for i, v in enumerate(LEVELS):
-        Xi = X.copy()
-        for j, c in enumerate(chans):
-            np.maximum(Xi[j, ..., c], v * unit, out=Xi[j, ..., c])
-        lab = np.asarray(labels_fn(Xi.reshape((-1,) + shape)), np.int64).reshape(len(chans), n)
-        hit = lab != y[None]                                    # sent to a class other than its own
         cnt = np.zeros((len(chans), K))
-        np.add.at(cnt, (np.nonzero(hit)[0], lab[hit]), 1.0)
+        for g0 in range(0, len(chans), group):
+            gc = chans[g0:g0 + group]
+            X = np.repeat(F[None], len(gc), axis=0)                  # (group, rows, H, W, C)
+            for j, c in enumerate(gc):
+                np.maximum(X[j, ..., c], v * unit, out=X[j, ..., c])
+            lab = np.asarray(labels_fn(X.reshape((-1,) + shape)), np.int64).reshape(len(gc), n)
+            hit = (lab != y[None]) & (lab >= 0) & (lab < K)           # sent to another class of the head's
+            np.add.at(cnt, (g0 + np.nonzero(hit)[0], lab[hit]), 1.0)
         rate = cnt / np.maximum(others, 1)[None]
         best = rate.max(axis=0)
         new = (best >= share) & (level == len(LEVELS))
         if new.any():
             frac = (share - prev[new]) / np.maximum(best[new] - prev[new], 1e-9)
-            level[new] = i - 1 + np.clip(frac, 0.0, 1.0)
+            level[new] = np.maximum(i - 1 + np.clip(frac, 0.0, 1.0), 0.0)
             channel[new] = chans[rate[:, new].argmax(axis=0)]
         prev = best
         if (level < len(LEVELS)).all():

@@ -95,7 +95,8 @@ class ScanResult:
                 "eps_share": self.config.get("eps_share"), "seconds": round(self.seconds, 3),
                 "model": self.model_name, "num_classes": self.num_classes,
                 "flip": [round(float(v), 6) for v in self.flip],
-                "stimulation": [round(float(v) / 2, 4) for v in lv], "config": self.config}
+                "stimulation": [round(float(v) / 2, 4) if v < len(LEVELS) else None for v in lv],
+                "config": self.config}
 
 
 def gap_statistic(flip) -> tuple:
@@ -112,9 +113,11 @@ def gap_statistic(flip) -> tuple:
 
 def stim_statistic(level) -> float:
     """The stimulation probe's statistic: the gap in octaves between the class reached by the smallest stimulation
-    and the next (``level`` in half-octave ladder steps; 0 when no class is reached)."""
+    and the next (``level`` in half-octave ladder steps). 0 with fewer than three classes or fewer than two reached:
+    a gap to a class the ladder never reaches would measure the ladder, not the model (a two-class head where one
+    class is everyone's default is not a backdoor)."""
     lv = np.sort(np.asarray(level, np.float64))
-    if len(lv) < 2 or lv[0] >= len(LEVELS):
+    if len(lv) < 3 or lv[1] >= len(LEVELS):
         return 0.0
     return float(lv[1] - lv[0]) / 2
 

@@ -88,3 +88,4 @@ def main(argv=None):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        TERMINATED.clear()   # this call's: a later library call in the same process must not see it

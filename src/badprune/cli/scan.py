@@ -8,9 +8,10 @@ from ._common import add_source_args, load_tensorflow, note
 
 def add_parser(sub):
     p = sub.add_parser("scan", help="is the model backdoored? a verdict and the suspected target from clean data",
-                       description="Search, for every class, the smallest universal shift of the prune layer's "
-                                   "activations that sends clean inputs to it; a backdoor's target needs a far "
-                                   "smaller one than any other class. Reads only clean data.")
+                       description="Two probes of the prune layer's activations, per class: the small universal "
+                                   "shift that sends the most clean inputs to it, and the smallest stimulation of "
+                                   "one channel that sends most of them to it; a backdoor's target is reached far "
+                                   "more easily than any other class. Reads only clean data.")
     add_source_args(p, "model B (the suspect)")
     d = p.add_argument_group("clean data (lab h5)")
     d.add_argument("--valid", help="clean data set (the only data the scan reads)")

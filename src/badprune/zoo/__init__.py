@@ -164,6 +164,7 @@ def run_zoo(manifest, out=None, *, address=None, cpus_per_run=1, num_cpus=None, 
                 raise BadpruneError(f"--cpus-per-run {cpus_per_run:g} is more than any node has "
                                     f"({cluster.max_node_cpus:g} CPUs)", fix="lower --cpus-per-run")
             _run_tasks(todo, cpus_per_run, progress, say)
+        stop_requested()   # a SIGTERM lost while Ray shut down: no zoo tables
     for row in rows:
         if row["status"] in ("ok", "skipped"):
             try:
