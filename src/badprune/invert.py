@@ -147,6 +147,12 @@ def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int
         return delta.numpy()
 
 
+def level_value(level, unit: float):
+    """The activation value of a (possibly fractional) ladder step ``level`` for the unit ``unit``: the ladder of
+    :data:`LEVELS` extended between its rungs."""
+    return unit * LEVELS[0] * 2.0 ** (np.asarray(level, np.float64) / 2)
+
+
 def stimulate_channels(labels_fn, F, y, num_classes: int, keep=None, rows: int = STIM_ROWS,
                        share: float = STIM_SHARE, max_bytes: int = 64 << 20) -> tuple:
     """Per class, the smallest stimulation of one channel that sends ``share`` of the clean rows ``F`` (labels

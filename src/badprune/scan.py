@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .invert import (BATCH, LEVELS, STEPS, STIM_ROWS, STIM_SHARE, flip_rate, holdout_split, invert_shifts, mean_norm,
-                     stimulate_channels)
+from .invert import (BATCH, LEVELS, STEPS, STIM_ROWS, STIM_SHARE, flip_rate, holdout_split, invert_shifts, level_value,
+                     mean_norm, stimulate_channels)
 
 #: the shift budget: this share of the clean activations' mean L2 norm
 EPS = 0.1
@@ -80,7 +80,6 @@ class ScanResult:
     shift_statistic: float = 0.0      # the shift probe's gap (MAD units)
     stim_statistic: float = 0.0       # the stimulation probe's gap (octaves)
     stim_level: np.ndarray | None = None    # per class: the stimulation that reaches it (ladder steps)
-    stim_channel: np.ndarray | None = None  # per class: the channel that does
 
     def to_json(self) -> dict:
         lv = self.stim_level if self.stim_level is not None else np.zeros(0)
@@ -195,13 +194,12 @@ def scan_activations(head_net, labels_fn, F, y, num_classes: int, layer: str, se
                         "channels": [{"channel": ch, "share": s} for ch, s in _channels(shifts[j])],
                         "stimulation": {"channel": int(chan[c]) if reached else None,
                                         "octaves": round(float(level[c]) / 2, 4) if reached else None,
-                                        "value": round(float(unit * 2.0 ** (level[c] / 2) * LEVELS[0]), 4)
-                                        if reached else None}})
+                                        "value": round(float(level_value(level[c], unit)), 4) if reached else None}})
     score = score_of(stat)
     return ScanResult(score=score, backdoored=stat >= THRESHOLD, statistic=stat, threshold=THRESHOLD,
                       targets=targets, flip=flip, eps=float(eps), layer=layer,
                       seconds=time.perf_counter() - t0, num_classes=K, shifts=shifts, probe=probe,
-                      shift_statistic=s_shift, stim_statistic=s_stim, stim_level=level, stim_channel=chan,
+                      shift_statistic=s_shift, stim_statistic=s_stim, stim_level=level,
                       config={"eps_share": eps_share, "seed": int(seed), "rows": int(len(tr)),
                               "held_out": int(len(ho)), "steps": STEPS, "batch": BATCH,
                               "screened": bool(K > SCREEN_ALL), "median_flip": round(med, 6),
