@@ -17,10 +17,11 @@ import signal
 import sys
 import threading
 
+from .._env import STOP
 from ..errors import BadpruneError, ParamError, cli_warnings, printable
 from . import deploy, demo, repair, scan, sweep, zoo
 from ._common import Parser as _Parser
-from ._common import TERMINATED, Terminated, flag_spelling, on_sigterm
+from ._common import Terminated, flag_spelling, on_sigterm
 
 
 def build_parser():
@@ -56,7 +57,7 @@ def main(argv=None):
         ap.print_help()
         return 2
     previous = None
-    TERMINATED.clear()
+    STOP.clear()
     if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up like Ctrl-C
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -70,7 +71,7 @@ def main(argv=None):
         print(f"error: {e.line()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        term = isinstance(e, Terminated) or TERMINATED.is_set()
+        term = isinstance(e, Terminated) or STOP.is_set()
         print(f"error: {'terminated' if term else 'interrupted'} (no partial outputs were kept)", file=sys.stderr)
         code = 128 + (signal.SIGTERM if term else signal.SIGINT)
         if argv is None:  # the program itself: outputs are already cleaned up, so end now rather than risk
@@ -88,4 +89,4 @@ def main(argv=None):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        TERMINATED.clear()   # this call's: a later library call in the same process must not see it
+        STOP.clear()   # this call's: a later library call in the same process must not see it

@@ -20,14 +20,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that the same clean-up as for Ctrl-C runs."""
 
 
-#: set once SIGTERM arrived: C extensions that catch the interrupt in a blocking call re-raise a plain
-#: KeyboardInterrupt (Ray's ray.wait does), so the exception's class alone cannot say it was SIGTERM; and the
-#: exception itself can be lost (see badprune._env.STOP, which this is)
-TERMINATED = STOP
-
-
 def on_sigterm(signum, frame):
-    TERMINATED.set()
+    # the flag too: C extensions that catch the interrupt in a blocking call re-raise a plain KeyboardInterrupt
+    # (Ray's ray.wait does), so the exception's class alone cannot say it was SIGTERM; and the exception itself can
+    # be lost (badprune._env.STOP)
+    STOP.set()
     raise Terminated()
 
 
