@@ -117,24 +117,32 @@ def test_zoo_on_two_nodes_equals_single_sweeps(two_nodes, labs, tmp_path, capsys
     assert not ray.is_initialized()  # the driver left the cluster, which runs on
 
 
+def _zoo_killing(c, node, label, labs, tmp_path, out, capsys, cpus=1):
+    """Run the zoo of ``labs`` (runs of ``cpus`` CPUs) on cluster ``c`` in a thread, kill ``node`` once it runs a
+    task and wait for the zoo to end (it must, within two minutes). Returns (exit code, zoo.json)."""
+    man = _manifest(tmp_path / "zoo.toml", labs, 'fine_tune = "head"\nfine_tune_epochs = 6\n')
+    got = {}
+    t = threading.Thread(target=lambda: got.update(rc=cli.main(["zoo", str(man), "--out", str(out), "--address",
+                                                                c.address, "--cpus-per-run", str(cpus), "-q"])),
+                         daemon=True)
+    t.start()
+    assert _busy(node, cpus, t), f"no task ran on the {label} node"
+    c.remove_node(node, allow_graceful=False)
+    t.join(timeout=120)
+    assert not t.is_alive(), f"the zoo hangs after the {label} node died"
+    capsys.readouterr()
+    doc = json.loads((out / "zoo.json").read_text())
+    print("\n" + _table(doc, _node_ids(c) | {node.node_id: f"{label} (killed)"}))
+    return got["rc"], doc
+
+
 def test_a_node_killed_mid_run_leaves_finished_rows_not_a_hang(two_nodes, labs, tmp_path, capsys):
     """The second node is killed while it runs a zoo task: the zoo still ends (within two minutes), every row is
     ok (retried on the head) or failed with its one-line error, and no run folder is half-written."""
     c, second = two_nodes
-    man = _manifest(tmp_path / "zoo.toml", labs, 'fine_tune = "head"\nfine_tune_epochs = 6\n')
     out = tmp_path / "zoo"
-    got = {}
-    t = threading.Thread(target=lambda: got.update(rc=cli.main(["zoo", str(man), "--out", str(out), "--address",
-                                                                c.address, "-q"])), daemon=True)
-    t.start()
-    assert _busy(second, 1, t), "no task ran on the second node"
-    c.remove_node(second, allow_graceful=False)
-    t.join(timeout=120)
-    assert not t.is_alive(), "the zoo hangs after a node died"
-    capsys.readouterr()
-    doc = json.loads((out / "zoo.json").read_text())
-    print("\n" + _table(doc, _node_ids(c) | {second.node_id: "second (killed)"}))
-    assert got["rc"] in (0, 1) and doc["counts"]["ok"] + doc["counts"]["failed"] == len(labs)
+    rc, doc = _zoo_killing(c, second, "second", labs, tmp_path, out, capsys)
+    assert rc in (0, 1) and doc["counts"]["ok"] + doc["counts"]["failed"] == len(labs)
     for r in doc["runs"]:
         assert r["status"] in ("ok", "failed")
         if r["status"] == "failed":
@@ -151,21 +159,9 @@ def test_a_zoo_whose_nodes_all_died_fails_its_runs_not_a_hang(two_nodes, labs, t
     third = c.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=80 << 20)
     c.wait_for_nodes()
     monkeypatch.setattr(zoo, "LOST_NODES_SECONDS", 4.0, raising=False)
-    man = _manifest(tmp_path / "zoo.toml", labs, 'fine_tune = "head"\nfine_tune_epochs = 6\n')
     out = tmp_path / "zoo"
-    got = {}
-    t = threading.Thread(target=lambda: got.update(rc=cli.main(["zoo", str(man), "--out", str(out), "--address",
-                                                                c.address, "--cpus-per-run", "2", "-q"])),
-                         daemon=True)
-    t.start()
-    assert _busy(third, 2, t), "no task ran on the third node"
-    c.remove_node(third, allow_graceful=False)
-    t.join(timeout=120)
-    assert not t.is_alive(), "the zoo hangs once no node can run its tasks"
-    capsys.readouterr()
-    doc = json.loads((out / "zoo.json").read_text())
-    print("\n" + _table(doc, _node_ids(c) | {third.node_id: "third (killed)"}))
-    assert got["rc"] == 1 and doc["counts"]["failed"] >= 1
+    rc, doc = _zoo_killing(c, third, "third", labs, tmp_path, out, capsys, cpus=2)
+    assert rc == 1 and doc["counts"]["failed"] >= 1
     for r in doc["runs"]:
         if r["status"] == "failed":
             assert "no node of the cluster with 2 CPUs is left" in r["error"] or "Ray task failed" in r["error"]
