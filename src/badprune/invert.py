@@ -25,6 +25,8 @@ targets) and by :mod:`badprune.repair` (the shifts found for the suspected targe
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 #: default number of PGD steps, rows of clean activations per class and step, and largest rows per head call
@@ -94,10 +96,9 @@ def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int
     normalised gradient step of the cross-entropy toward the class (step size decreasing from 0.27 eps to
     0.02 eps) and projects back onto the ball.
     """
-    from ._train import as_logits, keras_
+    from ._train import as_logits
     import tensorflow as tf
 
-    keras = keras_()
     F = np.asarray(F, np.float32)
     y = np.asarray(y)
     classes = np.asarray(classes, np.int64)
@@ -118,33 +119,56 @@ def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int
     d0 = np.zeros((k,) + shape, np.float32) if init is None else np.asarray(init, np.float32) * mask
     with as_logits(net) as m:
         delta = tf.Variable(d0)
-        Ft = tf.constant(F)
-        yt = tf.constant(y.astype(np.int32))
-        cls = tf.constant(np.repeat(classes, per).astype(np.int32))
-        sg = tf.constant(sign)
-        mk = tf.constant(mask)
-
-        @tf.function
-        def step(rows, size):
-            tgt = tf.where(cls == UNTARGETED, tf.gather(yt, rows), cls)
-            with tf.GradientTape() as tape:
-                x = tf.reshape(tf.gather(Ft, rows), (k, per) + shape) + delta[:, None]
-                # clipped at 0 going forward, the gradient passed straight through: a dormant (zero) activation
-                # must be able to grow, which relu's zero gradient at 0 would forbid
-                x = x + tf.stop_gradient(tf.nn.relu(x) - x)
-                z = m(tf.reshape(x, (k * per,) + shape), training=False)
-                loss = tf.reduce_sum(sg * keras.losses.sparse_categorical_crossentropy(tgt, z, from_logits=True))
-            g = tape.gradient(loss, delta) * mk
-            gn = tf.sqrt(tf.reduce_sum(g * g, axis=list(range(1, g.shape.rank)), keepdims=True)) + 1e-12
-            new = delta - size * g / gn
-            n = tf.sqrt(tf.reduce_sum(new * new, axis=list(range(1, g.shape.rank)), keepdims=True)) + 1e-12
-            delta.assign(new * tf.minimum(1.0, eps / n))
-
+        step = _pgd_step(m, k, per, shape)
+        args = (delta, tf.constant(F), tf.constant(y.astype(np.int32)),
+                tf.constant(np.repeat(classes, per).astype(np.int32)), tf.constant(sign), tf.constant(mask),
+                tf.constant(np.float32(eps)))
         for s in range(int(steps)):
             rows = np.concatenate([o[rng.integers(0, len(o), per)] if len(o) else np.zeros(per, np.int64)
                                    for o in others]).astype(np.int32)
-            step(tf.constant(rows), tf.constant((0.25 * (1 - s / steps) + 0.02) * eps, tf.float32))
+            step(*args, tf.constant(rows), tf.constant((0.25 * (1 - s / steps) + 0.02) * eps, tf.float32))
         return delta.numpy()
+
+
+#: the traced PGD steps of the last few head models (most recent last), so that repeated inversions against one
+#: head (the unlearning's rounds) trace once; bounded, so that the heads of a zoo are not all kept alive
+_STEPS: OrderedDict = OrderedDict()
+_STEPS_KEPT = 2
+
+
+def _pgd_step(m, k: int, per: int, shape: tuple):
+    """The traced projected-gradient step of :func:`invert_shifts` for the logits model ``m`` (``k`` classes of
+    ``per`` rows of activations of ``shape``); its tensors are arguments, so one trace serves every call."""
+    import tensorflow as tf
+
+    from ._train import keras_
+
+    keras = keras_()
+    key = (id(m), k, per, tuple(shape))
+    if key in _STEPS and _STEPS[key][0] is m:
+        _STEPS.move_to_end(key)
+        return _STEPS[key][1]
+
+    @tf.function(reduce_retracing=True)
+    def step(delta, Ft, yt, cls, sg, mk, eps, rows, size):
+        tgt = tf.where(cls == UNTARGETED, tf.gather(yt, rows), cls)
+        with tf.GradientTape() as tape:
+            x = tf.reshape(tf.gather(Ft, rows), (k, per) + shape) + delta[:, None]
+            # clipped at 0 going forward, the gradient passed straight through: a dormant (zero) activation
+            # must be able to grow, which relu's zero gradient at 0 would forbid
+            x = x + tf.stop_gradient(tf.nn.relu(x) - x)
+            z = m(tf.reshape(x, (k * per,) + shape), training=False)
+            loss = tf.reduce_sum(sg * keras.losses.sparse_categorical_crossentropy(tgt, z, from_logits=True))
+        g = tape.gradient(loss, delta) * mk
+        gn = tf.sqrt(tf.reduce_sum(g * g, axis=list(range(1, g.shape.rank)), keepdims=True)) + 1e-12
+        new = delta - size * g / gn
+        n = tf.sqrt(tf.reduce_sum(new * new, axis=list(range(1, g.shape.rank)), keepdims=True)) + 1e-12
+        delta.assign(new * tf.minimum(1.0, eps / n))
+
+    _STEPS[key] = (m, step)
+    while len(_STEPS) > _STEPS_KEPT:
+        _STEPS.popitem(last=False)
+    return step
 
 
 def level_value(level, unit: float):
