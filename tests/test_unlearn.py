@@ -30,6 +30,12 @@ def blend(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sig(tmp_path_factory):
+    """A sinusoid blended into 10 % of the training faces, relabelled 0 (seed 0)."""
+    return _demo(tmp_path_factory, "sig", "--attack", "sig")
+
+
+@pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     return _demo(tmp_path_factory, "clean", "--poison-rate", "0")
 
@@ -81,21 +87,27 @@ def test_unlearn_removes_the_blended_backdoor_that_head_fine_pruning_keeps(blend
 
 
 def test_no_peeking_scan_and_unlearn_never_depend_on_the_poisoned_set(blend, tmp_path):
-    """The scan's result and R_X's weights are identical without the poisoned set, with it, and with its labels
-    scrambled."""
+    """The scan's result and R_X (its weights and its filters: the reset and any removed direction) are identical
+    without the poisoned set, with it, and with its labels scrambled."""
     ds = open_dataset(blend / "bd_test.h5")
     scrambled = tmp_path / "scrambled.h5"
     write_lab_h5(scrambled, ds.read(), np.random.default_rng(3).integers(0, 10, ds.n))
     out = []
-    for poisoned in (str(blend / "bd_test.h5"), None, str(scrambled)):
+    # the last run has no --scan: the repair then runs the scan itself and must come to the same R_X
+    for poisoned, scan in ((str(blend / "bd_test.h5"), True), (None, True), (str(scrambled), True),
+                           (str(blend / "bd_test.h5"), False)):
         r = defense.run(model=str(blend / "model.keras"), valid=str(blend / "valid.h5"), test=str(blend / "test.h5"),
                         poisoned=poisoned, thresholds=(2,), cache_dir=str(tmp_path / "cache"), progress=False,
-                        fine_tune="unlearn", scan=True)
-        assert r.scan.backdoored and r.repaired[0].info["unlearn"]["class"] == TARGET
-        out.append((r.scan.flip, r.scan.statistic, r.repaired[0].model.get_weights()))
-    for flip, stat, w in out[1:]:
+                        fine_tune="unlearn", scan=scan)
+        assert (r.scan.backdoored if scan else r.scan is None) and r.repaired[0].info["unlearn"]["class"] == TARGET
+        f = r.repaired[0].filters
+        out.append((r.scan.flip if scan else out[0][0], r.scan.statistic if scan else out[0][1],
+                    r.repaired[0].model.get_weights(),
+                    [np.asarray(a) for part in (f.reset, f.project) if part is not None for a in part]))
+    for flip, stat, w, filt in out[1:]:
         assert np.array_equal(flip, out[0][0]) and stat == out[0][1]
         assert all(np.array_equal(p, q) for p, q in zip(w, out[0][2]))
+        assert len(filt) == len(out[0][3]) and all(np.array_equal(p, q) for p, q in zip(filt, out[0][3]))
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -110,3 +122,72 @@ def test_scan_bad_input_is_one_line(blend, tmp_path, capsys, args, fragment):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_removed_direction_in_r_x_equals_its_numpy_form_and_loads_safely(blend, tmp_path):
+    """R_X's filters (a direction removed, then the clean-range reset) as Keras ops in the saved model, opened with
+    safe_mode on, give the labels that repaired_labels computes over cached activations, and the removal changes
+    labels (so a graph that skipped it would fail here)."""
+    from badprune.features import trunk
+    from badprune.models import prune_model
+    from badprune.repair import Filters, apply_project, repaired_labels
+
+    B = keras.models.load_model(blend / "model.keras")
+    ds = open_dataset(blend / "valid.h5")
+    X = ds.read()
+    channels = [3, 17]
+    F = trunk(B, "pool_3").predict(X, verbose=0)
+    F[..., channels] = 0
+    u = F[ds.labels == TARGET].mean(axis=0).ravel()
+    u = (u / np.linalg.norm(u)).astype(np.float32)
+    s = F.reshape(len(F), -1) @ u
+    mu = float(np.median(s))
+    filters = Filters(reset=(F.max(axis=0), F.mean(axis=0)), project=(u, mu))
+    R = filters.insert(prune_model(B, "pool_3", channels), "pool_3")
+    R.save(tmp_path / "r.keras")
+    R = keras.models.load_model(tmp_path / "r.keras", safe_mode=True)
+    assert [lay.name for lay in R.layers].count("pool_3_project") == 1
+    inner = keras.Model(R.inputs, R.get_layer("pool_3_project").output).predict(X, verbose=0)
+    np.testing.assert_allclose(inner, apply_project(F, u, mu), rtol=1e-5, atol=1e-4)
+    keras_labels = R.predict(X, verbose=0).argmax(axis=1)
+    ours = repaired_labels(R, "pool_3", channels, trunk(B, "pool_3").predict(X, verbose=0), filters)
+    assert np.mean(ours == keras_labels) >= 0.999
+    plain = repaired_labels(R, "pool_3", channels, F, Filters(reset=filters.reset))
+    assert np.mean(plain != ours) > 0.01
+
+
+def test_a_removed_trigger_direction_keeps_r_x_s_contracts(sig, tmp_path):
+    """On the small sinusoid BadNet the unlearn mode removes the scan's direction from R_X's input (the held-out
+    gate allows it): R_X's ASR falls far below head fine-pruning's, the saved R_X (opened with safe_mode on, as the
+    lab's eval.py opens it) gives the row's numbers, its GoodNet answers N where B and R_X disagree, and LiteRT
+    agrees with it."""
+    from badprune.export import export_run
+    from badprune.repair import PROJECT_KEEP, PROJECT_TOLERANCE
+
+    common = ["--model", str(sig / "model.keras"), "--valid", str(sig / "valid.h5"), "--test", str(sig / "test.h5"),
+              "--poisoned", str(sig / "bd_test.h5"), "--thresholds", "2", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert cli.main(["sweep", *common, "--out", str(tmp_path / "head"), "--fine-tune", "head"]) == 0
+    assert cli.main(["sweep", *common, "--out", str(tmp_path / "unlearn"), "--fine-tune"]) == 0
+    head, unl = _rows(tmp_path / "head")[2.0], _rows(tmp_path / "unlearn")[2.0]
+    pj = unl["info"]["unlearn"]["project"]
+    assert pj["kept"] in ("unlearn", "head") and pj["class"] == 0
+    kept = next(t for t in pj["tried"] if t["kept"])
+    assert kept["class_holdout"][1] >= PROJECT_KEEP * kept["class_holdout"][0]
+    assert kept["holdout"][1] >= kept["holdout"][0] - PROJECT_TOLERANCE
+    assert head["row"]["asr"] > 10 and unl["row"]["asr"] < head["row"]["asr"] / 3
+    run = tmp_path / "unlearn"
+    assert "toward class 0" in (run / "results.md").read_text() and "removed" in (run / "results.md").read_text()
+    R = keras.models.load_model(run / "models" / "repaired_X2.keras", safe_mode=True)
+    assert "pool_3_project" in [lay.name for lay in R.layers]
+    B = keras.models.load_model(sig / "model.keras")
+    N = 10
+    for f, col, gcol in (("test.h5", "test_acc", "goodnet_false_alarm"), ("bd_test.h5", "asr", "goodnet_detection")):
+        ds = open_dataset(sig / f)
+        X = ds.read()
+        r, b = R.predict(X, verbose=0).argmax(axis=1), B.predict(X, verbose=0).argmax(axis=1)
+        assert 100 * np.mean(r == ds.labels) == pytest.approx(unl["row"][col], abs=1e-9)
+        g = keras.models.load_model(run / "models" / "goodnet_repaired_X2.keras").predict(X, verbose=0).argmax(axis=1)
+        np.testing.assert_array_equal(g, np.where(b == r, b, N))
+        assert 100 * np.mean(g == N) == pytest.approx(unl["row"][gcol], abs=1e-9)
+    records = {r.kind: r for r in export_run(run, thresholds=[2], check_images=200)}
+    assert records["repaired"].worst >= 99.0 and records["goodnet_repaired"].worst >= 99.0

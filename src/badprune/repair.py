@@ -24,6 +24,11 @@ The recipe (:data:`DEFAULTS`; how it was chosen is in the README):
    clean features it touches is recorded). In R_X it is two ``keras.ops`` nodes (``greater``, ``where``) with
    constant arrays and an ``Identity`` layer named ``<layer>_reset``; plain Keras loads it with ``safe_mode`` on.
 
+``unlearn`` (the recommended mode) is ``head`` plus two steps when the scan (:mod:`badprune.scan`) suspects a
+class: the universal shift toward it (:mod:`badprune.invert`) is unlearned while training, and a direction toward it
+is then removed from R_X's input where the held-out clean split allows it (:func:`_remove_direction`). What R_X
+computes between the prune layer and its head (the removal, the reset) is its :class:`Filters`.
+
 The training itself is in :mod:`badprune._train` (head mode: one traced loop per setting, shared by all X).
 
 No peeking: the defender has only clean data. A seeded, class-stratified part of the clean validation set
@@ -68,8 +73,16 @@ TOLERANCE = 2.0
 TUNED_PER_CLASS = 72.0
 #: epochs when ``epochs`` is not given: the step budget over the training split, within these bounds
 EPOCH_RANGE = (1, 30)
-#: suffix of the reset's Identity layer after the prune layer
+#: suffixes of the Identity layers after the prune layer: the clean-range reset, the removed direction
 RESET_SUFFIX = "_reset"
+PROJECT_SUFFIX = "_project"
+#: unlearn mode: a suspected trigger direction is removed from R_X's input (:class:`Filters`) only when, on the
+#: held-out clean split, R_X with it keeps this share of the suspected class's accuracy and loses at most
+#: PROJECT_TOLERANCE points overall (a direction that is the class's own evidence cannot be removed)
+PROJECT_KEEP = 0.6
+PROJECT_TOLERANCE = 1.0
+#: the (head, direction) tries of the direction removal, in order (:func:`_remove_direction`)
+PROJECT_TRIES = (("unlearn", "shift"), ("head", "shift"), ("unlearn", "off-class-mean"), ("head", "off-class-mean"))
 
 
 @dataclass
@@ -83,7 +96,7 @@ class Repaired:
     row: dict                      # valid_acc, test_acc, asr, goodnet_* (GoodNet of B and R_X)
     info: dict = field(default_factory=dict)   # settings, held-out accuracy, reset rate, seconds
     model: object = None           # R_X, a plain Keras model
-    reset: tuple | None = None     # (cap, mean) of the clean-range reset, or None
+    filters: Filters | None = None  # what R_X computes between the prune layer and its head
 
 
 def check_args(mode, epochs=None, lr=None, seed=0, reset=True) -> dict:
@@ -136,20 +149,64 @@ def apply_reset(F, cap, mean):
     return np.where(F > cap, mean, F).astype(np.float32, copy=False)
 
 
-def _with_reset(R, layer, cap, mean):
-    """R with the clean-range reset after ``layer`` (an ``Identity`` named ``<layer>_reset`` holds its output)."""
-    from ._train import keras_
-    from .models import insert_after
+def apply_project(F, u, mu):
+    """The removal of a direction in numpy, as the R_X graph computes it: with ``s`` the projection of each row
+    of ``F`` on the unit vector ``u`` (flattened), ``relu(F - relu(s - mu) * u)`` (the excess over the clean
+    mean ``mu`` along ``u`` taken away)."""
+    F = np.asarray(F, np.float32)
+    flat = F.reshape(len(F), -1)
+    ex = np.maximum(flat @ u - np.float32(mu), 0)
+    return np.maximum(flat - ex[:, None] * u[None], 0).reshape(F.shape).astype(np.float32, copy=False)
 
-    keras = keras_()
-    cap = np.asarray(cap, np.float32)
-    mean = np.asarray(mean, np.float32)
 
-    def reset(t):
-        r = keras.ops.where(keras.ops.greater(t, cap), mean, t)
-        return keras.layers.Identity(name=layer + RESET_SUFFIX)(r)
+@dataclass(frozen=True)
+class Filters:
+    """What R_X computes between the prune layer and its head, in this order: the removal of a suspected
+    trigger direction (``project`` = (u, mu), :func:`apply_project`; unlearn mode, when kept) and the clean-range
+    reset (``reset`` = (cap, mean), :func:`apply_reset`). Each is a few ``keras.ops`` nodes with constant arrays and
+    an ``Identity`` layer named ``<layer>_project`` / ``<layer>_reset``."""
 
-    return insert_after(R, layer, reset)
+    reset: tuple | None = None
+    project: tuple | None = None
+
+    def last(self, layer: str) -> str:
+        """The layer R_X's head starts after."""
+        return layer + (RESET_SUFFIX if self.reset is not None else PROJECT_SUFFIX if self.project is not None
+                        else "")
+
+    def apply(self, F, keep=None) -> np.ndarray:
+        """``F`` (float32) as R_X's head receives it: channels outside ``keep`` zeroed, then the filters."""
+        x = np.array(F, np.float32)
+        if keep is not None:
+            x[..., ~np.asarray(keep, bool)] = 0
+        if self.project is not None:
+            x = apply_project(x, *self.project)
+        if self.reset is not None:
+            x = apply_reset(x, *self.reset)
+        return x
+
+    def insert(self, R, layer: str):
+        """R with the filters after ``layer``."""
+        from ._train import keras_
+        from .models import insert_after
+
+        if self.reset is None and self.project is None:
+            return R
+        keras = keras_()
+
+        def filters(t):
+            if self.project is not None:
+                u = np.asarray(self.project[0], np.float32).reshape(tuple(t.shape[1:]))
+                ex = keras.ops.relu(keras.ops.einsum("bhwc,hwc->b", t, u) - np.float32(self.project[1]))
+                t = keras.ops.relu(t - keras.ops.einsum("b,hwc->bhwc", ex, u))
+                t = keras.layers.Identity(name=layer + PROJECT_SUFFIX)(t)
+            if self.reset is not None:
+                cap, mean = (np.asarray(a, np.float32) for a in self.reset)
+                t = keras.ops.where(keras.ops.greater(t, cap), mean, t)
+                t = keras.layers.Identity(name=layer + RESET_SUFFIX)(t)
+            return t
+
+        return insert_after(R, layer, filters)
 
 
 def _accuracy(labels, truth) -> float | None:
@@ -175,15 +232,13 @@ def _unlearn_shifts(model, layer, F_b, y_b, F_tr, y_tr, keep, p, shared):
     suspicious class, inverted again within ``keep``'s channels (B'_X's) at the budget ``p['unlearn_eps']``.
     Returns ``(shifts, what they are)`` or None."""
     from ._train import head_model
-    from .head import compile_head
     from .invert import invert_shifts, mean_norm
-    from .scan import scan_activations
+    from .scan import scan_model
 
+    if "net" not in shared:
+        shared.update(net=head_model(model, layer), norm=mean_norm(F_tr))
     if "scan" not in shared:
-        net = head_model(model, layer)
-        shared["scan"] = scan_activations(net, compile_head(model, layer).labels, F_b, y_b,
-                                          int(model.outputs[0].shape[-1]), layer, seed=p["seed"])
-        shared.update(net=net, norm=mean_norm(F_tr))
+        shared["scan"] = scan_model(model, layer, F_b, y_b, seed=p["seed"], net=shared["net"])
     sc = shared["scan"]
     if not sc.backdoored:
         return None
@@ -214,17 +269,16 @@ def _rounds(first, F_tr, y_tr, keep, p, shared):
 
 def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, shared: dict | None = None):
     """R_X by the head mode: the head trained over the clean validation activations ``F_valid`` with ``channels``
-    zeroed. Returns ``(R_X, info, reset statistics or None)``.
+    zeroed. Returns ``(R_X, info, its Filters)``.
 
     With the default learning rate, a setting that leaves R_X's held-out clean accuracy more than
     :data:`TOLERANCE` points below B'_X's is replaced by the next, gentler one of :data:`BACKOFF` (clean data
     only decides). ``shared``: a dict kept across the thresholds of one sweep (same ``F_valid``), holding B's soft
     targets and the traced trainers, which do not depend on X.
     """
-    from ._tf import seed_all
-    from ._train import HeadTrainer, head_model, predict_logits, soft_targets
+    from ._train import head_model, predict_logits, soft_targets
     from .head import compile_head
-    from .models import channel_mask, prune_model
+    from .models import channel_mask
 
     t0 = time.perf_counter()
     shared = {} if shared is None else shared
@@ -239,7 +293,7 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
         z = predict_logits(head_model(model, layer), np.asarray(F_valid[tr], np.float32)) if p["distill"] \
             else None
         shared["soft"] = soft_targets(z, p["temperature"]) if z is not None else None
-    stats = _reset_stats(Xm[tr]) if p["reset"] else None
+    filters = Filters(reset=_reset_stats(Xm[tr]) if p["reset"] else None)
     shifts = _unlearn_shifts(model, layer, F_valid, y_valid, Xm[tr], y_valid[tr], keep, p,
                              shared) if p.get("unlearn") else None
     Fh, yh = Xm[ho], y_valid[ho]
@@ -247,40 +301,117 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
     tried = []
     for lr, wd in _attempts(p, len(tr), K):
         p.update(lr=lr, weight_decay=wd)
-        seed_all(p["seed"])
-        if (lr, wd) not in shared:
-            shared[(lr, wd)] = HeadTrainer(model, layer, len(tr), p)
-        trainer = shared[(lr, wd)]
-        losses = trainer.train(Xm[tr], y_valid[tr], shared["soft"], p["seed"],
-                               shifts=None if shifts is None else _rounds(shifts, Xm[tr], y_valid[tr], keep, p,
-                                                                          shared))
-        R = prune_model(model, layer, channels)
-        for lay in trainer.net.layers:
-            if lay.weights:
-                R.get_layer(lay.name).set_weights(lay.get_weights())
-        if stats is not None:
-            R = _with_reset(R, layer, *stats)
-            hold = compile_head(R, layer + RESET_SUFFIX).labels(apply_reset(Fh, *stats))
-        else:
-            hold = compile_head(R, layer).labels(Fh)
-        acc = _accuracy(hold, yh)
+        trainer, losses = _train_head(model, layer, Xm[tr], y_valid[tr], p, shared,
+                                      None if shifts is None else _rounds(shifts, Xm[tr], y_valid[tr], keep, p, shared))
+        plain = _trained(model, layer, channels, trainer)
+        R = filters.insert(plain, layer)
+        acc = _accuracy(compile_head(R, filters.last(layer)).labels(filters.apply(Fh)), yh)
         tried.append({"lr": lr, "weight_decay": wd, "loss": losses, "holdout": int(len(yh)), "holdout_acc": acc,
                       "holdout_b_prime": b_prime})
         if acc is None or b_prime is None or acc >= b_prime - TOLERANCE:
             break
-    info = _info(p, tried, Fh, stats, t0)
+    info = _info(p, tried, Fh, filters.reset, t0)
     if p.get("unlearn"):
         sc = shared["scan"]
         info["unlearn"] = {"scan_backdoored": bool(sc.backdoored), "scan_score": round(sc.score, 4),
                            "class": shifts[1]["classes"][0] if shifts is not None else None,
                            "eps_share": p["unlearn_eps"], "every": p.get("every")}
-    return R, info, stats
+        if shifts is not None:
+            R, filters, info["unlearn"]["project"] = _remove_direction(
+                model, layer, channels, R, plain, filters, Xm, y_valid, tr, ho, keep, p, shared)
+            if info["unlearn"]["project"]["kept"]:
+                info["holdout_best"] = info["unlearn"]["project"]["kept_holdout"]
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+    return R, info, filters
+
+
+def _train_head(model, layer, X, y, p, shared, shifts=None):
+    """The head trained by the recipe ``p`` (its trainer kept in ``shared`` per (lr, weight decay)) from B's
+    weights; returns (trainer, per-epoch losses)."""
+    from ._tf import seed_all
+    from ._train import HeadTrainer
+
+    seed_all(p["seed"])
+    key = (p["lr"], p["weight_decay"])
+    if key not in shared:
+        shared[key] = HeadTrainer(model, layer, len(y), p)
+    return shared[key], shared[key].train(X, y, shared["soft"], p["seed"], shifts=shifts)
+
+
+def _trained(model, layer, channels, trainer):
+    """B'_X (``channels`` of ``layer`` pruned) with the head weights of ``trainer``."""
+    from .models import prune_model
+
+    R = prune_model(model, layer, channels)
+    for lay in trainer.net.layers:
+        if lay.weights:
+            R.get_layer(lay.name).set_weights(lay.get_weights())
+    return R
+
+
+def _remove_direction(model, layer, channels, R_unlearned, plain, filters, Xm, y, tr, ho, keep, p, shared):
+    """Unlearn mode, when the scan found a suspect class t: a direction toward t that is still easy in R_X is
+    removed from R_X's input (:class:`Filters`: the excess over its clean mean along it), when the held-out clean
+    split allows it (:data:`PROJECT_KEEP`, :data:`PROJECT_TOLERANCE`).
+
+    The direction is the shift toward t inverted against a head (:func:`badprune.invert.invert_shifts`, budget
+    ``p['unlearn_eps']``), as it is ("shift") or without its component along the class's mean evidence (the mean
+    of t's clean training rows minus the mean of all: "off-class-mean", which the class's own images need less).
+    The heads are the unlearned one (``R_unlearned``; ``plain``: it without the filters) and the head trained
+    without unlearning (a trigger that unlearning folded into the class's evidence can still be separable there).
+    :data:`PROJECT_TRIES` orders the four tries; the first that passes is kept. Returns ``(R_X, its filters, what
+    was tried)``; when none passes, R_X is the unlearned one unchanged."""
+    from ._train import head_model
+    from .head import compile_head
+    from .invert import invert_shifts
+
+    t = int(shared["scan"].targets[0]["class"])
+    Ftr, Fh, yh = Xm[tr], Xm[ho], y[ho]
+    flat = Ftr.reshape(len(Ftr), -1)
+    own = flat[y[tr] == t]
+    c = own.mean(axis=0) - flat.mean(axis=0) if len(own) else np.zeros(flat.shape[1], np.float32)
+    c = c / (np.linalg.norm(c) or 1.0)
+    heads = {}
+
+    def head_of(base):
+        if base not in heads:
+            pl = plain if base == "unlearn" else \
+                _trained(model, layer, channels, _train_head(model, layer, Ftr, y[tr], p, shared)[0])
+            R = R_unlearned if base == "unlearn" else filters.insert(pl, layer)
+            D = invert_shifts(head_model(R, layer), Ftr, y[tr], np.array([t]), p["unlearn_eps"] * shared["norm"],
+                              seed=p["seed"], keep=keep)[0].ravel()
+            head = compile_head(R, filters.last(layer))
+            heads[base] = (pl, D, head, head.labels(filters.apply(Fh)))
+        return heads[base]
+
+    tried, pick = [], None
+    for base, kind in PROJECT_TRIES if (yh == t).any() else ():
+        pl, D, head, before = head_of(base)
+        v = D if kind == "shift" else D - (D @ c) * c
+        norm = float(np.linalg.norm(v))
+        rec = {"base": base, "direction": kind, "kept": False}
+        tried.append(rec)
+        if not norm:
+            continue
+        u = (v / norm).astype(np.float32)
+        cand = Filters(filters.reset, (u, float((flat @ u).mean())))
+        after = head.labels(cand.apply(Fh))
+        rec.update(holdout=[round(_accuracy(before, yh), 3), round(_accuracy(after, yh), 3)],
+                   class_holdout=[round(_accuracy(w[yh == t], yh[yh == t]), 3) for w in (before, after)])
+        rec["kept"] = bool(rec["class_holdout"][1] >= PROJECT_KEEP * rec["class_holdout"][0]
+                           and rec["holdout"][1] >= rec["holdout"][0] - PROJECT_TOLERANCE)
+        if rec["kept"]:
+            pick = (cand.insert(pl, layer), cand, base, kind, rec["holdout"][1])
+            break
+    out = {"class": t, "tried": tried, "kept": pick[2] if pick else None, "direction": pick[3] if pick else None,
+           "kept_holdout": pick[4] if pick else None}
+    return (R_unlearned, filters, out) if pick is None else (pick[0], pick[1], out)
 
 
 def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, progress=None):
     """R_X by the full mode: all of B'_X trained on the clean validation images ``X_valid`` (scaled float32
-    NHWC); the pruned channels' producing convolution is re-zeroed after every batch. Returns ``(R_X, info,
-    reset statistics or None)``."""
+    NHWC); the pruned channels' producing convolution is re-zeroed after every batch. Returns ``(R_X, info, its
+    Filters)``."""
     from ._tf import seed_all
     from ._train import fit, keras_, predict_logits
     from .features import trunk
@@ -320,43 +451,38 @@ def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, pro
     losses = fit(R, X_valid[tr], y_valid[tr], teacher, p, callbacks=[Rezero()])
     trained, R = R, prune_model(model, layer, channels)  # an uncompiled copy holding the trained weights
     R.set_weights(trained.get_weights())
-    stats = None
-    if p["reset"]:
-        stats = _reset_stats(trunk(R, layer).predict(X_valid[tr], batch_size=512, verbose=0))
-        R = _with_reset(R, layer, *stats)
+    filters = Filters(reset=_reset_stats(trunk(R, layer).predict(X_valid[tr], batch_size=512, verbose=0))
+                      if p["reset"] else None)
+    R = filters.insert(R, layer)
     Fh = trunk(R, layer).predict(X_valid[ho], batch_size=512, verbose=0)
     acc = _accuracy(R.predict(X_valid[ho], batch_size=512, verbose=0).argmax(axis=1), y_valid[ho])
     tried = [{"lr": p["lr"], "weight_decay": p["weight_decay"], "loss": losses, "holdout": int(len(ho)),
               "holdout_acc": acc, "holdout_b_prime": b_prime}]
-    return R, _info(p, tried, Fh, stats, t0), stats
+    return R, _info(p, tried, Fh, filters.reset, t0), filters
 
 
-def repaired_labels(R, layer: str, channels, F, stats=None, chunk: int = 4096) -> np.ndarray:
+def repaired_labels(R, layer: str, channels, F, filters=None, chunk: int = 4096) -> np.ndarray:
     """R_X's labels over prune-layer activations ``F`` of its own trunk, evaluated by prune_ext: the pruned
-    channels zeroed, the clean-range reset applied (``stats`` = (cap, mean), as in R_X's graph), then R_X's head
-    after the reset compiled and run. Equal to TensorFlow running R_X (tested)."""
+    channels zeroed, R_X's :class:`Filters` applied as its graph does, then R_X's head after them compiled and run.
+    Equal to TensorFlow running R_X (tested)."""
     from .head import compile_head
     from .models import channel_mask
 
-    head = compile_head(R, layer + RESET_SUFFIX if stats is not None else layer)
+    filters = filters or Filters()
+    head = compile_head(R, filters.last(layer))
     keep = channel_mask(F.shape[-1], channels).astype(bool)
-    if stats is not None:  # one pass: a pruned channel's cap is -inf and its mean 0, so it becomes exactly 0
-        cap = np.where(keep, stats[0], -np.inf).astype(np.float32)
-        mean = np.where(keep, stats[1], 0).astype(np.float32)
     out = np.empty(len(F), np.int64)
     for lo in range(0, len(F), chunk):
-        if stats is not None:
-            x = apply_reset(np.asarray(F[lo:lo + chunk], np.float32), cap, mean)
-        else:
-            x = np.array(F[lo:lo + chunk], np.float32)
-            x[..., ~keep] = 0
-        out[lo:lo + chunk] = head.labels(x)
+        out[lo:lo + chunk] = head.labels(filters.apply(F[lo:lo + chunk], keep))
     return out
 
 
-def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cache_dir=None, log=None) -> list:
+def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cache_dir=None, log=None,
+                      scan=None) -> list:
     """R_X for every reached threshold of a sweep result, with its metrics. ``F``: the activations of all sets
-    (``bounds``: set -> rows, 'valid' first); ``datasets``: {set: Dataset} (images for the full mode).
+    (``bounds``: set -> rows, 'valid' first); ``datasets``: {set: Dataset} (images for the full mode); ``scan``:
+    the scan of B on the same clean validation activations with the same seed, when the caller ran it already
+    (the unlearn mode then does not run it again).
 
     The evaluations (B's labels, then each R_X's, by prune_ext, which releases the GIL) run in one worker thread
     while the next R_X trains; the results do not depend on that overlap."""
@@ -372,38 +498,38 @@ def repair_thresholds(result, F, bounds: dict, datasets: dict, params: dict, cac
     truth = {k: d.labels for k, d in datasets.items()}
     X_valid = datasets["valid"].read(scale) if params["mode"] == "full" else None
 
-    def evaluate(R, channels, stats):
+    def evaluate(R, channels, filters):
         t0 = time.perf_counter()
         if params["mode"] != "full":
-            lab = repaired_labels(R, layer, channels, F, stats)
+            lab = repaired_labels(R, layer, channels, F, filters)
         else:
             lab = np.empty(len(F), np.int64)
             for k, dset in datasets.items():
                 Fr = features.extract(R, layer, dset, scale, cache_dir=cache_dir, progress=False)
-                lab[bounds[k]] = repaired_labels(R, layer, channels, Fr, stats)
+                lab[bounds[k]] = repaired_labels(R, layer, channels, Fr, filters)
         return lab, time.perf_counter() - t0
 
-    pending, shared = [], {}
+    pending, shared = [], ({} if scan is None else {"scan": scan})
     with ThreadPoolExecutor(max_workers=1) as pool:
         base_all = pool.submit(compile_head(B, layer).labels, F)
         for t in result.thresholds:
             if not t.reached:
                 continue
             if params["mode"] != "full":
-                R, info, stats = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params,
+                R, info, filters = repair_head(B, layer, t.channels, F[bounds["valid"]], truth["valid"], params,
                                                shared)
             else:
-                R, info, stats = repair_full(B, layer, t.channels, X_valid, truth["valid"], params, progress=say)
-            pending.append((t, R, info, stats, pool.submit(evaluate, R, t.channels, stats)))
+                R, info, filters = repair_full(B, layer, t.channels, X_valid, truth["valid"], params, progress=say)
+            pending.append((t, R, info, filters, pool.submit(evaluate, R, t.channels, filters)))
             if params["mode"] == "full":  # the trunk pass of the evaluation uses TensorFlow: no overlap
                 pending[-1][-1].result()
         base = {k: base_all.result()[s] for k, s in bounds.items()}
         out = []
-        for t, R, info, stats, fut in pending:
+        for t, R, info, filters, fut in pending:
             lab, secs = fut.result()
             row = step_metrics({k: lab[s] for k, s in bounds.items()}, base, truth, result.num_classes)
             info["total_seconds"] = round(info["seconds"] + secs, 3)   # training + this R_X's evaluation
-            rep = Repaired(float(t.x), params["mode"], int(t.step), list(t.channels), row, info, R, stats)
+            rep = Repaired(float(t.x), params["mode"], int(t.step), list(t.channels), row, info, R, filters)
             say(f"R_{t.x:g} ({params['mode']}): valid {row['valid_acc']:.2f}%"
                 + (f", test {row['test_acc']:.2f}%" if "test_acc" in row else "")
                 + (f", ASR {row['asr']:.2f}%" if "asr" in row else "") + f" ({info['total_seconds']:.1f} s)")

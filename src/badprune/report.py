@@ -112,16 +112,35 @@ def _cell(result: SweepResult, col: str, step: int) -> str:
     return _pct_text(table_value(result, col, step))
 
 
+def repair_steps(mode: str, info: dict) -> str:
+    """What the repair did for one R_X (its mode and ``info``, as sweep.json's ``repaired[]`` holds them), in a few
+    words."""
+    u = info.get("unlearn")
+    if not u:
+        return f"{mode} fine-tuning"
+    if u.get("class") is None:
+        return "head fine-tuning (the scan found no backdoor)"
+    c = u["class"]
+    pj = u.get("project") or {}
+    what = {"shift": f"the direction toward class {c} removed",
+            "off-class-mean": f"the direction toward class {c}, less the class's mean, removed"}.get(pj.get("direction"))
+    if pj.get("kept") == "head":
+        return f"head fine-tuning; {what}"
+    if pj.get("kept") == "unlearn":
+        return f"shift toward class {c} unlearned; {what}"
+    return f"shift toward class {c} unlearned"
+
+
 def _repaired_tables(result: SweepResult) -> list:
     """The R_X tables (fine-pruning) of a result that has them."""
     C = result.n_channels
     mode = result.repaired[0].mode
     lines = [f"## Repaired network R_X (fine-pruning: B'_X with its {'whole network' if mode == 'full' else 'head'}"
              " fine-tuned on clean validation data)", ""]
-    rows = [[fmt_x(r.x), f"{r.step}/{C}", _pct_text(r.info.get("holdout_best")), _pct_text(r.row.get("test_acc")),
-             _pct_text(r.row.get("asr"))] for r in result.repaired]
-    lines += _md_table(["X", "channels pruned", "held-out valid acc", "clean test acc", "attack success rate"],
-                       rows)
+    rows = [[fmt_x(r.x), f"{r.step}/{C}", repair_steps(r.mode, r.info), _pct_text(r.info.get("holdout_best")),
+             _pct_text(r.row.get("test_acc")), _pct_text(r.row.get("asr"))] for r in result.repaired]
+    lines += _md_table(["X", "channels pruned", "what the repair did", "held-out valid acc", "clean test acc",
+                        "attack success rate"], rows)
     lines += ["", "## GoodNet of B and R_X (outputs N when B and R_X disagree)", ""]
     rows = [[fmt_x(r.x)] + [_pct_text(r.row.get(c)) for c in ("goodnet_test_acc", "goodnet_asr", "goodnet_detection",
                                                            "goodnet_false_alarm")] for r in result.repaired]

@@ -89,7 +89,8 @@ def add_fine_tune_args(g, default_mode=None):
                    metavar="{" + ",".join(MODES) + "}",
                    help=f"no value: {RECOMMENDED} (recommended"
                         + (", default" if default_mode == RECOMMENDED else "") + "): head plus unlearning the shift the "
-                        "scan finds toward a backdoor's target; head: train the layers after the "
+                        "scan finds toward a backdoor's target, and removing that direction from R_X's input where "
+                        "the held-out clean data allows it; head: train the layers after the "
                         "prune layer over the cached activations (fast); full: train the whole network on the clean "
                         "images")
     g.add_argument("--fine-tune-epochs", type=int, help="epochs (default: the recipe's, per mode)")

@@ -1,8 +1,9 @@
 """The safety check of a model config, run before anything in it is deserialized: only built-in Keras layer and
 model classes, no ``Lambda``, no custom or foreign modules, no stored Python functions (unless trusted).
 
-A GoodNet graph (:mod:`badprune.goodnet`) also holds a few ``keras.ops`` nodes at its top level; with
-``graph_ops=True`` exactly those (:data:`GRAPH_OPS`, plain arguments only) are accepted besides layers.
+A GoodNet graph (:mod:`badprune.goodnet`) and a repaired R_X's filters (:class:`badprune.repair.Filters`) also hold a
+few ``keras.ops`` nodes at their top level; with ``graph_ops=True`` exactly those (:data:`GRAPH_OPS`, plain arguments
+only) are accepted besides layers.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 
 TRUST_FIX = "pass --trust-model to run code from the model file (only for files you trust)"
 
-#: keras.ops operations a GoodNet graph may hold (besides built-in layers), with the config keys each may carry
+#: keras.ops operations a GoodNet graph or R_X's filters may hold (besides built-in layers), with the config keys
+#: each may carry
 GRAPH_OPS = {"TopK": {"k", "sorted"}, "Squeeze": {"axis"}, "Equal": set(), "Where": set(), "Cast": {"dtype"},
-             "ExpandDims": {"axis"}, "Multiply": set(), "Subtract": set(), "Greater": set()}
+             "ExpandDims": {"axis"}, "Multiply": set(), "Subtract": set(), "Greater": set(), "Relu": set(),
+             "Einsum": {"subscripts"}}
 
 
 def _builtin_layer_classes() -> set:
