@@ -93,7 +93,7 @@ def run(model=None, weights=None, arch=None, valid=None, test=None, poisoned=Non
         t = time.perf_counter()
         result.config["fine_tune"] = dict(fine)
         result.repaired = repair.repair_thresholds(result, swept.F, swept.bounds, swept.datasets, fine,
-                                                   swept.cache_dir, log or (lambda msg: None))
+                                                   swept.cache_dir, log or (lambda msg: None), scan=result.scan)
         timings["repair"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - swept.started
     return result

@@ -213,15 +213,16 @@ def _channels(delta, top: int = 6) -> list:
     return [(int(c), round(float(mass[c]) / total, 4)) for c in np.argsort(-mass, kind="stable")[:top]]
 
 
-def scan_model(model, layer: str, F, y, seed: int = 0, log=None, name: str = "") -> ScanResult:
-    """:func:`scan_activations` for a Keras model B and its prune layer."""
+def scan_model(model, layer: str, F, y, seed: int = 0, log=None, name: str = "", net=None) -> ScanResult:
+    """:func:`scan_activations` for a Keras model B and its prune layer (``net``: B's head as a Keras model over
+    the activations, :func:`badprune._train.head_model`, when the caller has it already)."""
     from ._train import head_model
     from .head import compile_head
     from .models import num_classes
 
     head = compile_head(model, layer)
-    res = scan_activations(head_model(model, layer), head.labels, F, y, num_classes(model), layer, seed=seed,
-                           log=log)
+    res = scan_activations(net if net is not None else head_model(model, layer), head.labels, F, y,
+                           num_classes(model), layer, seed=seed, log=log)
     res.model_name = name
     return res
 
