@@ -172,7 +172,10 @@ def row(family: str, info: dict, sw: dict) -> dict:
                         "false_alarm": rw["goodnet_false_alarm"]})
         if x in rep:
             rr = rep[x]["row"]
-            e["R"] = {"clean_acc": rr["test_acc"], "asr": rr["asr"]}
+            from badprune.report import repair_steps
+
+            e["R"] = {"clean_acc": rr["test_acc"], "asr": rr["asr"],
+                      "steps": repair_steps(rep[x].get("mode", ""), rep[x].get("info") or {})}
             e["G_R"] = {"clean_acc": rr["goodnet_test_acc"], "detection": rr["goodnet_detection"],
                         "false_alarm": rr["goodnet_false_alarm"]}
         r["X"][f"{x:g}"] = e
@@ -214,16 +217,17 @@ def write_md(path: Path, rows: list, meta: dict):
           f"missed by {', '.join(missed) or 'none'}."]
     L += ["", "## Pruning (B'_X, GoodNet G_X) and repair (R_X, GoodNet on R_X)", "",
           "clean acc / ASR for B'_X and R_X; detection / false alarm for the GoodNets.", "",
-          "| family | X | pruned | B'_X | G_X det / FA | R_X | G(R_X) det / FA |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
+          "| family | X | pruned | B'_X | G_X det / FA | R_X | G(R_X) det / FA | what the repair did |",
+          "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         for x, e in r["X"].items():
             if not e["reached"]:
-                L.append(f"| {r['family']} | {x} | not reached | – | – | – | – |")
+                L.append(f"| {r['family']} | {x} | not reached | – | – | – | – | – |")
                 continue
             L.append(f"| {r['family']} | {x} | {e['fraction_pruned']:.0f} % | "
                      f"{_pair(e.get('B_prime'), 'clean_acc', 'asr')} | {_pair(e.get('G'), 'detection', 'false_alarm')} "
-                     f"| {_pair(e.get('R'), 'clean_acc', 'asr')} | {_pair(e.get('G_R'), 'detection', 'false_alarm')} |")
+                     f"| {_pair(e.get('R'), 'clean_acc', 'asr')} | {_pair(e.get('G_R'), 'detection', 'false_alarm')} "
+                     f"| {(e.get('R') or {}).get('steps', '–')} |")
     multi = [r for r in rows if r.get("per_trigger")]
     if multi:
         L += ["", "Multi, per trigger (ASR on each trigger's own bd_test_<trigger>.h5, Keras on the saved models):",
