@@ -191,3 +191,22 @@ def test_a_removed_trigger_direction_keeps_r_x_s_contracts(sig, tmp_path):
         assert 100 * np.mean(g == N) == pytest.approx(unl["row"][gcol], abs=1e-9)
     records = {r.kind: r for r in export_run(run, thresholds=[2], check_images=200)}
     assert records["repaired"].worst >= 99.0 and records["goodnet_repaired"].worst >= 99.0
+
+
+def test_unlearning_that_costs_too_much_held_out_accuracy_is_not_kept(blend, tmp_path, monkeypatch):
+    """When no unlearned head comes within the tolerance of B'_X's held-out accuracy (forced here by a negative
+    tolerance), R_X is the head mode's (same weights) and the record says unlearning was tried and not kept."""
+    from badprune import repair
+
+    monkeypatch.setattr(repair, "TOLERANCE", -100.0)
+    runs = {}
+    for mode in ("head", "unlearn"):
+        runs[mode] = defense.run(model=str(blend / "model.keras"), valid=str(blend / "valid.h5"),
+                                 test=str(blend / "test.h5"), thresholds=(2,), cache_dir=str(tmp_path / "cache"),
+                                 progress=False, fine_tune=mode).repaired[0]
+    u = runs["unlearn"].info["unlearn"]
+    assert u["class"] == TARGET and u["unlearned"] is False and len(u["rejected"]) == len(runs["head"].info["tried"])
+    assert all(t["holdout_acc"] < t["holdout_b_prime"] + 100 for t in u["rejected"])
+    assert all(t["base"] == "head" for t in u["project"]["tried"])
+    assert all(np.array_equal(p, q) for p, q in zip(runs["unlearn"].model.get_weights(),
+                                                   runs["head"].model.get_weights()))

@@ -298,18 +298,32 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
                              shared) if p.get("unlearn") else None
     Fh, yh = Xm[ho], y_valid[ho]
     b_prime = _accuracy(compile_head(model, layer).labels(Fh), yh)
-    tried = []
-    for lr, wd in _attempts(p, len(tr), K):
-        p.update(lr=lr, weight_decay=wd)
-        trainer, losses = _train_head(model, layer, Xm[tr], y_valid[tr], p, shared,
-                                      None if shifts is None else _rounds(shifts, Xm[tr], y_valid[tr], keep, p, shared))
-        plain = _trained(model, layer, channels, trainer)
-        R = filters.insert(plain, layer)
-        acc = _accuracy(compile_head(R, filters.last(layer)).labels(filters.apply(Fh)), yh)
-        tried.append({"lr": lr, "weight_decay": wd, "loss": losses, "holdout": int(len(yh)), "holdout_acc": acc,
-                      "holdout_b_prime": b_prime})
-        if acc is None or b_prime is None or acc >= b_prime - TOLERANCE:
-            break
+    settings = _attempts(p, len(tr), K)
+
+    def fit(unlearn_shifts):
+        """Train by each (lr, weight decay) in turn until R_X's held-out accuracy is within TOLERANCE of B'_X's:
+        (R_X, it without the filters, what was tried, whether one was within)."""
+        tried = []
+        for lr, wd in settings:
+            p.update(lr=lr, weight_decay=wd)
+            rounds = None if unlearn_shifts is None else _rounds(unlearn_shifts, Xm[tr], y_valid[tr], keep, p, shared)
+            trainer, losses = _train_head(model, layer, Xm[tr], y_valid[tr], p, shared, rounds)
+            plain = _trained(model, layer, channels, trainer)
+            R = filters.insert(plain, layer)
+            acc = _accuracy(compile_head(R, filters.last(layer)).labels(filters.apply(Fh)), yh)
+            tried.append({"lr": lr, "weight_decay": wd, "loss": losses, "holdout": int(len(yh)), "holdout_acc": acc,
+                          "holdout_b_prime": b_prime})
+            if acc is None or b_prime is None or acc >= b_prime - TOLERANCE:
+                return R, plain, tried, True
+        return R, plain, tried, False
+
+    R, plain, tried, within = fit(shifts)
+    unlearned = shifts is not None and within
+    if shifts is not None and not within:
+        # unlearning costs more than TOLERANCE on the held-out split whatever the setting: R_X is the head mode's
+        # (no unlearning); what unlearning did is kept in the record
+        rejected = tried
+        R, plain, tried, within = fit(None)
     info = _info(p, tried, Fh, filters.reset, t0)
     if p.get("unlearn"):
         sc = shared["scan"]
@@ -317,8 +331,11 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
                            "class": shifts[1]["classes"][0] if shifts is not None else None,
                            "eps_share": p["unlearn_eps"], "every": p.get("every")}
         if shifts is not None:
+            info["unlearn"]["unlearned"] = unlearned
+            if not unlearned:
+                info["unlearn"]["rejected"] = rejected
             R, filters, info["unlearn"]["project"] = _remove_direction(
-                model, layer, channels, R, plain, filters, Xm, y_valid, tr, ho, keep, p, shared)
+                model, layer, channels, R, plain, filters, Xm, y_valid, tr, ho, keep, p, shared, unlearned)
             if info["unlearn"]["project"]["kept"]:
                 info["holdout_best"] = info["unlearn"]["project"]["kept_holdout"]
         info["seconds"] = round(time.perf_counter() - t0, 3)
@@ -349,7 +366,8 @@ def _trained(model, layer, channels, trainer):
     return R
 
 
-def _remove_direction(model, layer, channels, R_unlearned, plain, filters, Xm, y, tr, ho, keep, p, shared):
+def _remove_direction(model, layer, channels, R_first, plain, filters, Xm, y, tr, ho, keep, p, shared,
+                      unlearned: bool = True):
     """Unlearn mode, when the scan found a suspect class t: a direction toward t that is still easy in R_X is
     removed from R_X's input (:class:`Filters`: the excess over its clean mean along it), when the held-out clean
     split allows it (:data:`PROJECT_KEEP`, :data:`PROJECT_TOLERANCE`).
@@ -357,10 +375,11 @@ def _remove_direction(model, layer, channels, R_unlearned, plain, filters, Xm, y
     The direction is the shift toward t inverted against a head (:func:`badprune.invert.invert_shifts`, budget
     ``p['unlearn_eps']``), as it is ("shift") or without its component along the class's mean evidence (the mean
     of t's clean training rows minus the mean of all: "off-class-mean", which the class's own images need less).
-    The heads are the unlearned one (``R_unlearned``; ``plain``: it without the filters) and the head trained
+    The heads are the unlearned one (``R_first``; ``plain``: it without the filters) and the head trained
     without unlearning (a trigger that unlearning folded into the class's evidence can still be separable there).
+    When unlearning was not kept (``unlearned`` false), ``R_first`` is that head and only its tries are made.
     :data:`PROJECT_TRIES` orders the four tries; the first that passes is kept. Returns ``(R_X, its filters, what
-    was tried)``; when none passes, R_X is the unlearned one unchanged."""
+    was tried)``; when none passes, R_X is ``R_first`` unchanged."""
     from ._train import head_model
     from .head import compile_head
     from .invert import invert_shifts
@@ -373,11 +392,13 @@ def _remove_direction(model, layer, channels, R_unlearned, plain, filters, Xm, y
     c = c / (np.linalg.norm(c) or 1.0)
     heads = {}
 
+    first = "unlearn" if unlearned else "head"
+
     def head_of(base):
         if base not in heads:
-            pl = plain if base == "unlearn" else \
+            pl = plain if base == first else \
                 _trained(model, layer, channels, _train_head(model, layer, Ftr, y[tr], p, shared)[0])
-            R = R_unlearned if base == "unlearn" else filters.insert(pl, layer)
+            R = R_first if base == first else filters.insert(pl, layer)
             D = invert_shifts(head_model(R, layer), Ftr, y[tr], np.array([t]), p["unlearn_eps"] * shared["norm"],
                               seed=p["seed"], keep=keep)[0].ravel()
             head = compile_head(R, filters.last(layer))
@@ -386,6 +407,8 @@ def _remove_direction(model, layer, channels, R_unlearned, plain, filters, Xm, y
 
     tried, pick = [], None
     for base, kind in PROJECT_TRIES if (yh == t).any() else ():
+        if base == "unlearn" and not unlearned:
+            continue
         pl, D, head, before = head_of(base)
         v = D if kind == "shift" else D - (D @ c) * c
         norm = float(np.linalg.norm(v))
@@ -405,7 +428,7 @@ def _remove_direction(model, layer, channels, R_unlearned, plain, filters, Xm, y
             break
     out = {"class": t, "tried": tried, "kept": pick[2] if pick else None, "direction": pick[3] if pick else None,
            "kept_holdout": pick[4] if pick else None}
-    return (R_unlearned, filters, out) if pick is None else (pick[0], pick[1], out)
+    return (R_first, filters, out) if pick is None else (pick[0], pick[1], out)
 
 
 def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, progress=None):

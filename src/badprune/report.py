@@ -124,11 +124,11 @@ def repair_steps(mode: str, info: dict) -> str:
     pj = u.get("project") or {}
     what = {"shift": f"the direction toward class {c} removed",
             "off-class-mean": f"the direction toward class {c}, less the class's mean, removed"}.get(pj.get("direction"))
-    if pj.get("kept") == "head":
+    done = f"shift toward class {c} unlearned" if u.get("unlearned", True) else \
+        f"head fine-tuning (unlearning toward class {c} lost too much held-out accuracy)"
+    if pj.get("kept") == "head" and u.get("unlearned", True):
         return f"head fine-tuning; {what}"
-    if pj.get("kept") == "unlearn":
-        return f"shift toward class {c} unlearned; {what}"
-    return f"shift toward class {c} unlearned"
+    return f"{done}; {what}" if pj.get("kept") else done
 
 
 def _repaired_tables(result: SweepResult) -> list:
