@@ -125,12 +125,17 @@ def test_scan_bad_input_is_one_line(blend, tmp_path, capsys, args, fragment):
 
 
 def test_removed_direction_in_r_x_equals_its_numpy_form_and_loads_safely(blend, tmp_path):
-    """R_X's filters (a direction removed, then the clean-range reset) as Keras ops in the saved model, opened with
-    safe_mode on, give the labels that repaired_labels computes over cached activations, and the removal changes
-    labels (so a graph that skipped it would fail here)."""
+    """R_X's filters (the clean-range reset, then a direction removed) as Keras ops in the saved model, opened with
+    safe_mode on, compute what Filters.apply computes (the reset, a step, bit for bit), give the labels that
+    repaired_labels computes over cached activations, and the removal changes labels (so a graph that skipped it
+    would fail here). badprune's own loader takes the file, and refuses it once an einsum is altered."""
+    import zipfile
+
+    from badprune.errors import BadpruneError
     from badprune.features import trunk
+    from badprune.goodnet import load
     from badprune.models import prune_model
-    from badprune.repair import Filters, apply_project, repaired_labels
+    from badprune.repair import Filters, repaired_labels
 
     B = keras.models.load_model(blend / "model.keras")
     ds = open_dataset(blend / "valid.h5")
@@ -140,20 +145,33 @@ def test_removed_direction_in_r_x_equals_its_numpy_form_and_loads_safely(blend, 
     F[..., channels] = 0
     u = F[ds.labels == TARGET].mean(axis=0).ravel()
     u = (u / np.linalg.norm(u)).astype(np.float32)
-    s = F.reshape(len(F), -1) @ u
-    mu = float(np.median(s))
-    filters = Filters(reset=(F.max(axis=0), F.mean(axis=0)), project=(u, mu))
+    mu = float(np.median(F.reshape(len(F), -1) @ u))
+    filters = Filters(reset=(F[::2].max(axis=0), F[::2].mean(axis=0)), project=(u, mu))
     R = filters.insert(prune_model(B, "pool_3", channels), "pool_3")
     R.save(tmp_path / "r.keras")
     R = keras.models.load_model(tmp_path / "r.keras", safe_mode=True)
     assert [lay.name for lay in R.layers].count("pool_3_project") == 1
-    inner = keras.Model(R.inputs, R.get_layer("pool_3_project").output).predict(X, verbose=0)
-    np.testing.assert_allclose(inner, apply_project(F, u, mu), rtol=1e-5, atol=1e-4)
+    at = {name: keras.Model(R.inputs, R.get_layer(name).output).predict(X, verbose=0)
+          for name in ("pool_3", "pool_3_reset", "pool_3_project")}
+    assert (at["pool_3"] > filters.reset[0]).any()     # the reset has something to do
+    np.testing.assert_array_equal(at["pool_3_reset"], Filters(reset=filters.reset).apply(at["pool_3"]))
+    np.testing.assert_allclose(at["pool_3_project"], filters.apply(at["pool_3"]), rtol=1e-5, atol=1e-4)
     keras_labels = R.predict(X, verbose=0).argmax(axis=1)
     ours = repaired_labels(R, "pool_3", channels, trunk(B, "pool_3").predict(X, verbose=0), filters)
-    assert np.mean(ours == keras_labels) >= 0.999
-    plain = repaired_labels(R, "pool_3", channels, F, Filters(reset=filters.reset))
+    np.testing.assert_array_equal(ours, keras_labels)
+    reset_only = Filters(reset=filters.reset)
+    plain = repaired_labels(reset_only.insert(prune_model(B, "pool_3", channels), "pool_3"), "pool_3", channels, F,
+                            reset_only)
     assert np.mean(plain != ours) > 0.01
+    load(str(tmp_path / "r.keras"))
+    with zipfile.ZipFile(tmp_path / "r.keras") as z:
+        parts = {n: z.read(n) for n in z.namelist()}
+    parts["config.json"] = parts["config.json"].replace(b'"bhwc,hwc->b"', b'"zzzz,hwc->b"')
+    with zipfile.ZipFile(tmp_path / "bad.keras", "w") as z:
+        for n, data in parts.items():
+            z.writestr(n, data)
+    with pytest.raises(BadpruneError, match="Einsum|einsum"):
+        load(str(tmp_path / "bad.keras"))
 
 
 def test_a_removed_trigger_direction_keeps_r_x_s_contracts(sig, tmp_path):

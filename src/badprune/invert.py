@@ -119,7 +119,7 @@ def invert_shifts(net, F, y, classes, eps: float, steps: int = STEPS, batch: int
     d0 = np.zeros((k,) + shape, np.float32) if init is None else np.asarray(init, np.float32) * mask
     with as_logits(net) as m:
         delta = tf.Variable(d0)
-        step = _pgd_step(m, k, per, shape)
+        step = _pgd_step(net, m, k, per, shape)
         args = (delta, tf.constant(F), tf.constant(y.astype(np.int32)),
                 tf.constant(np.repeat(classes, per).astype(np.int32)), tf.constant(sign), tf.constant(mask),
                 tf.constant(np.float32(eps)))
@@ -136,16 +136,18 @@ _STEPS: OrderedDict = OrderedDict()
 _STEPS_KEPT = 2
 
 
-def _pgd_step(m, k: int, per: int, shape: tuple):
-    """The traced projected-gradient step of :func:`invert_shifts` for the logits model ``m`` (``k`` classes of
-    ``per`` rows of activations of ``shape``); its tensors are arguments, so one trace serves every call."""
+def _pgd_step(net, m, k: int, per: int, shape: tuple):
+    """The traced projected-gradient step of :func:`invert_shifts` for the head ``net`` through its logits model
+    ``m`` (``k`` classes of ``per`` rows of activations of ``shape``); its tensors are arguments, so one trace serves
+    every call with the same head (keyed on ``net``: a head ending in a Softmax layer gets a new logits model, with
+    the same layers, at every call)."""
     import tensorflow as tf
 
     from ._train import keras_
 
     keras = keras_()
-    key = (id(m), k, per, tuple(shape))
-    if key in _STEPS and _STEPS[key][0] is m:
+    key = (id(net), k, per, tuple(shape))
+    if key in _STEPS and _STEPS[key][0] is net:
         _STEPS.move_to_end(key)
         return _STEPS[key][1]
 
@@ -165,7 +167,7 @@ def _pgd_step(m, k: int, per: int, shape: tuple):
         n = tf.sqrt(tf.reduce_sum(new * new, axis=list(range(1, g.shape.rank)), keepdims=True)) + 1e-12
         delta.assign(new * tf.minimum(1.0, eps / n))
 
-    _STEPS[key] = (m, step)
+    _STEPS[key] = (net, step)
     while len(_STEPS) > _STEPS_KEPT:
         _STEPS.popitem(last=False)
     return step

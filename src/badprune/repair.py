@@ -32,8 +32,9 @@ computes between the prune layer and its head (the removal, the reset) is its :c
 The training itself is in :mod:`badprune._train` (head mode: one traced loop per setting, shared by all X).
 
 No peeking: the defender has only clean data. A seeded, class-stratified part of the clean validation set
-(:data:`HOLDOUT`) is held out; training and the reset's statistics use the rest; the held-out accuracy and reset
-rate are reported. The poisoned set is never seen here: it only measures the attack success rate afterwards.
+(:data:`HOLDOUT`) is held out; training and the reset's statistics use the rest. The held-out split decides the
+backoff, whether unlearning is kept and whether a direction removal is kept; its accuracy and the reset rate are
+reported. The poisoned set is never seen here: it only measures the attack success rate afterwards.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadpruneError
+from .models.safety import GRAPH_OP_VALUES
 from .invert import HOLDOUT, holdout_split  # noqa: F401  (the clean split, shared with the scan)
 
 from .options import FINE_TUNE_MODES as MODES  # noqa: E402,F401  (the fine-tuning modes)
@@ -76,6 +78,8 @@ EPOCH_RANGE = (1, 30)
 #: suffixes of the Identity layers after the prune layer: the clean-range reset, the removed direction
 RESET_SUFFIX = "_reset"
 PROJECT_SUFFIX = "_project"
+#: the two einsums of the direction removal (the only ones badprune's loader accepts in a model file)
+PROJECT_SUBSCRIPTS = GRAPH_OP_VALUES["Einsum"]["subscripts"]
 #: unlearn mode: a suspected trigger direction is removed from R_X's input (:class:`Filters`) only when, on the
 #: held-out clean split, R_X with it keeps this share of the suspected class's accuracy and loses at most
 #: PROJECT_TOLERANCE points overall (a direction that is the class's own evidence cannot be removed)
@@ -161,17 +165,19 @@ def apply_project(F, u, mu):
 
 @dataclass(frozen=True)
 class Filters:
-    """What R_X computes between the prune layer and its head, in this order: the removal of a suspected
-    trigger direction (``project`` = (u, mu), :func:`apply_project`; unlearn mode, when kept) and the clean-range
-    reset (``reset`` = (cap, mean), :func:`apply_reset`). Each is a few ``keras.ops`` nodes with constant arrays and
-    an ``Identity`` layer named ``<layer>_project`` / ``<layer>_reset``."""
+    """What R_X computes between the prune layer and its head, in this order: the clean-range reset (``reset`` =
+    (cap, mean), :func:`apply_reset`) and the removal of a suspected trigger direction (``project`` = (u, mu),
+    :func:`apply_project`; unlearn mode, when kept). Each is a few ``keras.ops`` nodes with constant arrays and an
+    ``Identity`` layer named ``<layer>_reset`` / ``<layer>_project``. The reset, a step, sees the prune layer's
+    output itself, so it decides the same in numpy and in the graph; the removal, a projection, only feeds the
+    head (its sum may round differently in numpy and TensorFlow, as the head's own products do)."""
 
     reset: tuple | None = None
     project: tuple | None = None
 
     def last(self, layer: str) -> str:
         """The layer R_X's head starts after."""
-        return layer + (RESET_SUFFIX if self.reset is not None else PROJECT_SUFFIX if self.project is not None
+        return layer + (PROJECT_SUFFIX if self.project is not None else RESET_SUFFIX if self.reset is not None
                         else "")
 
     def apply(self, F, keep=None) -> np.ndarray:
@@ -179,10 +185,10 @@ class Filters:
         x = np.array(F, np.float32)
         if keep is not None:
             x[..., ~np.asarray(keep, bool)] = 0
-        if self.project is not None:
-            x = apply_project(x, *self.project)
         if self.reset is not None:
             x = apply_reset(x, *self.reset)
+        if self.project is not None:
+            x = apply_project(x, *self.project)
         return x
 
     def insert(self, R, layer: str):
@@ -195,15 +201,15 @@ class Filters:
         keras = keras_()
 
         def filters(t):
-            if self.project is not None:
-                u = np.asarray(self.project[0], np.float32).reshape(tuple(t.shape[1:]))
-                ex = keras.ops.relu(keras.ops.einsum("bhwc,hwc->b", t, u) - np.float32(self.project[1]))
-                t = keras.ops.relu(t - keras.ops.einsum("b,hwc->bhwc", ex, u))
-                t = keras.layers.Identity(name=layer + PROJECT_SUFFIX)(t)
             if self.reset is not None:
                 cap, mean = (np.asarray(a, np.float32) for a in self.reset)
                 t = keras.ops.where(keras.ops.greater(t, cap), mean, t)
                 t = keras.layers.Identity(name=layer + RESET_SUFFIX)(t)
+            if self.project is not None:
+                u = np.asarray(self.project[0], np.float32).reshape(tuple(t.shape[1:]))
+                ex = keras.ops.relu(keras.ops.einsum(PROJECT_SUBSCRIPTS[0], t, u) - np.float32(self.project[1]))
+                t = keras.ops.relu(t - keras.ops.einsum(PROJECT_SUBSCRIPTS[1], ex, u))
+                t = keras.layers.Identity(name=layer + PROJECT_SUFFIX)(t)
             return t
 
         return insert_after(R, layer, filters)
@@ -317,27 +323,38 @@ def repair_head(model, layer: str, channels, F_valid, y_valid, params: dict, sha
                 return R, plain, tried, True
         return R, plain, tried, False
 
-    R, plain, tried, within = fit(shifts)
-    unlearned = shifts is not None and within
-    if shifts is not None and not within:
-        # unlearning costs more than TOLERANCE on the held-out split whatever the setting: R_X is the head mode's
-        # (no unlearning); what unlearning did is kept in the record
-        rejected = tried
-        R, plain, tried, within = fit(None)
-    info = _info(p, tried, Fh, filters.reset, t0)
+    fits = {}
+
+    def fitted(kind):
+        """The head trained with unlearning ("unlearn") or without ("head"), once: (R_X, it without the filters,
+        what was tried, whether one setting was within TOLERANCE, the settings it ended with)."""
+        if kind not in fits:
+            fits[kind] = fit(shifts if kind == "unlearn" else None) + (dict(p),)
+        return fits[kind]
+
+    first = "unlearn" if shifts is not None and fitted("unlearn")[3] else "head"
+    R, _, tried, _, pk = fitted(first)
+    kept = first
+    record = None
+    if shifts is not None:
+        R, filters, record = _remove_direction(layer, lambda kind: fitted(kind)[:2], first, filters, Xm, y_valid,
+                                               tr, ho, keep, p, shared)
+        kept = record["kept"] or first
+        _, _, tried, _, pk = fitted(kept)
+    info = _info(pk, tried, Fh, filters.reset, t0)
     if p.get("unlearn"):
         sc = shared["scan"]
         info["unlearn"] = {"scan_backdoored": bool(sc.backdoored), "scan_score": round(sc.score, 4),
                            "class": shifts[1]["classes"][0] if shifts is not None else None,
                            "eps_share": p["unlearn_eps"], "every": p.get("every")}
         if shifts is not None:
-            info["unlearn"]["unlearned"] = unlearned
-            if not unlearned:
-                info["unlearn"]["rejected"] = rejected
-            R, filters, info["unlearn"]["project"] = _remove_direction(
-                model, layer, channels, R, plain, filters, Xm, y_valid, tr, ho, keep, p, shared, unlearned)
-            if info["unlearn"]["project"]["kept"]:
-                info["holdout_best"] = info["unlearn"]["project"]["kept_holdout"]
+            # unlearning is kept when one setting comes within TOLERANCE of B'_X on the held-out split; otherwise
+            # R_X starts from the head mode's training (what unlearning did stays in the record)
+            info["unlearn"].update(unlearned=kept == "unlearn", project=record)
+            if first == "head":
+                info["unlearn"]["rejected"] = fitted("unlearn")[2]
+            if record["kept"]:
+                info["holdout_best"] = record["kept_holdout"]
         info["seconds"] = round(time.perf_counter() - t0, 3)
     return R, info, filters
 
@@ -366,20 +383,19 @@ def _trained(model, layer, channels, trainer):
     return R
 
 
-def _remove_direction(model, layer, channels, R_first, plain, filters, Xm, y, tr, ho, keep, p, shared,
-                      unlearned: bool = True):
+def _remove_direction(layer, fitted, first, filters, Xm, y, tr, ho, keep, p, shared):
     """Unlearn mode, when the scan found a suspect class t: a direction toward t that is still easy in R_X is
     removed from R_X's input (:class:`Filters`: the excess over its clean mean along it), when the held-out clean
     split allows it (:data:`PROJECT_KEEP`, :data:`PROJECT_TOLERANCE`).
 
-    The direction is the shift toward t inverted against a head (:func:`badprune.invert.invert_shifts`, budget
-    ``p['unlearn_eps']``), as it is ("shift") or without its component along the class's mean evidence (the mean
-    of t's clean training rows minus the mean of all: "off-class-mean", which the class's own images need less).
-    The heads are the unlearned one (``R_first``; ``plain``: it without the filters) and the head trained
-    without unlearning (a trigger that unlearning folded into the class's evidence can still be separable there).
-    When unlearning was not kept (``unlearned`` false), ``R_first`` is that head and only its tries are made.
+    The direction is the shift toward t inverted against a trained head (:func:`badprune.invert.invert_shifts`,
+    budget ``p['unlearn_eps']``), as it is ("shift") or without its component along the class's mean evidence (the
+    mean of t's clean training rows minus the mean of all: "off-class-mean", which the class's own images need
+    less). The heads (``fitted(kind)`` -> (R_X with ``filters``, it without them)) are the one trained with
+    unlearning and the one trained without (a trigger that unlearning folded into the class's evidence can still be
+    separable there); when unlearning was not kept (``first`` is "head"), only the latter's tries are made.
     :data:`PROJECT_TRIES` orders the four tries; the first that passes is kept. Returns ``(R_X, its filters, what
-    was tried)``; when none passes, R_X is ``R_first`` unchanged."""
+    was tried)``; when none passes, R_X is ``first``'s head unchanged."""
     from ._train import head_model
     from .head import compile_head
     from .invert import invert_shifts
@@ -392,13 +408,9 @@ def _remove_direction(model, layer, channels, R_first, plain, filters, Xm, y, tr
     c = c / (np.linalg.norm(c) or 1.0)
     heads = {}
 
-    first = "unlearn" if unlearned else "head"
-
     def head_of(base):
         if base not in heads:
-            pl = plain if base == first else \
-                _trained(model, layer, channels, _train_head(model, layer, Ftr, y[tr], p, shared)[0])
-            R = R_first if base == first else filters.insert(pl, layer)
+            R, pl = fitted(base)
             D = invert_shifts(head_model(R, layer), Ftr, y[tr], np.array([t]), p["unlearn_eps"] * shared["norm"],
                               seed=p["seed"], keep=keep)[0].ravel()
             head = compile_head(R, filters.last(layer))
@@ -407,7 +419,7 @@ def _remove_direction(model, layer, channels, R_first, plain, filters, Xm, y, tr
 
     tried, pick = [], None
     for base, kind in PROJECT_TRIES if (yh == t).any() else ():
-        if base == "unlearn" and not unlearned:
+        if base == "unlearn" and first == "head":
             continue
         pl, D, head, before = head_of(base)
         v = D if kind == "shift" else D - (D @ c) * c
@@ -428,7 +440,7 @@ def _remove_direction(model, layer, channels, R_first, plain, filters, Xm, y, tr
             break
     out = {"class": t, "tried": tried, "kept": pick[2] if pick else None, "direction": pick[3] if pick else None,
            "kept_holdout": pick[4] if pick else None}
-    return (R_first, filters, out) if pick is None else (pick[0], pick[1], out)
+    return (fitted(first)[0], filters, out) if pick is None else (pick[0], pick[1], out)
 
 
 def repair_full(model, layer: str, channels, X_valid, y_valid, params: dict, progress=None):

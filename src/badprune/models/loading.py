@@ -238,7 +238,8 @@ def load_model(model=None, weights=None, arch=None, trust: bool = False, graph_o
     trust : bool
         Allow code from the model file (Lambda layers, custom classes).
     graph_ops : bool
-        Also accept the ``keras.ops`` nodes of a GoodNet graph (:data:`badprune.models.GRAPH_OPS`).
+        Also accept the ``keras.ops`` nodes of a GoodNet graph or of R_X's filters
+        (:data:`badprune.models.safety.GRAPH_OPS`).
 
     Returns
     -------

@@ -23,6 +23,8 @@ TRUST_FIX = "pass --trust-model to run code from the model file (only for files 
 GRAPH_OPS = {"TopK": {"k", "sorted"}, "Squeeze": {"axis"}, "Equal": set(), "Where": set(), "Cast": {"dtype"},
              "ExpandDims": {"axis"}, "Multiply": set(), "Subtract": set(), "Greater": set(), "Relu": set(),
              "Einsum": {"subscripts"}}
+#: config values an operation must have exactly (R_X's direction removal: its two einsums, and no other)
+GRAPH_OP_VALUES = {"Einsum": {"subscripts": ("bhwc,hwc->b", "b,hwc->bhwc")}}
 
 
 def _builtin_layer_classes() -> set:
@@ -76,7 +78,8 @@ def check_config(config, path=None, trust: bool = False, graph_ops: bool = False
     trust : bool
         Accept anything (nothing is checked).
     graph_ops : bool
-        Also accept the top-level ``keras.ops`` nodes of :data:`GRAPH_OPS` (a GoodNet graph).
+        Also accept the top-level ``keras.ops`` nodes of :data:`GRAPH_OPS` (a GoodNet graph, R_X's filters), with
+        the values of :data:`GRAPH_OP_VALUES`.
     keras_free : bool
         Without importing Keras (a warm run's cached templates, Keras 3 configs): a layer must name the module
         ``keras.layers`` and a class not in :data:`UNSAFE_LAYERS`, instead of being one of Keras's layer classes.
@@ -180,6 +183,7 @@ def _is_graph_op(lc) -> bool:
             and lc.get("registered_name") in (None, cls) and isinstance(cfg, dict)
             and set(cfg) <= {"name", "dtype"} | GRAPH_OPS[cls]
             and all(isinstance(v, (str, int, float, bool, type(None))) for v in cfg.values())
+            and all(cfg.get(k) in allowed for k, allowed in GRAPH_OP_VALUES.get(cls, {}).items())
             and _plain(lc.get("inbound_nodes")) and set(lc) <= {"module", "class_name", "config", "registered_name",
                                                                 "name", "inbound_nodes", "build_config"})
 
