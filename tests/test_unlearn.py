@@ -228,3 +228,23 @@ def test_unlearning_that_costs_too_much_held_out_accuracy_is_not_kept(blend, tmp
     assert all(t["base"] == "head" for t in u["project"]["tried"])
     assert all(np.array_equal(p, q) for p, q in zip(runs["unlearn"].model.get_weights(),
                                                    runs["head"].model.get_weights()))
+
+
+def test_results_md_says_what_the_repair_did():
+    """The repair column of results.md: a head kept for the removal is not called a rejected unlearning."""
+    from badprune.report import repair_steps
+
+    base = {"class": 1, "scan_backdoored": True}
+    assert repair_steps("head", {}) == "head fine-tuning"
+    assert "found no backdoor" in repair_steps("unlearn", {"unlearn": dict(base, **{"class": None})})
+    assert repair_steps("unlearn", {"unlearn": dict(base, unlearned=True, project={"kept": None})}) == \
+        "shift toward class 1 unlearned"
+    kept_head = repair_steps("unlearn", {"unlearn": dict(base, unlearned=False,
+                                                           project={"kept": "head", "direction": "shift"})})
+    assert kept_head == "head fine-tuning; the direction toward class 1 removed"
+    rejected = repair_steps("unlearn", {"unlearn": dict(base, unlearned=False, rejected=[{}],
+                                                          project={"kept": None})})
+    assert "lost too much held-out accuracy" in rejected
+    both = repair_steps("unlearn", {"unlearn": dict(base, unlearned=True,
+                                                      project={"kept": "unlearn", "direction": "off-class-mean"})})
+    assert both.startswith("shift toward class 1 unlearned; ") and "less the class's mean" in both

@@ -124,10 +124,12 @@ def repair_steps(mode: str, info: dict) -> str:
     pj = u.get("project") or {}
     what = {"shift": f"the direction toward class {c} removed",
             "off-class-mean": f"the direction toward class {c}, less the class's mean, removed"}.get(pj.get("direction"))
-    done = f"shift toward class {c} unlearned" if u.get("unlearned", True) else \
-        f"head fine-tuning (unlearning toward class {c} lost too much held-out accuracy)"
-    if pj.get("kept") == "head" and u.get("unlearned", True):
-        return f"head fine-tuning; {what}"
+    if u.get("rejected"):
+        done = f"head fine-tuning (unlearning toward class {c} lost too much held-out accuracy)"
+    elif pj.get("kept") == "head":
+        done = "head fine-tuning"
+    else:
+        done = f"shift toward class {c} unlearned"
     return f"{done}; {what}" if pj.get("kept") else done
 
 
