@@ -13,7 +13,7 @@ ORDER = [
     "errors", "_console", "_tf", "_env", "atomic", "options", "runfolder", "outdir",
     "data", "cache", "models",
     "trunk", "features", "head", "record", "result", "sweep",
-    "_train", "invert", "scan", "goodnet", "runtime", "export", "report", "repair", "defense",
+    "_train", "invert", "scan", "goodnet", "runtime", "export", "report", "filters", "repair", "defense",
     "zoo", "datasets", "cli",
 ]
 

@@ -135,7 +135,8 @@ def test_removed_direction_in_r_x_equals_its_numpy_form_and_loads_safely(blend, 
     from badprune.features import trunk
     from badprune.goodnet import load
     from badprune.models import prune_model
-    from badprune.repair import Filters, repaired_labels
+    from badprune.filters import Filters
+    from badprune.repair import repaired_labels
 
     B = keras.models.load_model(blend / "model.keras")
     ds = open_dataset(blend / "valid.h5")

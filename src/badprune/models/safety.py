@@ -1,7 +1,7 @@
 """The safety check of a model config, run before anything in it is deserialized: only built-in Keras layer and
 model classes, no ``Lambda``, no custom or foreign modules, no stored Python functions (unless trusted).
 
-A GoodNet graph (:mod:`badprune.goodnet`) and a repaired R_X's filters (:class:`badprune.repair.Filters`) also hold a
+A GoodNet graph (:mod:`badprune.goodnet`) and a repaired R_X's filters (:class:`badprune.filters.Filters`) also hold a
 few ``keras.ops`` nodes at their top level; with ``graph_ops=True`` exactly those (:data:`GRAPH_OPS`, plain arguments
 only) are accepted besides layers.
 """
