@@ -151,6 +151,8 @@ def _per_trigger(info: dict, sw: dict) -> dict:
 
 
 def row(family: str, info: dict, sw: dict) -> dict:
+    from badprune.report import repair_steps
+
     base = {k: sw["table"][k][0] for k in sw["columns"]}
     r = {"family": family, "dir": info["_dir"], "seed": info["seed"], "targets": info.get("attack", {}).get(
         "targets", [info.get("target")]), "poison_rate": info["poison_rate"], "attack": info.get("attack"),
@@ -172,8 +174,6 @@ def row(family: str, info: dict, sw: dict) -> dict:
                         "false_alarm": rw["goodnet_false_alarm"]})
         if x in rep:
             rr = rep[x]["row"]
-            from badprune.report import repair_steps
-
             e["R"] = {"clean_acc": rr["test_acc"], "asr": rr["asr"],
                       "steps": repair_steps(rep[x].get("mode", ""), rep[x].get("info") or {})}
             e["G_R"] = {"clean_acc": rr["goodnet_test_acc"], "detection": rr["goodnet_detection"],
